@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install the package (torch/torchvision pinned) and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+python -m pip install -q -c constraints.txt -e ".[test]"
+python -m pytest -q "$@"
