@@ -1,0 +1,367 @@
+"""Typed configs: dataclass schemas, YAML files, dotted ``key=value`` overrides.
+
+The dataclass schema is the single source of defaults. A YAML file overrides some of them, and
+command-line ``key=value`` pairs override the YAML. Everything is checked before any work
+starts: an unknown key is an error naming the key and the closest valid one, a value of the
+wrong type names the key, the expected type and the value.
+
+Usage::
+
+    @dataclass
+    class Optim:
+        lr: float = 1e-4
+        betas: tuple[float, float] = (0.9, 0.95)
+
+    @dataclass
+    class Config:
+        output_dir: str = "runs/x"
+        optim: Optim = field(default_factory=Optim)
+
+        def __post_init__(self):                     # cross-field checks: raise ValueError
+            if self.optim.lr <= 0:
+                raise ValueError("optim.lr must be > 0")
+
+    cfg = load_config(Config, "configs/x.yaml", ["optim.lr=3e-4", "optim.betas=[0.9,0.99]"])
+    save_config(cfg, "runs/x/config.yaml")           # resolved config, reloadable
+    d = config_to_dict(cfg)                          # plain dict, e.g. for checkpoints
+    cfg2 = config_from_dict(Config, d)               # strict inverse
+
+YAML files may include others with a top-level ``base:`` (a path relative to the file, or a
+list of paths, merged in order; the including file wins). Mappings merge key by key, any
+other value (lists included) is replaced whole.
+
+Override values are parsed as YAML scalars/flow collections (``3``, ``1e-4``, ``true``,
+``null``/``none``/empty, ``[1, 2]``, ``{rgb: 1.0}``), then converted to the field's annotated
+type. Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Any``, ``Optional[X]``,
+``Literal[...]`` (choices; a miss names the nearest choice), ``list[X]``, ``tuple[X, ...]``,
+fixed ``tuple[X, Y]``, ``dict[str, X]``, and nested dataclasses. Overrides may reach inside a
+``dict`` field (``loss.weights.rgb=0.5``); mapping-valued fields merge with their defaults.
+
+Cross-field constraints live in each dataclass's ``__post_init__`` and raise ``ValueError``;
+they surface as :class:`ConfigError` naming the section.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "load_yaml",
+    "parse_overrides",
+    "apply_overrides",
+    "config_keys",
+    "cli_config",
+    "add_config_args",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid. The message names the key."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _nearest(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` or an empty string."""
+    cands = list(candidates)
+    match = difflib.get_close_matches(name, cands, n=1, cutoff=0.5)
+    if not match:
+        # Compare the last component too: 'optim.lrr' vs 'optim.lr'.
+        tail = name.rsplit(".", 1)[-1]
+        by_tail = {c.rsplit(".", 1)[-1]: c for c in cands}
+        m2 = difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)
+        match = [by_tail[m2[0]]] if m2 else []
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def config_keys(schema_cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, sections and leaves (``['optim', 'optim.lr', ...]``)."""
+    keys: list[str] = []
+    hints = get_type_hints(schema_cls)
+    for f in dataclasses.fields(schema_cls):
+        if not f.init:
+            continue
+        full = _join(prefix, f.name)
+        keys.append(full)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(config_keys(tp, full))
+    return keys
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str, root_keys: Sequence[str] = ()) -> Any:
+    """Convert a YAML/CLI value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+        return config_from_dict(tp, value, prefix=key, _root_keys=root_keys)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config key '{key}' may not be null (expected {_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, root_keys)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        hint = _nearest(str(value), [str(a) for a in args])
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not one of {list(args)}{hint}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. data.root=2024 parsed as int by YAML
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"config key '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        k_tp, v_tp = args if args else (Any, Any)
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, _join(key, str(k))) for k, v in value.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r} in the schema")
+
+
+def config_from_dict(schema_cls: type[T], data: Mapping[str, Any], prefix: str = "",
+                     _root_keys: Sequence[str] = ()) -> T:
+    """Build ``schema_cls`` from a nested mapping, strictly (unknown keys and bad values raise)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = get_type_hints(schema_cls)
+    fields = {f.name: f for f in dataclasses.fields(schema_cls) if f.init}
+    # Suggestions look across the whole schema: 'train.lr' may be meant as 'optim.lr'.
+    top_keys = list(_root_keys) or config_keys(schema_cls)
+    kwargs = {}
+    for name, value in data.items():
+        full = _join(prefix, str(name))
+        if name not in fields:
+            local = [_join(prefix, n) for n in fields]
+            hint = _nearest(full, local) or _nearest(full, top_keys)
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[name] = _coerce(value, hints[name], full, top_keys)
+    try:
+        return schema_cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        where = f"section '{prefix}'" if prefix else "config"
+        raise ConfigError(f"invalid {where}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) that :func:`config_from_dict` turns back."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+
+
+def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, resolving ``base:`` includes (relative to the including file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in _seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(map(str, _seen + (p,)))}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse YAML file {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    bases = data.pop("base", None) or data.pop("defaults", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_yaml(p.parent / b, _seen + (p.resolve(),)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """``['a.b=3', 'c=[1,2]']`` -> ``[('a.b', 3), ('c', [1, 2])]`` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        if raw.strip().lower() in ("", "none", "null", "~"):
+            value = None
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw  # e.g. a path with ':' -- keep the text, the type check decides
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Set each dotted key in a copy of the nested dict (sections are created as needed)."""
+    out = copy.deepcopy(dict(data))
+    for key, value in overrides:
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override '{key}': '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(schema_cls: type[T], path: str | os.PathLike | None = None,
+                overrides: Iterable[str] = ()) -> T:
+    """Schema defaults <- YAML file (optional) <- ``key=value`` overrides; strict and typed."""
+    # Start from the defaults so that mappings merge key by key at every level
+    # (``loss.weights.depth=2`` keeps the other modalities' default weights).
+    data = config_to_dict(schema_cls())
+    if path:
+        data = _deep_merge(data, load_yaml(path))
+    data = apply_overrides(data, parse_overrides(overrides))
+    return config_from_dict(schema_cls, data)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically), loadable again by :func:`load_config`."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config FILE``, ``--print-config`` and positional ``key=value`` overrides."""
+    parser.add_argument("--config", "-c", default=None, help="YAML config file")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. optim.blr=1e-4 masking.strategy=high")
+    return parser
+
+
+def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None,
+               description: str | None = None) -> T:
+    """Parse ``--config FILE key=value ...`` into ``schema_cls``; ``--print-config`` prints and exits."""
+    parser = add_config_args(argparse.ArgumentParser(description=description))
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(schema_cls, args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"config error: {e}\n")
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        parser.exit(0)
+    return cfg
