@@ -1,0 +1,18 @@
+"""Token masking: Dirichlet budgets over modalities and attention-guided strategies.
+
+Public API (DESIGN.md §4, docs/INTERFACES.md):
+
+- :func:`sample_budgets` -> int64 ``[B, M]`` visible counts, exactly ``K`` per sample;
+- :data:`STRATEGIES`, :func:`make_masks` -> :class:`Masks` (``.hidden``, ``.thrown``; 1 = hidden);
+- :func:`validate` checks the mask invariants;
+- :class:`AdaptiveAlpha` (loss-driven Dirichlet concentrations).
+"""
+from multimae_att.masking.budgets import (AdaptiveAlpha, expected_shares, sample_budgets,
+                                          sample_shares, shares_to_counts)
+from multimae_att.masking.strategies import (STRATEGIES, Masks, Strategy, check_params,
+                                             get_strategy, make_masks, register_strategy,
+                                             validate)
+
+__all__ = ["sample_budgets", "sample_shares", "shares_to_counts", "expected_shares",
+           "AdaptiveAlpha", "STRATEGIES", "Masks", "Strategy", "register_strategy",
+           "get_strategy", "check_params", "make_masks", "validate"]
