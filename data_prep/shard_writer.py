@@ -5,7 +5,8 @@ Every converter in ``data_prep/`` writes through this module, so the two layouts
 
 * folder layout: ``OUT/<split>/<modality>/<class>/<stem>.<ext>``
 * shard layout:  ``OUT/shards/<split>-NNNNNN.tar`` plus ``OUT/shards/<split>.json``
-  (``{"num_samples": ..., "shards": [...]}``), one tar member per modality:
+  (``{"num_samples": ..., "shards": [...]}``) and ``OUT/shards/<split>.keys.txt`` (all keys),
+  one tar member per modality:
   ``KEY.rgb.jpg|png``, ``KEY.depth.png`` (16-bit), ``KEY.semseg.png`` (8- or 16-bit),
   ``KEY.mask_valid.png`` (8-bit, 255 = valid), ``KEY.cls`` (decimal text), ``KEY.json``.
 
@@ -82,6 +83,7 @@ class ShardSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split = split
         self.num_samples = 0
+        self._keys: list[str] = []
         for stale in self.dir.glob(f"{split}-*.tar"):  # a re-run must not mix in old shards
             stale.unlink()
         self._writer = wds.ShardWriter(
@@ -99,6 +101,7 @@ class ShardSink:
                 value = json.dumps(value, sort_keys=True)
             sample[ext] = value.encode("utf-8") if isinstance(value, str) else value
         self._writer.write(sample)
+        self._keys.append(key)
         self.num_samples += 1
 
     def close(self) -> None:
@@ -108,6 +111,8 @@ class ShardSink:
         tmp = self.dir / f".{self.split}.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, self.dir / f"{self.split}.json")
+        # All keys, one per line: lets a consumer (e.g. an attention cache) list the sample ids.
+        (self.dir / f"{self.split}.keys.txt").write_text("".join(f"{k}\n" for k in self._keys))
 
     def __enter__(self) -> "ShardSink":
         return self

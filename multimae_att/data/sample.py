@@ -1,0 +1,78 @@
+"""Shared by both layouts: decoded images -> one sample dict; skip counter; batch collation."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from multimae_att.data.decode import CorruptSample
+from multimae_att.data.transforms import AugmentConfig, apply_geometry, make_geometry, to_tensors
+
+__all__ = ["SkipCounter", "build_sample", "collate"]
+
+log = logging.getLogger("multimae_att.data")
+_MAX_WARNINGS = 10  # per process: enough to see what is wrong without flooding the logs
+
+
+class SkipCounter:
+    """Number of corrupt/incomplete samples skipped, shared by the DataLoader worker processes.
+
+    Backed by a ``multiprocessing.Value``: workers (fork or spawn) increment the same integer that
+    the main process reads with :attr:`value` (the runner logs it in its metrics).
+    """
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.Value("q", 0)
+        self._warned = 0  # per-process copy: each worker warns about its first few skips
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    def add(self, reason: str) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+        if self._warned < _MAX_WARNINGS:
+            self._warned += 1
+            more = " (further skips are counted, not logged)" if self._warned == _MAX_WARNINGS else ""
+            log.warning("skipping sample: %s%s", reason, more)
+
+
+def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: str,
+                 cfg: AugmentConfig, epoch: int) -> dict[str, Any]:
+    """Apply the sample's one geometry to every modality and convert to tensors.
+
+    The source size is the rgb image's (else depth's, else the first modality's); every other
+    modality must have the same aspect ratio (it may be stored at another resolution, e.g. a
+    1/4-resolution label map), else :class:`CorruptSample`.
+    """
+    if not images:
+        raise ValueError("a sample needs at least one image modality")
+    ref = next(m for m in ("rgb", "depth", "semseg", "mask_valid") if m in images)
+    src_w, src_h = images[ref].size
+    for modality, image in images.items():
+        w, h = image.size
+        if abs(w * src_h - h * src_w) > 0.01 * src_w * src_h:
+            raise CorruptSample(f"{sample_id}: {modality} is {w}x{h} but {ref} is {src_w}x{src_h} "
+                                "(different aspect ratio)")
+    geom = make_geometry(cfg, (src_h, src_w), sample_id, epoch)
+    sample: dict[str, Any] = to_tensors(apply_geometry(images, geom, cfg.semseg_scale), cfg.reduce_zero_label)
+    if cls is not None:
+        sample["cls"] = torch.tensor(cls, dtype=torch.int64)
+    sample["crop_box"] = torch.tensor(geom.box, dtype=torch.float32)
+    sample["flip"] = torch.tensor(geom.flip)
+    sample["source_size"] = torch.tensor(geom.source_size, dtype=torch.int64)
+    sample["sample_id"] = sample_id
+    return sample
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack samples into the batch dict of docs/INTERFACES.md (``sample_id`` stays a list of str)."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = values if key == "sample_id" else torch.stack(values)
+    return batch

@@ -1,0 +1,212 @@
+"""One geometry per sample, applied to every modality; normalisation; robust depth standardisation.
+
+A sample's geometry is a crop box ``(top, left, height, width)`` in *source-image* pixels, an
+output size and a horizontal-flip flag. Every modality is cut from the same box (scaled if a
+modality is stored at another resolution) and resized in one step with Pillow's ``resize(box=...)``
+(no intermediate crop copy): bicubic for RGB, bilinear for depth, nearest for labels and validity
+masks, so label values are never interpolated. The flip is applied after the resize.
+
+Randomness comes from a per-sample generator seeded by ``(seed, epoch, crc32(sample_id))``: the
+same sample gets the same crop in the folder and the shard layouts, in any worker, on any rank,
+and after a resume.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "DEPTH_SCALE", "Geometry", "AugmentConfig",
+    "sample_rng", "random_resized_crop_box", "center_crop_box", "make_geometry",
+    "apply_geometry", "to_tensors", "robust_standardize_depth",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEPTH_SCALE = 2.0 ** 16  # depth tensor = stored 16-bit value / 2**16
+LABEL_MODALITIES = ("semseg", "mask_valid")
+_RESAMPLE = {"rgb": Image.BICUBIC, "depth": Image.BILINEAR,
+             "semseg": Image.NEAREST, "mask_valid": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Crop ``box`` = (top, left, height, width) in source pixels, ``out_size`` = (H, W), ``flip``."""
+    box: tuple[float, float, float, float]
+    out_size: tuple[int, int]
+    flip: bool
+    source_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-sample transform settings (plain values, picklable for DataLoader workers).
+
+    ``train``: random-resized crop (``scale`` of the area, aspect ``ratio``) + flip with
+    probability ``hflip``; otherwise a deterministic centre crop of ``eval_crop_pct`` of the
+    largest box with the output aspect (``eval_full_image``: the whole source, aspect not kept).
+    ``semseg_scale``: semseg is delivered at ``image_size // semseg_scale`` (4 for pretraining,
+    1 for finetuning). ``reduce_zero_label``: ADE20K convention, 0 -> 255 (ignore), others -1.
+    """
+    image_size: tuple[int, int] = (224, 224)
+    train: bool = True
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    semseg_scale: int = 4
+    eval_crop_pct: float = 1.0
+    eval_full_image: bool = False
+    reduce_zero_label: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        h, w = self.image_size
+        if h % self.semseg_scale or w % self.semseg_scale:
+            raise ValueError(f"image_size {self.image_size} is not divisible by semseg_scale {self.semseg_scale}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not (0 < self.eval_crop_pct <= 1):
+            raise ValueError(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+
+
+def sample_rng(seed: int, epoch: int, sample_id: str) -> np.random.Generator:
+    """Generator for one sample's augmentation: a pure function of (seed, epoch, sample id)."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, zlib.crc32(sample_id.encode())])
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) covering ``scale`` of the area with aspect w/h in ``ratio`` (log-uniform).
+
+    Same sampling rule as the usual RandomResizedCrop: 10 tries, then the largest centred box
+    whose aspect is clamped to ``ratio``.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, out_size: tuple[int, int],
+                    crop_pct: float = 1.0) -> tuple[float, float, float, float]:
+    """Centred box with the aspect of ``out_size``, ``crop_pct`` of the largest such box (side)."""
+    aspect = out_size[1] / out_size[0]
+    h = min(height, width / aspect) * crop_pct
+    w = h * aspect
+    return (height - h) / 2, (width - w) / 2, h, w
+
+
+def make_geometry(cfg: AugmentConfig, source_size: tuple[int, int], sample_id: str,
+                  epoch: int) -> Geometry:
+    """The crop/flip of one sample (random in training, fixed in evaluation)."""
+    height, width = source_size
+    if cfg.train:
+        rng = sample_rng(cfg.seed, epoch, sample_id)
+        box = random_resized_crop_box(rng, height, width, cfg.scale, cfg.ratio)
+        flip = bool(rng.uniform() < cfg.hflip)
+    elif cfg.eval_full_image:
+        box, flip = (0.0, 0.0, float(height), float(width)), False
+    else:
+        box, flip = center_crop_box(height, width, cfg.image_size, cfg.eval_crop_pct), False
+    return Geometry(tuple(float(v) for v in box), tuple(cfg.image_size), flip, (height, width))
+
+
+def apply_geometry(images: Mapping[str, Image.Image], geom: Geometry,
+                   semseg_scale: int = 1) -> dict[str, np.ndarray]:
+    """Crop+resize+flip each modality image with the same geometry.
+
+    ``images``: modality -> PIL image; a modality stored at another resolution than the source
+    (``geom.source_size``) gets the box scaled to its own pixel grid. Returns numpy arrays:
+    rgb ``[H, W, 3]`` uint8, depth ``[H, W]`` (uint16/int32), semseg ``[H/s, W/s]``, mask_valid
+    ``[H, W]``.
+    """
+    top, left, h, w = geom.box
+    src_h, src_w = geom.source_size
+    out: dict[str, np.ndarray] = {}
+    for modality, image in images.items():
+        sy, sx = image.height / src_h, image.width / src_w
+        pil_box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        out_h, out_w = geom.out_size
+        if modality == "semseg":
+            out_h, out_w = out_h // semseg_scale, out_w // semseg_scale
+        resized = image.resize((out_w, out_h), _RESAMPLE[modality], box=pil_box)
+        array = np.array(resized)  # a writable copy (torch.from_numpy needs one)
+        out[modality] = np.ascontiguousarray(array[:, ::-1]) if geom.flip else array
+    return out
+
+
+def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False) -> dict[str, torch.Tensor]:
+    """Arrays from :func:`apply_geometry` -> batch-ready tensors (see docs/INTERFACES.md).
+
+    rgb float32 ``[3, H, W]`` ImageNet-normalised; depth float32 ``[1, H, W]`` = stored / 2**16;
+    semseg int64 ``[h, w]``; mask_valid bool ``[1, H, W]``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for modality, array in arrays.items():
+        if modality == "rgb":
+            x = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            out["rgb"] = (x - mean) / std
+        elif modality == "depth":
+            out["depth"] = torch.from_numpy(array.astype(np.float32) / DEPTH_SCALE)[None]
+        elif modality == "semseg":
+            labels = torch.from_numpy(array.astype(np.int64))
+            if reduce_zero_label:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
+                labels = torch.where(labels == 0, 255, labels - 1)
+                labels = torch.where(labels == 254, 255, labels)
+            out["semseg"] = labels
+        elif modality == "mask_valid":
+            out["mask_valid"] = torch.from_numpy(array > 0)[None]
+        else:
+            raise KeyError(f"unknown modality {modality!r}")
+    return out
+
+
+def robust_standardize_depth(depth: torch.Tensor, mask_valid: torch.Tensor | None = None,
+                             trim: tuple[float, float] = (0.1, 0.9), eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample standardisation with a trimmed mean/std (values between the 10 % and 90 % quantiles).
+
+    ``depth``: float ``[B, 1, H, W]``; ``mask_valid``: optional bool ``[B, 1, H, W]`` (1 = valid);
+    invalid pixels neither enter the statistics nor change (they stay at their standardised
+    value, callers mask them in losses). Batched: one sort per batch, no loop over samples.
+    Returns ``(depth - mean_b) / (std_b + eps)``; a sample with < 2 trimmed values uses std 1.
+    """
+    b = depth.shape[0]
+    flat = depth.reshape(b, -1).float()
+    valid = torch.ones_like(flat, dtype=torch.bool) if mask_valid is None else mask_valid.reshape(b, -1)
+    n = valid.sum(dim=1)
+    # Invalid values sort last (+inf); quantile positions are taken among the n valid ones.
+    ordered = torch.sort(torch.where(valid, flat, torch.full_like(flat, float("inf"))), dim=1).values
+    last = (n - 1).clamp(min=0)
+    lo_idx = torch.floor(trim[0] * last.float()).long()
+    hi_idx = torch.ceil(trim[1] * last.float()).long()
+    lo = ordered.gather(1, lo_idx[:, None])
+    hi = ordered.gather(1, hi_idx[:, None])
+    keep = valid & (flat >= lo) & (flat <= hi)
+    count = keep.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = torch.where(keep, flat, 0.0).sum(dim=1, keepdim=True) / count
+    var = torch.where(keep, (flat - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.ones_like(var))
+    return ((flat - mean) / (std + eps)).reshape(depth.shape).to(depth.dtype)
