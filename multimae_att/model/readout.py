@@ -60,7 +60,9 @@ def readout_attention(blocks: Sequence[nn.Module], z: torch.Tensor, layer: int, 
     rows = x[:, T - num_global:] if query == "global" else x
     q = F.linear(rows, w_q, b_q).reshape(B, -1, h, hd).transpose(1, 2)  # [B, h, R, hd]
     k = F.linear(x, w_k, b_k).reshape(B, T, h, hd).transpose(1, 2)  # [B, h, T, hd]
-    # Softmax in float32: under bf16 autocast tiny attention weights would otherwise round to 0.
-    logits = (q.float() * hd ** -0.5) @ k.float().transpose(-2, -1)  # [B, h, R, T]
-    probs = logits.softmax(dim=-1).mean(dim=2)  # [B, h, T]
+    # Logits and softmax in float32 (autocast off): under bf16 small attention weights would
+    # lose most of their precision, and the masking ranks tokens by them.
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        logits = (q.float() * hd ** -0.5) @ k.float().transpose(-2, -1)  # [B, h, R, T]
+        probs = logits.softmax(dim=-1).mean(dim=2)  # [B, h, T]
     return probs[:, :, :T - num_global]
