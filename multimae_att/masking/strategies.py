@@ -75,6 +75,7 @@ class Strategy:
     defaults: Mapping[str, Any]
     needs_scores: bool = True
     per_head: bool = False
+    deterministic: bool = False  # True: the generator is not used (masks depend on scores only)
     origin: str = ""
     summary: str = ""
 
@@ -83,14 +84,15 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, defaults: Mapping[str, Any] | None = None, *,
-                      needs_scores: bool = True, per_head: bool = False, origin: str = "",
+                      needs_scores: bool = True, per_head: bool = False,
+                      deterministic: bool = False, origin: str = "",
                       summary: str = "") -> Callable:
     """Decorator adding ``fn`` to :data:`STRATEGIES` under ``name`` with its parameter defaults."""
     def deco(fn: Callable) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"masking strategy {name!r} is already registered")
         STRATEGIES[name] = Strategy(name, fn, dict(defaults or {}), needs_scores, per_head,
-                                    origin, summary)
+                                    deterministic, origin, summary)
         return fn
     return deco
 
