@@ -108,19 +108,26 @@ def patch_losses(loss_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None,
+                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
     """Mean over samples of ``sum(m w l) / sum(m)``; samples with no masked patch are skipped.
 
-    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. Returns a scalar (0 with a
-    graph when no sample has a masked patch, so backward still works).
+    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. ``denominator``: divide the
+    sum of the per-sample means by this instead of by the local count of valid samples (the
+    runner passes the count over the whole global batch divided by the number of processes,
+    so that averaging gradients over processes gives the global-batch mean exactly).
+    Returns a scalar (0 with a graph when nothing is masked, so backward still works).
     """
     m = mask.to(per_patch.dtype)
     num = (per_patch * m if weights is None else per_patch * m * weights).sum(1)
     den = m.sum(1)
     valid = den > 0
+    per_sample = torch.where(valid, num / den.clamp_min(1.0), torch.zeros_like(num))
+    if denominator is not None:
+        return per_sample.sum() / max(float(denominator), 1e-12)
     if not bool(valid.any()):
         return per_patch.sum() * 0.0
-    return (num[valid] / den[valid]).mean()
+    return per_sample.sum() / valid.sum()
 
 
 def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -137,15 +144,17 @@ def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, spec: LossSpec,
                 thrown: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
+                grid: tuple[int, int] | None = None,
+                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
-    ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None.
+    ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
+    ``denominator``: see :func:`masked_mean`.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
     per_patch = patch_losses(pixel_loss_map(pred, target, spec, grid), grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
-    return masked_mean(per_patch, mask, weights)
+    return masked_mean(per_patch, mask, weights, denominator)
 
 
 def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
@@ -154,11 +163,14 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
                     loss_weights: Mapping[str, float] | None = None,
                     specs: Mapping[str, LossSpec] | None = None,
                     attg_scores: Mapping[str, torch.Tensor] | None = None,
-                    tau: float = 0.75) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    tau: float = 0.75,
+                    denominators: Mapping[str, float | torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-output-modality masked losses.
 
-    ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks and
-    AttG scores likewise. ``loss_weights`` defaults to 1 per output. Returns ``(total,
+    ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks, AttG
+    scores and ``denominators`` (see :func:`masked_mean`) likewise. ``loss_weights`` defaults
+    to 1 per output. Returns ``(total,
     {output: loss})`` with the unweighted per-modality losses (for logging and adaptive budgets).
     """
     specs = {**DEFAULT_SPECS, **(specs or {})}
@@ -170,7 +182,8 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
             raise KeyError(f"no loss defined for output modality '{out}' (known: {sorted(specs)})")
         w = attg_weights(attg_scores[src], tau) if attg_scores is not None else None
         parts[out] = masked_loss(pred, targets[src], hidden[src], specs[out],
-                                 thrown=None if thrown is None else thrown.get(src), weights=w)
+                                 thrown=None if thrown is None else thrown.get(src), weights=w,
+                                 denominator=None if denominators is None else denominators[src])
         term = parts[out] * (1.0 if loss_weights is None else loss_weights.get(out, 1.0))
         total = term if total is None else total + term
     if total is None:

@@ -116,3 +116,17 @@ def test_multimodal_weights_norm_rgb_and_attg():
                       weights=attg_weights(scores["depth"], 0.75), grid=grid)
     assert parts_g["depth"].item() == pytest.approx(ref.item())
     assert all(parts_g[k] >= parts[k] for k in parts)   # weights >= 1
+
+
+def test_denominator_gives_global_batch_mean_across_shards():
+    # Two "processes" each holding half the batch: sum of their losses with denominator
+    # count_global / world, averaged over the world, equals the full-batch loss.
+    g = torch.Generator().manual_seed(3)
+    per_patch = torch.rand(6, 4, generator=g)
+    mask = torch.rand(6, 4, generator=g) > 0.5
+    mask[1] = False
+    mask[4] = False
+    full = masked_mean(per_patch, mask)
+    count = int(mask.any(1).sum())
+    halves = [masked_mean(per_patch[r::2], mask[r::2], denominator=count / 2) for r in range(2)]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item())
