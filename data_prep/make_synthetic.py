@@ -130,8 +130,9 @@ def make_scene(seed: int, split: str, index: int, size: int):
     rgb, depth, labels, horizon, focal = _background(rng, size, yy, xx)
     num_objects = int(rng.integers(1, 4))
     classes = rng.integers(0, len(OBJECT_CLASSES), num_objects)
-    # Far to near (base row grows towards the bottom): nearer objects occlude farther ones.
-    base_rows = np.sort(rng.uniform(horizon + 0.25 * (size - horizon), size * 1.05, num_objects))
+    # Far to near (base row grows towards the bottom): nearer objects occlude farther ones. The
+    # lowest base row keeps every object under 4 m, in front of the whole wall (>= 4.5 m).
+    base_rows = np.sort(rng.uniform(horizon + 0.6 * (size - horizon), size * 1.05, num_objects))
     scene = (rgb, depth, labels, yy, xx)
     for k, base_y in zip(classes, base_rows):
         _paint_object(rng, scene, int(k), float(base_y), horizon, focal)
