@@ -132,3 +132,39 @@ def test_adaptive_alpha_resume_is_exact():
         AdaptiveAlpha(["rgb"]).load_state_dict(a.state_dict())
     with pytest.raises(KeyError, match="depth"):
         a.update({"rgb": 1.0})
+
+
+def reference_counts(shares: list, caps: list, K: int) -> list:
+    """Per-sample Python reference: water-fill the continuous targets, then largest remainder
+    (ties -> lower modality index)."""
+    M = len(caps)
+    full = [c == 0 for c in caps]
+    t = [0.0] * M
+    while True:
+        left = K - sum(c for c, f in zip(caps, full) if f)
+        w = [0.0 if f else s for s, f in zip(shares, full)]
+        if sum(w) == 0:
+            w = [0.0 if f else float(c) for c, f in zip(caps, full)]
+        t = [float(c) if f else wi / sum(w) * left for c, f, wi in zip(caps, full, w)]
+        newly = [not f and ti >= c for ti, c, f in zip(t, caps, full)]
+        if not any(newly):
+            break
+        full = [f or x for f, x in zip(full, newly)]
+    v = [min(int(math.floor(x + 1e-9)), c) for x, c in zip(t, caps)]
+    free = sorted((i for i in range(M) if v[i] < caps[i]), key=lambda i: (-(t[i] - v[i]), i))
+    for i in free[: K - sum(v)]:
+        v[i] += 1
+    return v
+
+
+def test_counts_match_python_reference():
+    g = gen(11)
+    for _ in range(30):
+        M = int(torch.randint(1, 5, (1,), generator=g))
+        caps = torch.randint(0, 12, (M,), generator=g).tolist()
+        K = int(torch.randint(0, sum(caps) + 1, (1,), generator=g))
+        shares = torch._standard_gamma(torch.full((40, M), 0.4, dtype=torch.float64), generator=g)
+        shares[shares < 0.05] = 0.0  # exact zero shares exercise the capacity fallback
+        got = shares_to_counts(shares, caps, K)
+        for b in range(40):
+            assert got[b].tolist() == reference_counts(shares[b].tolist(), caps, K), (caps, K)

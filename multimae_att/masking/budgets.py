@@ -48,9 +48,13 @@ def sample_shares(batch_size: int, alphas: float | Sequence[float] | Tensor, num
     and the Dirichlet is taken over that subset only (the others get share exactly 0; upstream
     adds 1e-5 to their alpha instead, which gives them a tiny, almost always zero, share).
     """
-    dev = torch.device(device) if device is not None else (
+    # Draw on the generator's device (a CPU generator may drive CUDA budgets), return on `device`.
+    out_dev = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
+    dev = generator.device if generator is not None else out_dev
     alpha = _as_alpha(alphas, num_modalities).to(dev)
+    # torch.distributions.Dirichlet takes no generator; normalised Gamma(alpha, 1) draws are the
+    # same distribution, and the (private but long-stable) _standard_gamma op does take one.
     gam = torch._standard_gamma(alpha.expand(batch_size, num_modalities).contiguous(),
                                 generator=generator)
     chosen = torch.ones_like(gam, dtype=torch.bool)
@@ -63,7 +67,7 @@ def sample_shares(batch_size: int, alphas: float | Sequence[float] | Tensor, num
     # Tiny alphas can underflow every Gamma draw to 0; fall back to equal shares of the
     # chosen modalities rather than dividing by zero.
     fallback = chosen.to(gam.dtype) / chosen.sum(-1, keepdim=True).clamp_min(1)
-    return torch.where(total > 0, gam / total.clamp_min(1e-300), fallback)
+    return torch.where(total > 0, gam / total.clamp_min(1e-300), fallback).to(out_dev)
 
 
 def shares_to_counts(shares: Tensor, num_tokens: Sequence[int] | Tensor, K: int) -> Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multimae_att.masking.strategies import hide_first, rank_desc, register_strategy, token_valid
+from multimae_att.masking.strategies import (draw, hide_first, rank_desc, register_strategy,
+                                             token_valid)
 
 __all__ = ["standardise"]
 
@@ -57,7 +58,7 @@ def noisy(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, alpha: float = 
     alpha = _check_unit("noisy", "alpha", alpha)
     if alpha == 0.0:
         return hide_first(s, n, hide), None
-    eps = torch.randn(s.shape, device=s.device, generator=generator, dtype=s.dtype)
+    eps = draw("normal", s.shape, s.device, generator)
     return hide_first((1.0 - alpha) * standardise(s, n) + alpha * eps, n, hide), None
 
 
@@ -72,7 +73,7 @@ def heads(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, k: int = 4,
     B, M, H, _ = s.shape
     if not 1 <= int(k) <= H:
         raise ValueError(f"masking strategy 'heads': k={k} must lie in [1, H={H}]")
-    u = torch.rand((B if per_sample else 1, H), device=s.device, generator=generator)
+    u = draw("uniform", (B if per_sample else 1, H), s.device, generator)
     chosen = (rank_desc(u) < int(k)).to(s.dtype).expand(B, H)  # [B, H], k ones per row
     mean = torch.einsum("bmhn,bh->bmn", s, chosen) / int(k)
     return hide_first(mean, n, hide), None
@@ -104,7 +105,7 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
     # Hints come from the top share that is hidden after the extension (all of it unless the
     # top share is larger than the hidden set); r <= that pool since r <= top and r <= hide_ext.
     pool = torch.minimum(top, hide_ext)[..., None]
-    u = torch.rand(s.shape, device=s.device, generator=generator)
+    u = draw("uniform", s.shape, s.device, generator)
     reveal = rank_desc(torch.where(rank < pool, u, -1.0)) < r[..., None]
     return (rank < hide_ext[..., None]) & ~reveal & valid, None
 
@@ -124,8 +125,7 @@ def amt(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, throw_ratio: floa
     if not float(eps) > 0:
         raise ValueError(f"masking strategy 'amt': eps={eps} must be > 0")
     # Gumbel noise as -log(E), E ~ Exp(1); floor E so a (rare) exact 0 cannot give +inf.
-    gumbel = -torch.empty(s.shape, device=s.device).exponential_(generator=generator) \
-        .clamp_min(1e-30).log()
+    gumbel = -draw("exponential", s.shape, s.device, generator).clamp_min(1e-30).log()
     key = torch.log(s.clamp_min(0) + float(eps)) + gumbel
     valid = token_valid(n, s.shape[-1])
     rank = rank_desc(torch.where(valid, key, float("-inf")))

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from multimae_att.masking.budgets import AdaptiveAlpha, sample_budgets
-from multimae_att.masking.strategies import Masks, check_params, get_strategy, make_masks
+from multimae_att.masking.strategies import (Masks, check_params, draw, get_strategy,
+                                             make_masks)
 
 __all__ = ["MaskingPolicy", "build_masker"]
 
@@ -112,7 +113,7 @@ class MaskingPolicy:
         if self.prob >= 1.0:
             guided = torch.ones(B, dtype=torch.bool, device=dev)
         else:
-            guided = torch.rand(B, device=dev, generator=generator) < self.prob
+            guided = draw("uniform", (B,), dev, generator) < self.prob
         if scores is None:  # score-free strategy: only shapes matter
             scores = self._dummy(num_tokens, B, dev)
         out = make_masks(self.strategy.name, scores, visible, generator, **self.params)

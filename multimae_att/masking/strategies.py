@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["Masks", "Strategy", "STRATEGIES", "register_strategy", "make_masks", "validate"]
+__all__ = ["Masks", "Strategy", "STRATEGIES", "register_strategy", "make_masks", "validate",
+           "draw"]
 
 
 @dataclass
@@ -145,8 +146,23 @@ def hide_first(key: Tensor, n: Tensor, hide: Tensor) -> Tensor:
     return (rank < hide[..., None]) & valid
 
 
-def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(shape, device=like.device, generator=generator, dtype=torch.float32)
+def draw(kind: str, shape: tuple[int, ...], device: torch.device,
+         generator: torch.Generator | None = None) -> Tensor:
+    """float32 random tensor on ``device``: ``uniform`` [0, 1), ``normal`` N(0, 1) or
+    ``exponential`` Exp(1).
+
+    Drawn on the generator's device and moved when that differs, so a CPU generator can drive
+    masks of CUDA scores (and gives the same masks on either device)."""
+    src = generator.device if generator is not None else device
+    if kind == "uniform":
+        x = torch.rand(shape, device=src, generator=generator)
+    elif kind == "normal":
+        x = torch.randn(shape, device=src, generator=generator)
+    elif kind == "exponential":
+        x = torch.empty(shape, device=src).exponential_(generator=generator)
+    else:
+        raise ValueError(f"unknown distribution {kind!r}")
+    return x.to(device)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -238,4 +254,4 @@ def validate(masks: Masks, visible: Tensor | None = None, K: int | None = None,
 def random_masking(key_input: Tensor, n: Tensor, hide: Tensor, generator=None):
     """Uniform random: i.i.d. uniform keys, hide the largest (scores unused)."""
     shape = key_input.shape[:2] + key_input.shape[-1:]
-    return hide_first(_uniform(shape, key_input, generator), n, hide), None
+    return hide_first(draw("uniform", shape, key_input.device, generator), n, hide), None
