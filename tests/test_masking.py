@@ -189,7 +189,7 @@ def test_hint_reveals_only_top_share():
     vis = masks.visible()["rgb"]
     n_hints = (vis & (rank < top)).sum(1)
     hide = N - v[:, 0]
-    want = torch.minimum(torch.minimum(torch.floor(show_ratio * hide + 0.5).long(), v[:, 0]),
+    want = torch.minimum(torch.minimum(torch.floor(show_ratio * hide).long(), v[:, 0]),
                          torch.tensor(top))
     assert torch.equal(n_hints, want)
     # every other visible token is among the lowest-scored v - r

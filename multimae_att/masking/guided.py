@@ -85,8 +85,9 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
          show_max: float = 0.1):
     """AttMask-Hint with an exact visible count.
 
-    ``r = round(show_ratio * (N_m - v))`` hints, capped by ``v`` and by the top-share size
-    ``floor(show_max * N_m)``. To keep exactly ``v`` visible, the hidden set is first extended
+    ``r = floor(show_ratio * (N_m - v))`` hints, capped by ``v`` and by the top-share size
+    ``floor(show_max * N_m)``. The defaults reproduce AttMask's: it reveals
+    ``int(show_max * mask_ratio * N)`` tokens, i.e. a ``show_max`` share of the hidden ones. To keep exactly ``v`` visible, the hidden set is first extended
     by ``r`` tokens (the ``N_m - v + r`` highest-scored are hidden, i.e. the ``r`` best-scored of
     the otherwise visible tokens are hidden in exchange), then ``r`` tokens drawn uniformly from
     the top ``floor(show_max * N_m)`` by score are revealed. Visible = the ``v - r``
@@ -97,7 +98,7 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
     N = n[None, :].expand_as(hide)
     vis = N - hide
     top = torch.floor(show_max * N.double() + 1e-9).long()
-    r = torch.floor(show_ratio * hide.double() + 0.5).long()
+    r = torch.floor(show_ratio * hide.double() + 1e-9).long()
     r = torch.minimum(torch.minimum(r, vis), top)
     hide_ext = hide + r
     valid = token_valid(n, s.shape[-1])
