@@ -25,7 +25,8 @@ from PIL import Image
 
 import webdataset as wds
 
-__all__ = ["encode_png", "encode_jpg", "FolderWriter", "ShardSink", "write_classes"]
+__all__ = ["encode_png", "encode_jpg", "FolderWriter", "ShardSink", "write_classes", "index_files",
+           "pair_by_stem", "report_unpaired"]
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -54,6 +55,31 @@ def write_classes(out: Path, class_names: list[str]) -> None:
     """Write ``OUT/classes.txt`` (one class folder name per line, line i = class index i)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("".join(f"{c}\n" for c in class_names))
+
+
+def index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+    """stem -> path of the files directly in ``folder`` whose suffix (any case) is in ``extensions``."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder} does not exist")
+    return {p.stem: p for p in sorted(Path(folder).iterdir())
+            if p.suffix.lower() in extensions and not p.name.startswith(".")}
+
+
+def pair_by_stem(indexes: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], dict[str, list[str]]]:
+    """Stems present in every modality (sorted) and, per modality, the stems it lacks."""
+    all_stems = set().union(*(set(ix) for ix in indexes.values()))
+    paired = sorted(set.intersection(*(set(ix) for ix in indexes.values()))) if indexes else []
+    missing = {m: sorted(all_stems - set(ix)) for m, ix in indexes.items()}
+    return paired, {m: v for m, v in missing.items() if v}
+
+
+def report_unpaired(where: str, missing: Mapping[str, list[str]], show: int = 5) -> int:
+    """Print the unpaired stems per modality (first few + count); returns the total count."""
+    total = 0
+    for modality, stems in missing.items():
+        print(f"{where}: {len(stems)} stems have no {modality} file, e.g. {stems[:show]}")
+        total += len(stems)
+    return total
 
 
 class FolderWriter:
