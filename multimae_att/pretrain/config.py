@@ -1,0 +1,239 @@
+"""The pretraining config schema (defaults = the continued MultiMAE-B recipe).
+
+Sections: ``model``, ``data``, ``masking`` (with ``adaptive`` and ``cache``), ``loss`` (with
+``attg``), ``optim``, ``schedule``, ``train``, ``init``, ``log``; plus top-level ``output_dir``.
+Load with :func:`load_pretrain_config` (schema defaults <- YAML <- ``key=value``); every key and
+value is checked before any work starts. See README "Pretraining" for the table of keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from multimae_att.attention_cache import AttentionCacheConfig
+from multimae_att.config import ConfigError, load_config
+
+__all__ = ["PretrainConfig", "load_pretrain_config", "MODEL_SIZES"]
+
+MODEL_SIZES = ("tiny", "base", "large")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture (``multimae_att.model.create_pretrain_model``); decoder sizes None = size default."""
+
+    size: Literal["tiny", "base", "large"] = "base"
+    in_modalities: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
+    out_modalities: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
+    extra_norm_rgb: bool = True
+    patch_size: int = 16
+    num_global_tokens: int = 1
+    drop_path_rate: float = 0.0
+    semseg_num_classes: int = 133
+    decoder_dim: Optional[int] = None
+    decoder_depth: Optional[int] = None
+    decoder_heads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        known = ("rgb", "depth", "semseg")
+        for key in ("in_modalities", "out_modalities"):
+            bad = [m for m in getattr(self, key) if m not in known]
+            if bad:
+                raise ValueError(f"model.{key}: unknown modality {bad[0]!r}; known: {list(known)}")
+        if not self.in_modalities:
+            raise ValueError("model.in_modalities must not be empty")
+        missing = [m for m in self.out_modalities if m not in self.in_modalities]
+        if missing:  # masks of an output come from the input of the same name
+            raise ValueError(f"model.out_modalities {missing} need the same input modality")
+
+    def num_tokens(self, image_size: int) -> int:
+        """All input tokens at ``image_size`` (every modality has one token per patch)."""
+        return len(self.in_modalities) * (image_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is cropped (``multimae_att.data.build_loader``)."""
+
+    root: str = "data/imagenet_multimae"
+    split: str = "train"
+    layout: Literal["auto", "folder", "shards"] = "auto"
+    image_size: int = 224
+    batch_size: int = 256            # per process and micro-batch
+    num_workers: int = 8
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    standardize_depth: bool = True   # robust per-sample standardisation before the model
+    samples_per_epoch: Optional[int] = None  # shards: per rank; None = from the shard index
+
+
+@dataclass
+class AdaptiveConfig:
+    """Loss-driven Dirichlet alphas (``multimae_att.masking.AdaptiveAlpha``)."""
+
+    enabled: bool = False
+    momentum: float = 0.99
+    strength: float = 1.0
+    min_alpha: float = 0.1
+    max_alpha: float = 10.0
+    relative_to_initial: bool = True
+
+
+@dataclass
+class MaskingConfig:
+    """Budgets and strategy. ``params`` are the strategy's own parameters (checked by name)."""
+
+    strategy: str = "high"
+    params: dict[str, Any] = field(default_factory=dict)
+    num_encoded_tokens: int = 98
+    alphas: Union[float, list[float]] = 1.0
+    sample_tasks_uniformly: bool = False
+    score_layer: int = -1
+    score_query: Literal["global", "mean"] = "global"
+    warmup_epochs: float = 0.0         # random masking before this epoch (of this run)
+    prob: float = 1.0                  # per sample: guided with this probability, else random
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    cache: AttentionCacheConfig = field(default_factory=AttentionCacheConfig)
+
+    def __post_init__(self) -> None:
+        from multimae_att.masking import STRATEGIES, check_params, get_strategy
+
+        get_strategy(self.strategy)  # ValueError naming the nearest registered strategy
+        check_params(self.strategy, self.params)
+        if self.num_encoded_tokens < 0:
+            raise ValueError(f"masking.num_encoded_tokens must be >= 0, got {self.num_encoded_tokens}")
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"masking.prob must be in [0, 1], got {self.prob}")
+        if self.cache.enabled and STRATEGIES[self.strategy].per_head:
+            raise ValueError(f"masking.cache stores head-averaged scores; strategy "
+                             f"{self.strategy!r} needs per-head scores")
+
+
+@dataclass
+class AttGConfig:
+    """Attention-guided loss weights exp(M_norm / tau), tau: half-cosine tau0 -> tau_end."""
+
+    enabled: bool = False
+    tau0: float = 0.75
+    tau_end: float = 0.25
+    source: Literal["scores", "data"] = "scores"   # this step's scoring pass, or batch['att_map']
+
+    def __post_init__(self) -> None:
+        if self.tau0 <= 0 or self.tau_end <= 0:
+            raise ValueError(f"loss.attg taus must be > 0, got {self.tau0}, {self.tau_end}")
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"rgb": 1.0, "norm_rgb": 1.0, "depth": 1.0, "semseg": 1.0})
+    semseg_ignore_index: int = -100
+    attg: AttGConfig = field(default_factory=AttGConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. lr = ``lr`` if set, else ``blr * global_batch / 256``; times ``lr_scale``."""
+
+    blr: float = 1e-4
+    lr: Optional[float] = None
+    lr_scale: float = 1.0
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Warm-up + cosine in epochs of a reference schedule; step 0 sits at ``start_epoch``.
+
+    Default = the tail of the original 1700-epoch run (epochs 1600 -> 1700, 40 warm-up).
+    Restart: ``total_epochs=100, warmup_epochs=20, start_epoch=0``.
+    """
+
+    warmup_epochs: float = 40.0
+    total_epochs: float = 1700.0
+    start_epoch: float = 1600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_epochs < self.total_epochs:
+            raise ValueError("schedule: need 0 <= warmup_epochs < total_epochs")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100.0
+    max_steps: Optional[int] = None          # stop after this many optimizer steps
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    cpu: bool = False
+    find_unused_parameters: bool = False
+    fp32_output_adapters: list[str] = field(default_factory=list)
+    save_every: int = 1000                   # optimizer steps between training states
+    keep_last: int = 2
+    final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
+
+
+@dataclass
+class InitConfig:
+    checkpoint: Optional[str] = None         # public or exported MultiMAE checkpoint
+    load_optimizer: bool = True              # when the file has a compatible optimizer state
+    resume: bool = True                      # continue from output_dir's latest training state
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    pictures_every: int = 500                # 0 = never
+    pictures_samples: int = 2
+    tensorboard: bool = True                 # when the tensorboard package is installed
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        outputs = list(self.model.out_modalities) + (["norm_rgb"] if self.model.extra_norm_rgb else [])
+        bad = [k for k in self.loss.weights if k not in ("rgb", "norm_rgb", "depth", "semseg")]
+        if bad:
+            raise ValueError(f"loss.weights: unknown output modality {bad[0]!r}; outputs: {outputs}")
+        total = self.model.num_tokens(self.data.image_size)
+        if self.masking.num_encoded_tokens > total:
+            raise ValueError(f"masking.num_encoded_tokens={self.masking.num_encoded_tokens} exceeds "
+                             f"the {total} tokens of {self.model.in_modalities} at {self.data.image_size} px")
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of "
+                             f"model.patch_size {self.model.patch_size}")
+        if self.masking.adaptive.enabled and not set(self.model.in_modalities) <= set(self.model.out_modalities):
+            raise ValueError("masking.adaptive needs a reconstruction loss for every input modality "
+                             f"(model.out_modalities must include {self.model.in_modalities})")
+        if isinstance(self.masking.alphas, list) and len(self.masking.alphas) != len(self.model.in_modalities):
+            raise ValueError(f"masking.alphas has {len(self.masking.alphas)} values for "
+                             f"{len(self.model.in_modalities)} input modalities")
+
+
+def load_pretrain_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
+                         ) -> PretrainConfig:
+    """Schema defaults <- YAML ``path`` <- ``overrides``; raises :class:`ConfigError`."""
+    return load_config(PretrainConfig, path, overrides)
+
+
+__all__ += ["ConfigError"]

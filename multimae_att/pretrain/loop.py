@@ -1,0 +1,320 @@
+"""The pretraining loop: Accelerate, exact resume, metrics, pictures, final export.
+
+Exact resume without replay: every random draw is a function of (seed, step, ...):
+the data order and augmentation of (seed, epoch, sample), the masks of a generator seeded by
+(seed, step, micro-batch), the global torch RNG (drop-path) re-seeded per step and rank, the
+learning rate a pure function of the step. A training state therefore only needs the model,
+optimizer, scaler, step, masking-policy state (adaptive alphas) and, for the record, RNG states
+and the data position. Killed anywhere, a run restarted with the same command continues from its
+latest state and produces the same later losses and final weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from multimae_att.config import config_to_dict, save_config
+from multimae_att.losses import LossSpec
+from multimae_att.pretrain.config import PretrainConfig
+from multimae_att.pretrain.pictures import save_pictures
+from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
+                                         make_accelerator, param_groups)
+from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, token_grids
+from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, save_atomic,
+                                   step_seed)
+from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
+
+__all__ = ["train", "DataStream", "RunPlan", "plan_run"]
+
+
+class DataStream:
+    """Endless micro-batches over epochs, positioned by the number already consumed."""
+
+    def __init__(self, loader: Any, batches_per_epoch: int, consumed: int = 0) -> None:
+        self.loader, self.per_epoch = loader, batches_per_epoch
+        self.epoch, start = divmod(consumed, batches_per_epoch)
+        self._it = self._open(start)
+
+    def _open(self, start: int) -> Iterator:
+        self.loader.set_epoch(self.epoch, start_batch=start)
+        return iter(self.loader)
+
+    def next(self) -> dict:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = self._open(0)
+            return next(self._it)
+
+
+@dataclass
+class RunPlan:
+    batches_per_epoch: int      # micro-batches per rank and epoch
+    steps_per_epoch: float      # optimizer steps per epoch
+    total_steps: int
+    global_batch: int
+    schedule: LRSchedule
+
+
+def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> RunPlan:
+    """Steps, global batch and the LR schedule of a run (pure)."""
+    accum = cfg.optim.accum_steps
+    if batches_per_epoch < 1:
+        raise ValueError(f"data.root={cfg.data.root!r} has too few samples for one batch of "
+                         f"{cfg.data.batch_size} per process")
+    spe = batches_per_epoch / accum
+    total = max(1, math.ceil(cfg.train.epochs * spe))
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    gb = cfg.data.batch_size * world_size * accum
+    base = cfg.optim.lr * cfg.optim.lr_scale if cfg.optim.lr is not None else scaled_lr(
+        cfg.optim.blr, gb, cfg.optim.lr_scale)
+    s = cfg.schedule
+    sched = LRSchedule(base, cfg.optim.min_lr * cfg.optim.lr_scale, s.warmup_epochs,
+                       s.total_epochs, s.start_epoch, spe)
+    return RunPlan(batches_per_epoch, spe, total, gb, sched)
+
+
+def _build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
+    c = cfg.masking.cache
+    if not c.enabled:
+        return None
+    from multimae_att.attention_cache import AttentionCache
+
+    path = Path(c.path or Path(cfg.output_dir) / "attention_cache")
+    if accelerator.is_main_process and not (path / "meta.json").exists():
+        ids = loader.sample_ids()
+        if ids is None:
+            raise ValueError("masking.cache needs the list of sample ids (folder layout or a "
+                             "<split>.keys.txt next to the shard index)")
+        AttentionCache.create(path, ids, cfg.model.in_modalities, grid=c.grid, dtype=c.dtype,
+                              normalize=c.normalize)
+    accelerator.wait_for_everyone()
+    return AttentionCache(path, refresh_every=c.refresh_every, max_age=c.max_age)
+
+
+def _policy(cfg: PretrainConfig):
+    from multimae_att.masking import MaskingPolicy
+
+    m = cfg.masking
+    ad = m.adaptive
+    adaptive = None if not ad.enabled else dict(
+        momentum=ad.momentum, strength=ad.strength, min_alpha=ad.min_alpha,
+        max_alpha=ad.max_alpha, relative_to_initial=ad.relative_to_initial)
+    return MaskingPolicy(m.strategy, m.params, warmup_epochs=m.warmup_epochs, prob=m.prob,
+                         alphas=m.alphas, sample_tasks_uniformly=m.sample_tasks_uniformly,
+                         adaptive=adaptive, modalities=list(cfg.model.in_modalities))
+
+
+def train(cfg: PretrainConfig) -> Path:
+    """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``."""
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = build_pretrain_loader(cfg, rank, world)
+    run = plan_run(cfg, len(loader), world)
+    model = build_model(cfg)
+    store = TrainStateStore(out / "checkpoints", keep_last=cfg.train.keep_last)
+    state = store.load_latest() if cfg.init.resume else None
+    init_opt = None
+    if state is None and cfg.init.checkpoint:
+        init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
+    module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=0.0,
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    if init_opt is not None and cfg.init.load_optimizer:
+        _try_load_optimizer(optimizer, init_opt, accelerator)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    policy = _policy(cfg)
+    planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, cfg.masking.score_layer,
+                          cfg.masking.score_query, rank, world, _build_cache(cfg, loader, accelerator))
+    step = 0
+    if state is not None:
+        step = _restore(state, module, optimizer, policy, accelerator)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        if accelerator.log_with:
+            accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
+    logger = MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process,
+                           resume_step=step if state is not None else None)
+    stream = DataStream(loader, run.batches_per_epoch, step * cfg.optim.accum_steps)
+    _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator)
+    if accelerator.is_main_process and cfg.train.final_export:
+        _export(accelerator.unwrap_model(module).model, cfg, run.total_steps, out / "final.pth")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator):
+    accum, rank, seed = cfg.optim.accum_steps, accelerator.process_index, cfg.train.seed
+    attg = cfg.loss.attg.source if cfg.loss.attg.enabled else None
+    specs = {"semseg": LossSpec("ce", ignore_index=cfg.loss.semseg_ignore_index)}
+    bar = tqdm(total=run.total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
+               disable=not (accelerator.is_main_process and cfg.log.progress))
+    device = accelerator.device
+    while step < run.total_steps:
+        t0 = time.perf_counter()
+        lr = run.schedule(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch = step / run.steps_per_epoch
+        tau = tau_schedule(step, run.total_steps, cfg.loss.attg.tau0, cfg.loss.attg.tau_end)
+        pictures = (accelerator.is_main_process and cfg.log.pictures_every > 0
+                    and ((step + 1) % cfg.log.pictures_every == 0 or step + 1 == run.total_steps))
+        torch.manual_seed(step_seed(seed, step, rank, "torch"))  # drop-path etc.
+        totals: dict[str, float] = {}
+        for j in range(accum):
+            batch = stream.next()
+            gen = torch.Generator(device=device).manual_seed(step_seed(seed, step, j, "masks"))
+            sync = nullcontext() if j == accum - 1 else accelerator.no_sync(module)
+            with sync:
+                res = forward_loss(module, batch, planner, epoch=epoch, generator=gen,
+                                   in_modalities=list(cfg.model.in_modalities),
+                                   standardize_depth=cfg.data.standardize_depth,
+                                   loss_weights=cfg.loss.weights, specs=specs, attg=attg, tau=tau,
+                                   want_scores=pictures and j == accum - 1, device=device)
+                accelerator.backward(res.loss / accum)
+            _accumulate(totals, res, accum)
+        if cfg.optim.clip_grad is not None:
+            accelerator.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses = _reduce(totals, accelerator)
+        policy.update_losses({m: losses[m] for m in cfg.model.in_modalities if m in losses})
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.log.every == 0 or step == run.total_steps:
+            rec = _record(step, epoch, lr, tau, losses, res, stream, time.perf_counter() - t0, policy)
+            logger.log(rec)
+            if accelerator.log_with:
+                accelerator.log({k: v for k, v in _flat(rec).items() if isinstance(v, (int, float))},
+                                step=step)
+        if pictures:
+            save_pictures(Path(cfg.output_dir) / "pictures", step, res.inputs, res.preds,
+                          res.plan.hidden, res.plan.thrown, res.plan.scores,
+                          _grids(accelerator.unwrap_model(module).model, res),
+                          cfg.log.pictures_samples)
+        if step % cfg.train.save_every == 0 or step == run.total_steps:
+            _save(store, step, stream, module, optimizer, policy, cfg, accelerator)
+    bar.close()
+
+
+def _grids(model, res) -> dict[str, tuple[int, int]]:
+    """Token grid per modality of a step's inputs."""
+    ref = next(v for k, v in res.inputs.items() if k != "semseg") if any(
+        k != "semseg" for k in res.inputs) else None
+    H, W = ref.shape[-2:] if ref is not None else tuple(4 * s for s in res.inputs["semseg"].shape[-2:])
+    out = {}
+    for m in res.inputs:
+        ph, pw = model.input_adapters[m].patch_size_full
+        out[m] = (H // ph, W // pw)
+    return out
+
+
+def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
+    """Sum this micro-batch's losses (1/accum each) and token counts into ``totals``."""
+    totals["total"] = totals.get("total", 0.0) + res.loss.detach().float() / accum
+    for k, v in res.parts.items():
+        totals[k] = totals.get(k, 0.0) + v.float() / accum
+    for i, m in enumerate(res.plan.hidden):
+        key = f"visible/{m}"
+        totals[key] = totals.get(key, 0.0) + res.plan.visible[:, i].float().mean() / accum
+    totals["guided"] = totals.get("guided", 0.0) + res.plan.guided.float().mean() / accum
+
+
+def _reduce(totals: dict[str, Any], accelerator: Any) -> dict[str, float]:
+    """Mean over processes (one collective for all values); python floats."""
+    keys = sorted(totals)
+    vec = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=accelerator.device)
+                       for k in keys])
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="mean")
+    return dict(zip(keys, vec.tolist()))
+
+
+def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[str, Any]:
+    rec: dict[str, Any] = {"step": step, "epoch": round(epoch, 6), "lr": lr,
+                           "loss": losses["total"],
+                           "losses": {k: v for k, v in losses.items()
+                                      if k not in ("total", "guided") and not k.startswith("visible/")},
+                           "visible": {k.split("/", 1)[1]: v for k, v in losses.items()
+                                       if k.startswith("visible/")},
+                           "guided_fraction": losses["guided"],
+                           "skipped_samples": int(stream.loader.skipped.value),
+                           "step_time": round(seconds, 4)}
+    if policy.adaptive is not None:
+        rec["alphas"] = [float(a) for a in policy.current_alphas()]
+    return rec
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        elif isinstance(v, (list, tuple)):
+            out[key] = str(v)
+        else:
+            out[key] = v
+    return out
+
+
+def _save(store, step, stream, module, optimizer, policy, cfg, accelerator) -> None:
+    """Training state (main process writes; all wait so no rank runs ahead of a save)."""
+    if accelerator.is_main_process:
+        state = {
+            "model": accelerator.unwrap_model(module).model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "step": step,
+            "epoch": step / max(stream.per_epoch / cfg.optim.accum_steps, 1e-12),
+            "data_position": {"consumed_batches": step * cfg.optim.accum_steps,
+                              "batches_per_epoch": stream.per_epoch},
+            "masking": policy.state_dict(),
+            "rng": capture_rng(),
+            "world_size": accelerator.num_processes,
+            "config": config_to_dict(cfg),
+        }
+        store.save(state, step)
+    accelerator.wait_for_everyone()
+
+
+def _restore(state, module, optimizer, policy, accelerator) -> int:
+    """Load a training state into the prepared objects; returns its step."""
+    accelerator.unwrap_model(module).model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    policy.load_state_dict(state["masking"])
+    # Global RNG states are re-seeded every step (see the module docstring); nothing to restore.
+    return int(state["step"])
+
+
+def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
+    """Use the checkpoint's optimizer state when its parameter groups match ours."""
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in state.get("param_groups", [])]
+    if ours != theirs:
+        accelerator.print(f"init.checkpoint: optimizer state not used (groups {theirs} vs {ours})")
+        return
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
+
+
+def _export(model, cfg: PretrainConfig, step: int, path: Path) -> None:
+    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config'}`` (atomic)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"model": state, "step": step, "config": config_to_dict(cfg)}, path)

@@ -1,0 +1,140 @@
+"""Assembling a pretraining run from its config: accelerator, data, model, optimizer, init weights.
+
+Everything here fails fast with a message naming the config key or file at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from multimae_att.config import ConfigError
+from multimae_att.pretrain.config import PretrainConfig
+
+__all__ = ["make_accelerator", "check_data_source", "build_pretrain_loader", "build_model",
+           "param_groups", "load_init_checkpoint", "tensorboard_available"]
+
+
+def tensorboard_available() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def make_accelerator(cfg: PretrainConfig):
+    """Accelerator for CPU, one GPU or ``accelerate launch`` (multi-GPU / multi-node)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    mp = cfg.train.mixed_precision
+    on_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if mp == "fp16" and on_cpu:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    if mp == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16; use fp16 or no")
+    log_with = "tensorboard" if cfg.log.tensorboard and tensorboard_available() else None
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
+    return Accelerator(cpu=cfg.train.cpu, mixed_precision=mp, kwargs_handlers=[ddp],
+                       log_with=log_with, project_dir=cfg.output_dir)
+
+
+def check_data_source(cfg: PretrainConfig) -> None:
+    """A local ``data.root`` must exist (remote/pattern shard specs are checked by the loader)."""
+    root = cfg.data.root
+    remote = root.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in root
+    if not remote and not Path(root).exists():
+        raise ConfigError(f"data.root={root!r} does not exist (generate the synthetic set with "
+                          "`python data_prep/make_synthetic.py --out DIR` or point data.root at your data)")
+
+
+def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
+    """The rank's loader (already split by rank; not to be passed to ``accelerator.prepare``)."""
+    from multimae_att.data import build_loader
+
+    check_data_source(cfg)
+    d = cfg.data
+    mods = list(cfg.model.in_modalities)
+    try:
+        return build_loader(d.root, mods, batch_size=d.batch_size, num_workers=d.num_workers,
+                            split=d.split, image_size=d.image_size, train=True, layout=d.layout,
+                            seed=cfg.train.seed, rank=rank, world_size=world_size,
+                            scale=tuple(d.crop_scale), hflip=d.hflip,
+                            samples_per_epoch=d.samples_per_epoch)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.root={d.root!r}: {e}") from e
+
+
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The pretraining MultiMAE of ``model.*`` at ``data.image_size``."""
+    from multimae_att.model import create_pretrain_model
+
+    m = cfg.model
+    dec = {k: v for k, v in (("decoder_dim", m.decoder_dim), ("decoder_depth", m.decoder_depth),
+                             ("decoder_heads", m.decoder_heads)) if v is not None}
+    return create_pretrain_model(m.size, in_domains=m.in_modalities, out_domains=m.out_modalities,
+                                 extra_norm_rgb=m.extra_norm_rgb, patch_size=m.patch_size,
+                                 image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
+                                 drop_path_rate=m.drop_path_rate,
+                                 semseg_num_classes=m.semseg_num_classes, **dec)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms (1-D tensors) and ``no_weight_decay()`` names."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _read_checkpoint(path: str) -> dict:
+    """``torch.load(weights_only=True)`` allowing argparse.Namespace (MultiMAE's ``args``)."""
+    try:
+        from multimae_att.checkpoint import load_checkpoint  # the model engineer's safe loader
+        return load_checkpoint(path)
+    except ImportError:
+        pass
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- message names the file
+            raise ConfigError(f"init.checkpoint={path!r} cannot be loaded safely "
+                              f"(weights_only=True): {e}") from e
+
+
+def load_init_checkpoint(model: nn.Module, path: str) -> dict | None:
+    """Load ``init.checkpoint`` strictly into ``model``; return its optimizer state (or None).
+
+    A file for another architecture (missing/unexpected keys, other shapes) raises
+    :class:`ConfigError` listing the differences.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"init.checkpoint={path!r} does not exist")
+    ckpt = _read_checkpoint(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"init.checkpoint={path!r} holds no state dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state)
+                    if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 "shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs model "
+                                                f"{tuple(own[k].shape)}" for k in shapes[:3])
+                 if shapes else ""]
+        raise ConfigError(f"init.checkpoint={path!r} does not match the model of model.* "
+                          f"({'; '.join(p for p in parts if p)})")
+    model.load_state_dict(state, strict=True)
+    opt = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
+    return opt if isinstance(opt, dict) else None
