@@ -274,3 +274,25 @@ def test_bad_visible_is_an_error():
         make_masks("random", {"rgb": torch.zeros(1, 3)}, torch.tensor([[4]]))
     with pytest.raises(ValueError, match="non-finite"):
         make_masks("high", {"rgb": torch.tensor([[0.0, float("nan"), 1.0]])}, torch.tensor([[1]]))
+
+
+def test_random_is_uniform_over_tokens():
+    B, N, v = 4000, 10, 3
+    s = {"rgb": torch.arange(N, dtype=torch.float32).expand(B, N)}
+    freq = make_masks("random", s, torch.full((B, 1), v), generator=gen(0)).hidden["rgb"]
+    p = (N - v) / N
+    assert (freq.double().mean(0) - p).abs().max() < 4 * (p * (1 - p) / B) ** 0.5
+
+
+def test_noisy_standardises_per_image_and_modality():
+    # z-scores are invariant to a positive affine map of each image's scores, so with the same
+    # generator the masks must not change when every (sample, modality) row is rescaled/shifted
+    B = 12
+    s = scores_for("noisy", B)
+    g = gen(9)
+    moved = {m: x * (0.1 + torch.rand(B, 1, generator=g) * 50) + torch.randn(B, 1, generator=g) * 7
+             for m, x in s.items()}
+    v = budgets(10, B)
+    a = make_masks("noisy", s, v, generator=gen(4), alpha=0.4)
+    b = make_masks("noisy", moved, v, generator=gen(4), alpha=0.4)
+    assert all(torch.equal(a.hidden[m], b.hidden[m]) for m in NUM)
