@@ -1,0 +1,282 @@
+"""Checkpoint IO: safe loading, MultiMAE <-> timm-ViT layout conversion, checked loading with
+declared key differences, pos-emb / class-embedding adaptation, export, atomic saving.
+
+Layouts (DESIGN.md §3):
+* **MultiMAE** — ``global_tokens [1, G, D]``, ``input_adapters.<m>.pos_emb [1, D, h, w]``,
+  ``input_adapters.<m>.proj.*``, ``encoder.<i>.*``, ``output_adapters.<m>.*``.
+* **timm ViT** — ``cls_token [1, 1, D]``, ``pos_embed [1, 1 + h*w, D]`` (first row: the class
+  token's position; zero in exports), ``patch_embed.proj.*``, ``blocks.<i>.*`` (RGB encoder only).
+
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with an explicit
+allow-list (``argparse.Namespace``, the ``args`` of MultiMAE's released files). A file that
+needs anything else is refused with :class:`UnsafeCheckpointError`; nothing in it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import os
+import pickle
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+StateDict = Dict[str, torch.Tensor]
+SAFE_GLOBALS: Tuple[Any, ...] = (argparse.Namespace,)
+MODEL_KEYS = ("model", "state_dict", "module")  # where released files keep the weights, in order
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file needs arbitrary unpickling (code objects, unknown classes): refused."""
+
+
+class CheckpointKeyError(KeyError):
+    """A state dict's keys or shapes differ from the model's beyond the declared differences."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+# ---------------------------------------------------------------------------- saving
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: readers
+    see either the old file or the complete new one, never a partial write."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------- loading
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
+                    extra_safe_globals: Sequence[Any] = ()) -> Any:
+    """Load a checkpoint file safely (``weights_only=True`` + allow-list ``SAFE_GLOBALS`` +
+    ``extra_safe_globals``). Raises :class:`UnsafeCheckpointError` naming the file and the
+    object the unpickler refused; there is no fallback to full unpickling."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_safe_globals]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it needs arbitrary unpickling, which could run code "
+            f"({detail.strip()}). Only tensors, containers, numbers, strings and "
+            f"{', '.join(g.__module__ + '.' + g.__qualname__ for g in SAFE_GLOBALS)} are allowed; "
+            "if you trust the file, pass the needed classes as extra_safe_globals.") from None
+
+
+def model_state(checkpoint: Any, source: str = "checkpoint") -> StateDict:
+    """The weights inside a loaded checkpoint: its ``model`` (or ``state_dict``/``module``)
+    entry, or the dict itself if it already maps names to tensors. A ``module.`` prefix
+    (DistributedDataParallel) is stripped."""
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"{source}: expected a dict, got {type(checkpoint).__name__}")
+    state = checkpoint
+    for key in MODEL_KEYS:
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            state = checkpoint[key]
+            break
+    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{source}: no model state dict found (entries that are not tensors: {bad[:5]})")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_state_dict_file(path: PathLike, layout: str = "multimae") -> StateDict:
+    """Weights of a checkpoint file in the requested layout (converted if the file has the
+    other one)."""
+    state = model_state(load_checkpoint(path), source=os.fspath(path))
+    return to_layout(state, layout)
+
+
+# ---------------------------------------------------------------------------- layouts
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``'timm'`` if the state dict has timm ViT names (``patch_embed``/``blocks``), else ``'multimae'``."""
+    if any(k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed") for k in state):
+        return "timm"
+    return "multimae"
+
+
+def to_layout(state: Mapping[str, torch.Tensor], layout: str) -> StateDict:
+    """Convert ``state`` to ``layout`` (``'multimae'`` or ``'timm'``) if it is in the other one."""
+    if layout not in ("multimae", "timm"):
+        raise ValueError(f"unknown layout {layout!r}; expected 'multimae' or 'timm'")
+    current = detect_layout(state)
+    if current == layout:
+        return dict(state)
+    return multimae_to_timm(state) if layout == "timm" else timm_to_multimae(state)
+
+
+def multimae_to_timm(state: Mapping[str, torch.Tensor], modality: str = "rgb") -> StateDict:
+    """MultiMAE layout -> timm ViT layout of the ``modality`` encoder (decoders and other
+    adapters are left out). ``pos_embed`` gets a zero first row for the class token."""
+    prefix = f"input_adapters.{modality}."
+    if "global_tokens" not in state or prefix + "pos_emb" not in state:
+        raise KeyError(f"not a MultiMAE state dict with a {modality!r} input adapter "
+                       f"(need 'global_tokens' and '{prefix}pos_emb')")
+    if state["global_tokens"].shape[1] != 1:
+        raise ValueError(f"timm layout holds one class token; this model has "
+                         f"{state['global_tokens'].shape[1]} global tokens")
+    pos = state[prefix + "pos_emb"].flatten(2).transpose(1, 2)  # [1, h*w, D]
+    out: StateDict = {"cls_token": state["global_tokens"].clone(),
+                      "pos_embed": torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)}
+    for key, value in state.items():
+        if key.startswith(prefix + "proj."):
+            out["patch_embed.proj." + key[len(prefix + "proj."):]] = value.clone()
+        elif key.startswith("encoder."):
+            out["blocks." + key[len("encoder."):]] = value.clone()
+    return out
+
+
+def timm_to_multimae(state: Mapping[str, torch.Tensor], grid: Optional[Tuple[int, int]] = None,
+                     modality: str = "rgb") -> StateDict:
+    """timm ViT layout -> MultiMAE layout (``modality`` adapter + encoder). The class token's
+    positional row is folded into ``global_tokens`` (MultiMAE adds no pos-emb to global
+    tokens); ``grid`` = (h, w) of the patch grid, square if None. timm's final ``norm``,
+    ``head`` and other extras are not part of MultiMAE's encoder and are left out."""
+    for key in ("cls_token", "pos_embed"):
+        if key not in state:
+            raise KeyError(f"not a timm ViT state dict: missing {key!r}")
+    pos = state["pos_embed"]
+    n = pos.shape[1] - 1
+    if grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} patch rows, not a square grid; pass grid=(h, w)")
+        grid = (side, side)
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"grid {grid} does not hold the {n} patch rows of pos_embed")
+    prefix = f"input_adapters.{modality}."
+    out: StateDict = {
+        "global_tokens": state["cls_token"] + pos[:, :1],
+        prefix + "pos_emb": pos[:, 1:].transpose(1, 2).reshape(1, pos.shape[2], *grid).clone()}
+    for key, value in state.items():
+        if key.startswith("patch_embed.proj."):
+            out[prefix + "proj." + key[len("patch_embed.proj."):]] = value.clone()
+        elif key.startswith("blocks."):
+            out["encoder." + key[len("blocks."):]] = value.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------- adapting + checked loading
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / Accelerate wrapper."""
+    return getattr(model, "module", model)
+
+
+def _pos_emb_mode(model: nn.Module, key: str) -> str:
+    """Interpolation the owning module uses on the fly: bicubic for patch adapters, bilinear
+    for semseg adapters and decoders (MultiMAE's choices)."""
+    try:
+        owner = model.get_submodule(key.rsplit(".", 1)[0])
+    except AttributeError:
+        return "bilinear"
+    return getattr(owner, "pos_emb_mode", "bilinear")
+
+
+def adapt_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+    """Fit a MultiMAE-layout state dict to ``model``'s shapes where that is well defined:
+
+    * ``*.pos_emb [1, D, h, w]`` of another grid: resized (bicubic for patch adapters, bilinear
+      for semseg adapters and decoders — what the modules themselves do on the fly);
+    * ``*.class_emb.weight [C, E]`` with fewer classes than the model: the missing rows are taken
+      from the model's own (freshly initialised) embedding.
+    Everything else is returned unchanged (mismatches are reported by :func:`load_weights`).
+    """
+    model = _unwrap(model)
+    target = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        if key not in target or target[key].shape == value.shape:
+            continue
+        want = target[key].shape
+        if key.endswith("pos_emb") and value.ndim == 4 and value.shape[:2] == want[:2]:
+            resized = F.interpolate(value.float(), size=tuple(want[-2:]), mode=_pos_emb_mode(model, key),
+                                    align_corners=False)
+            out[key] = resized.to(value.dtype)
+        elif key.endswith("class_emb.weight") and value.shape[1] == want[1] and value.shape[0] < want[0]:
+            extra = target[key][value.shape[0]:].to(device=value.device, dtype=value.dtype)
+            out[key] = torch.cat([value, extra], dim=0)
+    return out
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def load_weights(model: nn.Module, state: Union[Mapping[str, torch.Tensor], PathLike],
+                 expected_missing: Iterable[str] = (), expected_unexpected: Iterable[str] = (),
+                 adapt: bool = True) -> Tuple[List[str], List[str]]:
+    """Load ``state`` (a state dict or a checkpoint file) into ``model``, checked.
+
+    Strict by default: every model key must be present and every state key used, with equal
+    shapes. ``expected_missing`` / ``expected_unexpected`` declare the allowed differences as
+    glob patterns (e.g. ``"output_adapters.*"`` when finetuning drops the decoders, ``"head.*"``
+    for a new head); any other difference raises :class:`CheckpointKeyError` naming the keys.
+    A timm-layout state dict is converted first; with ``adapt`` pos-emb grids and semseg class
+    embeddings are fitted (:func:`adapt_state_dict`). Returns (missing, unexpected) keys.
+    """
+    if not isinstance(state, Mapping):
+        state = model_state(load_checkpoint(state), source=os.fspath(state))
+    model = _unwrap(model)
+    target = model.state_dict()
+    if detect_layout(state) != detect_layout(target):
+        state = to_layout(state, detect_layout(target))
+    if adapt:
+        state = adapt_state_dict(state, model)
+    expected_missing, expected_unexpected = list(expected_missing), list(expected_unexpected)
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    problems = []
+    bad = [k for k in missing if not _matches(k, expected_missing)]
+    if bad:
+        problems.append(f"missing keys: {bad}")
+    bad = [k for k in unexpected if not _matches(k, expected_unexpected)]
+    if bad:
+        problems.append(f"unexpected keys: {bad}")
+    bad = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(target[k].shape)}"
+           for k in target if k in state and state[k].shape != target[k].shape]
+    if bad:
+        problems.append(f"shape mismatches: {bad}")
+    if problems:
+        raise CheckpointKeyError(f"state dict does not fit {type(model).__name__} "
+                                 f"(declared missing={expected_missing}, unexpected={expected_unexpected}); "
+                                 + "; ".join(problems))
+    model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    return missing, unexpected
+
+
+# ---------------------------------------------------------------------------- export
+def export_weights(model: nn.Module, path: PathLike, layout: str = "multimae",
+                   extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Save ``{'model': weights, **extra}`` atomically, weights on CPU in ``layout``:
+    ``'multimae'`` (the full model, loads into MultiMAE code) or ``'timm'`` (RGB adapter +
+    encoder as a timm ViT, for RGB-only use; other adapters and decoders are left out).
+    ``extra`` may hold plain data (epoch, config dict, argparse.Namespace)."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+    if layout == "timm":
+        state = multimae_to_timm(state)
+    elif layout != "multimae":
+        raise ValueError(f"unknown layout {layout!r}; expected 'multimae' or 'timm'")
+    save_atomic({"model": state, **dict(extra or {})}, path)
