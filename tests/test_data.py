@@ -216,6 +216,8 @@ def test_shard_specs_resampling_and_workers(synthetic):
     for spec in (pattern, str(shard_dir / "list.txt"), piped):
         ds = build_dataset(spec, ["rgb", "cls"], image_size=16, train=False)
         assert sorted(s["sample_id"] for s in ds) == [f"train_{i:06d}" for i in range(12)]
+    evaluation = build_loader(synthetic, ["rgb"], layout="shards", batch_size=5, image_size=16, train=False)
+    assert [len(b["sample_id"]) for b in evaluation] == [5, 5, 2] and len(evaluation) == 3  # full set
     counts = []
     for rank in range(2):  # resampled: every rank yields the same number of batches
         loader = build_loader(synthetic, ["rgb"], layout="shards", batch_size=2, image_size=16,

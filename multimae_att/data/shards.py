@@ -82,8 +82,9 @@ def resolve_shards(shards: str | Sequence[str]) -> tuple[list[str], int | None]:
 class ShardDataset(IterableDataset):
     """Iterable dataset over WebDataset shards yielding sample dicts (see docs/INTERFACES.md).
 
-    ``samples_per_epoch``: per-rank sample quota (required with ``resampled``), spread over the
-    workers in whole batches of ``batch_size`` so that no worker emits a partial batch.
+    ``samples_per_epoch``: per-rank sample quota with ``resampled`` (required), spread over the
+    workers in whole batches of ``batch_size`` so that no worker emits a partial batch; without
+    resampling only the reported length (the shards are read to their end).
     ``shuffle_buffer``: samples held for shuffling (0 = keep shard order; evaluation).
     Corrupt or incomplete samples (and unreadable tar members) are counted in ``skipped``.
     """
@@ -121,10 +122,13 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        """Per-rank samples per epoch, rounded down to whole batches (an estimate without resampling)."""
+        """Per-rank samples per epoch: exact (whole batches) with resampling, else the index's
+        count for this rank (an upper bound when shards are uneven over ranks/workers)."""
         if not self.samples_per_epoch:
             raise TypeError("length unknown: pass samples_per_epoch (or a .json shard index)")
-        return self.samples_per_epoch // self.batch_size * self.batch_size
+        if self.resampled:
+            return self.samples_per_epoch // self.batch_size * self.batch_size
+        return self.samples_per_epoch
 
     def _stream_seed(self, worker: int) -> int:
         return zlib.crc32(f"{self.seed}/{self.epoch}/{self.rank}/{worker}".encode())
@@ -144,8 +148,9 @@ class ShardDataset(IterableDataset):
         yield from ({"url": u} for u in mine[worker::num_workers])
 
     def _quota(self, worker: int, num_workers: int) -> int | None:
-        """This worker's sample count: whole batches, spread as evenly as possible."""
-        if not self.samples_per_epoch:
+        """This worker's sample count with resampling: whole batches, spread as evenly as possible.
+        Without resampling (None) every assigned shard is read to its end (full evaluation sets)."""
+        if not self.resampled:
             return None
         batches = self.samples_per_epoch // self.batch_size
         return (batches // num_workers + (worker < batches % num_workers)) * self.batch_size
