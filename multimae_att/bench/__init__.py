@@ -1,0 +1,107 @@
+"""Benchmark: the cost of attention guidance, measured on one model, batch and device.
+
+``python -m multimae_att.bench --preset {tiny,small,base} --out FILE.json`` (see
+docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as JSON:
+
+* top level, for the primary dtype (bf16 where supported, else fp32): the median seconds of
+  ``random_step``, ``attention_step``, ``scoring_pass``, ``inference_forward``, ``cached_step``,
+  ``amt_step`` (and ``cache_lookup``); ``ratios`` (ratios of medians) and ``paired_ratios``
+  (medians of per-round ratios), ``min_ratios`` (ratios of best-of times); ``peak_memory_mib`` per case; ``data_pipeline_samples_per_s``;
+  ``mask_generation_samples_per_s`` per strategy; ``amt_split``;
+* ``runs``: the same block for every dtype measured (``--dtype both`` gives fp32 and bf16),
+  with every timing; ``preset``, ``machine``.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from multimae_att.bench.cases import BenchCases, data_throughput, mask_throughput
+from multimae_att.bench.presets import PRESETS, Preset
+from multimae_att.bench.timing import PeakMemory, bf16_supported, machine_info, measure, median, paired_ratio
+
+__all__ = ["PRESETS", "Preset", "RATIOS", "run_bench", "run_dtype"]
+
+CASES = ("random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
+         "cache_lookup")
+RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"), ("amt_step", "random_step"),
+          ("attention_step", "random_step"))
+
+
+def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
+    """Every timed case at one dtype: medians, all timings, ratios, peak memory."""
+    with tempfile.TemporaryDirectory(prefix="mm_bench_cache_") as cache_dir:
+        bench = BenchCases(p, device, dtype, cache_dir)
+        cases = bench.cases()
+        times = measure(cases, device, warmup, repeats)
+        peak = {}
+        for name, fn in cases.items():  # after timing: one call each, memory only
+            with PeakMemory(device) as mem:
+                fn()
+            peak[name] = mem.peak_mib
+        block = {"dtype": dtype, "median_s": {n: median(t) for n, t in times.items()},
+                 "min_s": {n: min(t) for n, t in times.items()}, "times_s": times,
+                 "peak_memory_mib": peak, "amt_split": bench.amt_split(), "cache_stats": dict(bench.cache.stats)}
+    med = block["median_s"]
+    block["ratios"] = {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS}
+    block["paired_ratios"] = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in RATIOS}
+    # Best-of ratios: interference from other processes only ever adds time, so the minimum is
+    # the least disturbed figure on a shared machine.
+    block["min_ratios"] = {f"{a}/{b}": block["min_s"][a] / block["min_s"][b] for a, b in RATIOS}
+    return block
+
+
+def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.device | None = None,
+              warmup: int | None = None, repeats: int | None = None) -> dict:
+    """Run the benchmark; ``dtype`` is ``fp32``, ``bf16``, ``both`` or ``auto`` (bf16 where the
+    device supports it, else fp32). Returns the JSON-ready dict described in the module doc."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtypes = ["bf16" if bf16_supported(device) else "fp32"]
+    elif dtype == "both":
+        dtypes = ["bf16", "fp32"] if bf16_supported(device) else ["fp32"]
+    elif dtype in ("fp32", "bf16"):
+        dtypes = [dtype]
+    else:
+        raise ValueError(f"bench dtype must be fp32, bf16, both or auto, got {dtype!r}")
+    warmup = p.warmup if warmup is None else warmup
+    repeats = p.repeats if repeats is None else repeats
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats}
+    runs = {d: run_dtype(p, device, d, warmup, repeats) for d in dtypes}
+    primary = runs[dtypes[0]]
+    out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
+    out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "peak_memory_mib", "amt_split")})
+    out["mask_generation_samples_per_s"] = mask_throughput(p, device)
+    out["data_pipeline_samples_per_s"] = data_throughput(p)
+    out["runs"] = runs
+    return out
+
+
+def format_table(result: dict) -> str:
+    """Human-readable table: one row per case and dtype, then the ratios."""
+    lines = [f"preset {result['preset']['name']}  device {result['machine']['device']}  "
+             f"threads {result['machine']['torch_threads']}  torch {result['machine']['torch']}  "
+             f"warmup {result['warmup']}  repeats {result['repeats']}"]
+    dtypes = list(result["runs"])
+    lines.append(f"{'case':<20}" + "".join(f"{d + ' median s':>16}{d + ' peak MiB':>16}" for d in dtypes))
+    for case in CASES:
+        row = f"{case:<20}"
+        for d in dtypes:
+            run = result["runs"][d]
+            row += f"{run['median_s'][case]:>16.4f}{run['peak_memory_mib'][case]:>16.1f}"
+        lines.append(row)
+    kinds = (("ratios", "medians"), ("paired_ratios", "paired"), ("min_ratios", "best-of"))
+    lines.append(f"{'ratio':<32}" + "".join(f"{d + ' ' + label:>16}" for d in dtypes for _, label in kinds))
+    for key in result["ratios"]:
+        lines.append(f"{key:<32}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
+                                            for d in dtypes for kind, _ in kinds))
+    masks = ", ".join(f"{k} {v:,.0f}" for k, v in result["mask_generation_samples_per_s"].items())
+    lines.append(f"mask generation samples/s: {masks}")
+    lines.append(f"data pipeline samples/s (1 process): {result['data_pipeline_samples_per_s']:.1f}")
+    split = result["amt_split"]
+    lines.append(f"amt split: visible {split['visible']:.3f}, thrown {split['thrown']:.3f}, hidden {split['hidden']:.3f}")
+    return "\n".join(lines)

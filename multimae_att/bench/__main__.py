@@ -1,0 +1,44 @@
+"""``python -m multimae_att.bench --preset tiny --out bench_tiny.json``: run, print a table, write JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import multimae_att  # noqa: E402,F401  (torchvision guard before timm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from multimae_att.bench import PRESETS, format_table, run_bench
+
+    parser = argparse.ArgumentParser(prog="python -m multimae_att.bench", description=__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "both"), default="auto",
+                        help="auto = bf16 autocast where supported (CUDA bf16, CPU AMX/AVX512-BF16), else fp32")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = run_bench(args.preset, args.dtype, args.device, args.warmup, args.repeats)
+    print(format_table(result))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

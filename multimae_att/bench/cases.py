@@ -1,0 +1,169 @@
+"""The timed cases of the benchmark, all on one model, one batch and one device.
+
+Training steps go through the runner's own step (:func:`multimae_att.pretrain.step.forward_loss`
+with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and AdamW, as in
+``run_pretrain.py`` minus Accelerate's bookkeeping (bf16 via ``torch.autocast``, as Accelerate does).
+
+| case | what runs |
+|---|---|
+| ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss, backward, AdamW) |
+| ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
+| ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
+| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor |
+| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits) |
+| ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
+| ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multimae_att.attention_cache import AttentionCache
+from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
+from multimae_att.bench.timing import median, synchronize
+from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
+from multimae_att.pretrain.config import LossConfig
+from multimae_att.pretrain.setup import param_groups
+from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
+
+AMT_THROW_RATIO = 0.40
+
+
+class BenchCases:
+    """Model, optimizer, batch and cache shared by every case (see the module table)."""
+
+    def __init__(self, p: Preset, device: torch.device, dtype: str, cache_dir: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.p, self.device, self.dtype = p, device, dtype
+        self.model = build_model(p).to(device).train()
+        self.module = PretrainModule(self.model)
+        self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        self.loss_weights = LossConfig().weights
+        self.batch = synthetic_batch(p, device, seed)
+        self.inputs = {m: self.batch[m] for m in MODALITIES}
+        self.grids = {m: p.grid for m in MODALITIES}
+        self.num_tokens = [p.grid[0] * p.grid[1]] * len(MODALITIES)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.cache = AttentionCache.create(cache_dir, self.batch["sample_id"], MODALITIES, grid=p.cache_grid,
+                                           refresh_every=40)
+        with torch.no_grad(), self.autocast():
+            self.tokens = self.model.embed(self.inputs)  # fixed tokens for the no-grad cases
+            # Prefill from a scoring pass on the same crops: the timed cached cases are all hits.
+            self.cache.update(self.batch, self.model.attention_scores(self.tokens), epoch=0)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ steps
+    def planner(self, strategy: str, cached: bool, **params) -> MaskPlanner:
+        policy = MaskingPolicy(strategy, params, modalities=list(MODALITIES))
+        return MaskPlanner(policy, self.p.num_encoded, cache=self.cache if cached else None)
+
+    def train_step(self, planner: MaskPlanner) -> float:
+        """One optimizer step through the runner's own :func:`forward_loss`; returns the loss."""
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            res = forward_loss(self.module, self.batch, planner, epoch=0.0, generator=self.gen,
+                               in_modalities=list(MODALITIES), standardize_depth=True,
+                               loss_weights=self.loss_weights, device=self.device)
+        res.loss.backward()
+        self.opt.step()
+        return float(res.loss.detach())
+
+    @torch.no_grad()
+    def scoring_pass(self) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            return self.model.attention_scores(self.tokens)
+
+    @torch.no_grad()
+    def inference_forward(self) -> torch.Tensor:
+        with self.autocast():
+            z = torch.cat(list(self.tokens.values()), dim=1)
+            g = self.model.global_tokens.expand(z.shape[0], -1, -1).to(z.dtype)
+            return self.model.encoder(torch.cat([z, g], dim=1))
+
+    def cases(self) -> dict[str, Callable[[], object]]:
+        random, fresh = self.planner("random", False), self.planner("high", False)
+        cached = self.planner("high", True)
+        amt = self.planner("amt", True, throw_ratio=AMT_THROW_RATIO)
+        return {
+            "random_step": lambda: self.train_step(random),
+            "attention_step": lambda: self.train_step(fresh),
+            "scoring_pass": self.scoring_pass,
+            "inference_forward": self.inference_forward,
+            "cached_step": lambda: self.train_step(cached),
+            "amt_step": lambda: self.train_step(amt),
+            "cache_lookup": lambda: self.cache.lookup(self.batch, self.grids, epoch=0, device=self.device),
+        }
+
+    def amt_split(self) -> dict[str, float]:
+        """Mean visible / thrown / hidden fractions of the AMT masks (r, t of the AMT paper)."""
+        with torch.no_grad(), self.autocast():
+            masks = self.planner("amt", True, throw_ratio=AMT_THROW_RATIO)(
+                self.model, self.tokens, self.batch, 0.0, self.gen)
+        total = sum(self.num_tokens) * self.p.batch_size
+        thrown = sum(float(t.sum()) for t in masks.thrown.values()) / total
+        hidden = sum(float(h.sum()) for h in masks.hidden.values()) / total
+        return {"visible": 1 - thrown - hidden, "thrown": thrown, "hidden": hidden}
+
+
+def mask_throughput(p: Preset, device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Samples/s of budgets + masks for ``mask_batch`` samples (random scores), per strategy."""
+    g = torch.Generator(device=device).manual_seed(0)
+    n = p.grid[0] * p.grid[1]
+    scores = {m: torch.rand(p.mask_batch, n, device=device, generator=g) for m in MODALITIES}
+    out = {}
+    for name, params in (("random", {}), ("high", {}), ("amt", {"throw_ratio": AMT_THROW_RATIO})):
+        times = []
+        for _ in range(repeats + 1):
+            synchronize(device)
+            t0 = time.perf_counter()
+            visible = sample_budgets([n] * len(MODALITIES), p.num_encoded, p.mask_batch, generator=g, device=device)
+            make_masks(name, scores, visible, generator=g, **params)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = p.mask_batch / median(times[1:])
+    return out
+
+
+def _encoded_sample(p: Preset, rng: np.random.Generator) -> dict[str, bytes]:
+    """One synthetic source sample as stored files: rgb JPEG, 16-bit depth PNG, semseg PNG."""
+    h, w = p.source_size
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    depth = Image.fromarray(rng.integers(0, 2**16, (h, w), dtype=np.uint16))
+    semseg = Image.fromarray(rng.integers(0, p.semseg_classes, (h // 4, w // 4), dtype=np.uint8))
+    files = {}
+    for m, image, fmt in (("rgb", rgb, "JPEG"), ("depth", depth, "PNG"), ("semseg", semseg, "PNG")):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        files[m] = buf.getvalue()
+    return files
+
+
+def data_throughput(p: Preset) -> float:
+    """Samples/s of the per-sample data path in this process: decode the stored files, one
+    random-resized crop + flip for all modalities, tensors, collate (one worker; no disk I/O)."""
+    from multimae_att.data.decode import decode_modality
+    from multimae_att.data.sample import build_sample, collate
+    from multimae_att.data.transforms import AugmentConfig
+
+    cfg = AugmentConfig(image_size=(p.image_size, p.image_size))
+    rng = np.random.default_rng(0)
+    stored = [_encoded_sample(p, rng) for _ in range(min(8, p.data_samples))]
+    t0 = time.perf_counter()
+    samples = []
+    for i in range(p.data_samples):
+        files = stored[i % len(stored)]
+        images = {m: decode_modality(m, data) for m, data in files.items()}
+        samples.append(build_sample(images, None, f"s{i}", cfg, epoch=0))
+    collate(samples)
+    return p.data_samples / (time.perf_counter() - t0)

@@ -1,0 +1,135 @@
+"""Timing, peak memory and machine details for the benchmark.
+
+Timings interleave the cases (one call of each case per round, rounds repeated) so that a
+change in background load on a shared machine hits every case alike; the ratios are then
+reported twice: as ratios of medians and as medians of the per-round ratios (the latter
+cancels slow drifts in load).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from typing import Callable, Mapping
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
+            repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every case: ``warmup`` untimed rounds, then ``repeats`` timed rounds."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``num / den`` measured in the same round."""
+    return median([a / b for a, b in zip(times[num], times[den])])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of a block, in MiB above the level at its start.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's resident
+    set sampled every 2 ms by a thread (approximate: the allocator keeps freed pages, so a block
+    that reuses memory freed by an earlier one reads low; run a case alone for an exact figure).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = float("nan")
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._base = self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_mib = (self._peak - self._base) / 2**20
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_bf16_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if f in ("amx_bf16", "avx512_bf16", "amx_tile", "avx512f")})
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast is worth it: CUDA with bf16 support, or a CPU with AMX/AVX512-BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(f in _cpu_bf16_flags() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the figures depend on: versions, threads, CPU/GPU, load at start."""
+    info = {
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "cpu_bf16_flags": _cpu_bf16_flags(),
+        "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(device), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -1,0 +1,45 @@
+"""Smoke test of the benchmark: it runs end to end and writes every documented key (no timings asserted)."""
+import json
+
+import pytest
+
+from multimae_att.bench import CASES, RATIOS
+from multimae_att.bench.__main__ import main
+
+KEYS = {"random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
+        "ratios", "paired_ratios", "min_ratios", "peak_memory_mib", "data_pipeline_samples_per_s",
+        "mask_generation_samples_per_s", "machine", "preset", "runs", "dtype", "amt_split"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "micro.json"
+    assert main(["--preset", "micro", "--dtype", "fp32", "--warmup", "0", "--repeats", "1", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_json_has_every_key(result, capsys):
+    assert KEYS <= set(result)
+    for name in ("scoring_pass/inference_forward", "cached_step/random_step", "amt_step/random_step"):
+        assert result["ratios"][name] > 0
+    for case in CASES:
+        assert result[case] > 0 and result["runs"]["fp32"]["times_s"][case]
+    assert set(result["mask_generation_samples_per_s"]) == {"random", "high", "amt"}
+    assert result["data_pipeline_samples_per_s"] > 0
+    assert {"torch", "torch_threads", "cpu", "device"} <= set(result["machine"])
+    assert len(RATIOS) == len(result["ratios"])
+
+
+def test_amt_split_and_cache_hits(result):
+    split = result["amt_split"]
+    assert split["visible"] + split["thrown"] + split["hidden"] == pytest.approx(1.0)
+    assert split["thrown"] > 0.3  # throw ratio 0.4, floor per modality
+    stats = result["runs"]["fp32"]["cache_stats"]
+    assert stats["misses"] == 0 and stats["hits"] > 0  # the cached cases read the cache, never miss
+
+
+def test_bad_dtype_is_rejected():
+    from multimae_att.bench import run_bench
+
+    with pytest.raises(ValueError, match="dtype"):
+        run_bench("micro", dtype="fp8")
