@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from multimae_att.data.decode import CorruptSample
 from multimae_att.data.transforms import AugmentConfig, apply_geometry, make_geometry, to_tensors
@@ -20,21 +20,26 @@ _MAX_WARNINGS = 10  # per process: enough to see what is wrong without flooding 
 class SkipCounter:
     """Number of corrupt/incomplete samples skipped, shared by the DataLoader worker processes.
 
-    Backed by a ``multiprocessing.Value``: workers (fork or spawn) increment the same integer that
-    the main process reads with :attr:`value` (the runner logs it in its metrics).
+    Backed by a shared-memory int64 tensor with one slot per process (worker ``i`` writes slot
+    ``i``, the main process the last one), so increments never race and the tensor crosses
+    fork and spawn workers alike (a ``multiprocessing.Value`` is tied to one start method).
+    The main process reads the total with :attr:`value` (the runner logs it in its metrics).
     """
 
+    SLOTS = 64
+
     def __init__(self) -> None:
-        self._value = multiprocessing.Value("q", 0)
+        self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
         self._warned = 0  # per-process copy: each worker warns about its first few skips
 
     @property
     def value(self) -> int:
-        return int(self._value.value)
+        return int(self._counts.sum())
 
     def add(self, reason: str) -> None:
-        with self._value.get_lock():
-            self._value.value += 1
+        info = get_worker_info()
+        slot = info.id % (self.SLOTS - 1) if info is not None else self.SLOTS - 1
+        self._counts[slot] += 1
         if self._warned < _MAX_WARNINGS:
             self._warned += 1
             more = " (further skips are counted, not logged)" if self._warned == _MAX_WARNINGS else ""
