@@ -120,6 +120,10 @@ class ConvNeXtAdapter(nn.Module):
         self.proj_dec = nn.Linear(self.in_channels, self.embed_dim)
         _init_linear(self.proj_dec)
 
+    def reset_parameters(self) -> None:
+        """Truncated-normal Linear weights, zero biases, unit LayerNorms (ConvNeXt's init)."""
+        self.apply(_init_linear)
+
     def forward(self, encoder_tokens: torch.Tensor, input_info: Dict) -> torch.Tensor:
         h, w = input_info["image_size"]
         nh, nw = h // self.patch_size, w // self.patch_size
@@ -314,6 +318,10 @@ class LinearOutputAdapter(nn.Module):
         self.norm = (nn.LayerNorm(dim_tokens_enc, eps=1e-6) if self.norm_kind == "layer"
                      else nn.BatchNorm1d(dim_tokens_enc, affine=False, eps=1e-6))
         self.head = nn.Linear(dim_tokens_enc, self.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated-normal head scaled by ``init_scale``, zero bias, unit LayerNorm."""
         self.apply(_init_linear)
         with torch.no_grad():   # small initial logits keep the pretrained features intact early on
             self.head.weight.mul_(self.init_scale)

@@ -1,0 +1,184 @@
+"""The finetuning config schema (defaults = MultiMAE-B ImageNet-1K classification recipe).
+
+Sections: ``task``, ``model``, ``head``, ``data``, ``optim``, ``train``, ``init``, ``log``; plus
+top-level ``output_dir``. Loaded by :func:`load_finetune_config` with the project's generic
+machinery (:mod:`multimae_att.config`): schema defaults <- YAML <- ``key=value``, strict.
+Key names follow the pretraining schema where the meaning is the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from multimae_att.config import ConfigError, load_config
+from multimae_att.model import ENCODER_SIZES
+
+__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS"]
+
+TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
+MODALITIES = ("rgb", "depth", "semseg")
+
+
+@dataclass
+class TaskConfig:
+    """What is learnt and measured. ``depth_unit_m``: metres per unit of the loaded depth tensor
+    (stored 16-bit value / 2**16; millimetre PNGs -> 65.536)."""
+    name: Literal["cls", "semseg", "depth", "knn", "linear_probe"] = "cls"
+    num_classes: int = 1000
+    ignore_index: int = 255
+    reduce_zero_label: bool = False           # ADE20K / NYUv2: label 0 -> ignore, others - 1
+    loss: Literal["ce", "berhu", "l1"] = "ce"
+    label_smoothing: float = 0.1
+    mixup: float = 0.8                        # cls: Mixup alpha (0 = off)
+    cutmix: float = 1.0                       # cls: CutMix alpha (0 = off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug: str = "rand-m9-mstd0.5-inc1"     # cls: timm RandAugment spec ('' = off)
+    depth_unit_m: float = 65.536
+    mask_valid: bool = True                   # depth: use batch['mask_valid'] when the data has it
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    few_shot: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    few_shot_repeats: int = 3
+    feature_pool: Literal["mean", "global"] = "mean"   # knn / linear_probe features
+
+
+@dataclass
+class ModelConfig:
+    """Encoder (``MultiViT`` of a named size); ``in_modalities`` are the task's inputs."""
+    size: Literal["tiny", "base", "large"] = "base"
+    in_modalities: list[str] = field(default_factory=lambda: ["rgb"])
+    patch_size: int = 16
+    num_global_tokens: int = 1
+    drop_path_rate: float = 0.1
+    semseg_num_classes: int = 133             # semseg *input* adapter (pseudo labels)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.in_modalities if m not in MODALITIES]
+        if bad or not self.in_modalities:
+            raise ValueError(f"model.in_modalities: need a non-empty subset of {list(MODALITIES)}, "
+                             f"got {self.in_modalities}")
+
+
+@dataclass
+class HeadConfig:
+    """Task head. semseg: ``kind`` convnext (default) or dpt; depth: dpt; cls: linear."""
+    kind: Literal["auto", "linear", "convnext", "dpt"] = "auto"
+    main_modalities: Optional[list[str]] = None        # tokens the head reads; None = all inputs
+    embed_dim: int = 6144                               # convnext
+    preds_per_patch: int = 16
+    depth: int = 4
+    hooks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])          # dpt
+    layer_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    feature_dim: int = 256
+    init_scale: float = 0.001                           # linear
+    use_mean_pooling: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Data (``multimae_att.data.build_loader``); ``root`` holds ``train_split`` and ``val_split``."""
+    root: str = "data/imagenet"
+    train_split: str = "train"
+    val_split: str = "val"
+    layout: Literal["auto", "folder", "shards"] = "auto"
+    image_size: int = 224
+    batch_size: int = 128                     # per process and micro-batch
+    eval_batch_size: Optional[int] = None     # None = batch_size
+    num_workers: int = 8
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    eval_crop_pct: float = 1.0
+    standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with layer-wise LR decay. lr = ``lr`` if set, else ``blr * global_batch / 256``."""
+    blr: float = 5e-4
+    lr: Optional[float] = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100.0
+    max_steps: Optional[int] = None           # stop after this many optimizer steps
+    eval_every: int = 1                       # epochs between evaluations (and the last one)
+    max_eval_batches: Optional[int] = None    # smoke tests only: evaluate on a prefix
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = False
+    find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
+    save_every: int = 0                       # optimizer steps between training states (0 = epoch ends)
+    keep_last: int = 2
+
+
+@dataclass
+class InitConfig:
+    checkpoint: Optional[str] = None          # ours or MultiMAE's, MultiMAE or timm layout
+    resume: bool = True                       # continue from output_dir's latest training state
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = "runs/finetune"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size % self.model.patch_size:
+            raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of "
+                             f"model.patch_size {self.model.patch_size}")
+        main = self.head.main_modalities or []
+        bad = [m for m in main if m not in self.model.in_modalities]
+        if bad:
+            raise ValueError(f"head.main_modalities {bad} are not in model.in_modalities "
+                             f"{self.model.in_modalities}")
+        if self.task.name in ("cls", "knn", "linear_probe") and "rgb" not in self.model.in_modalities:
+            raise ValueError(f"task {self.task.name!r} reads RGB: add 'rgb' to model.in_modalities")
+        if self.task.name == "depth" and self.task.loss == "ce":
+            raise ValueError("task.loss: depth needs 'berhu' or 'l1', not 'ce'")
+        if self.task.name in ("semseg", "depth") and self.task.name in self.model.in_modalities:
+            raise ValueError(f"task {self.task.name!r} predicts {self.task.name}: it cannot also be "
+                             f"an input (model.in_modalities={self.model.in_modalities})")
+        depth = ENCODER_SIZES[self.model.size]["depth"]
+        if self.head_kind() == "dpt" and (len(self.head.hooks) != 4 or max(self.head.hooks) >= depth):
+            raise ValueError(f"head.hooks {self.head.hooks}: need 4 block indices < {depth}, the "
+                             f"encoder depth of model.size={self.model.size!r}")
+        if self.task.name == "cls" and (self.task.mixup > 0 or self.task.cutmix > 0) \
+                and self.data.batch_size % 2:
+            raise ValueError(f"data.batch_size={self.data.batch_size} must be even for Mixup/CutMix")
+
+    def head_kind(self) -> str:
+        """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""
+        if self.task.name == "knn":
+            return "none"
+        if self.head.kind != "auto":
+            return self.head.kind
+        return {"cls": "linear", "linear_probe": "linear", "semseg": "convnext", "depth": "dpt"}[self.task.name]
+
+
+def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
+                         ) -> FinetuneConfig:
+    """Schema defaults <- YAML ``path`` <- ``overrides``; raises :class:`ConfigError`."""
+    return load_config(FinetuneConfig, path, overrides)

@@ -1,0 +1,336 @@
+"""The one finetuning engine shared by every task (cls, semseg, depth, linear_probe, knn).
+
+``run(cfg)``: build the task's model, load ``init.checkpoint``, resume from the run folder's
+latest training state, train (AdamW, layer-wise LR decay through timm's param groups, warm-up +
+cosine LR as a pure function of the step, Accelerate for devices / mixed precision / DDP),
+evaluate over the whole validation set, keep ``checkpoint-best.pth`` / ``checkpoint-last.pth``
+(MultiMAE layout: ``{'model': state_dict, ...}``) and write ``metrics.jsonl`` (training) and
+``metrics.json`` (final evaluation). Frozen-feature tasks (``trains = False``) only extract
+features and evaluate.
+
+Distributed evaluation: the validation loader is prepared by Accelerate and per-sample metric
+statistics go through ``gather_for_metrics`` (which drops the samples repeated to even out the
+last batch), so every process sums exactly the statistics of the whole set once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch.utils.data import IterableDataset
+from tqdm import tqdm
+
+from multimae_att.config import config_to_dict, save_config
+from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
+from multimae_att.finetune.augment import with_sample_transform
+from multimae_att.finetune.config import FinetuneConfig
+from multimae_att.finetune.knn import knn_evaluate
+from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
+from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
+                                   save_atomic)
+from multimae_att.schedules import cosine_lr, scaled_lr
+
+__all__ = ["run", "evaluate", "extract_features", "build_optimizer", "make_accelerator"]
+
+
+def make_accelerator(cfg: FinetuneConfig, task: TaskSpec):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    unused = cfg.train.find_unused_parameters
+    if unused is None:   # DPT never uses refinenet4.resConfUnit1
+        unused = cfg.head_kind() == "dpt"
+    return Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.optim.accum_steps,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+
+
+# ---------------------------------------------------------------------------------- data
+
+def _loader_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
+    return dict(image_size=cfg.data.image_size, layout=cfg.data.layout, seed=cfg.train.seed,
+                semseg_scale=1, reduce_zero_label=cfg.task.reduce_zero_label)
+
+
+def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: int) -> MultiModalLoader:
+    """Training loader split over ranks by the data package, with the task's sample transform."""
+    d = cfg.data
+    ds = build_dataset(d.root, task.data_modalities(), split=d.train_split, train=True, rank=rank,
+                       world_size=world, batch_size=d.batch_size, scale=tuple(d.crop_scale),
+                       hflip=d.hflip, **_loader_kwargs(cfg))
+    transform = getattr(task, "sample_transform", lambda: None)()
+    ds = with_sample_transform(ds, transform)
+    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate, drop_last=True)
+    if isinstance(ds, IterableDataset):
+        return MultiModalLoader(ds, **common)
+    sampler = EpochSampler(len(ds), shuffle=True, seed=cfg.train.seed, rank=rank, world_size=world)
+    return MultiModalLoader(ds, sampler=sampler, **common)
+
+
+def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerator):
+    """Deterministic loader over the whole ``split``, sharded and de-duplicated by Accelerate."""
+    d = cfg.data
+    loader = build_loader(d.root, task.data_modalities(), split=split, train=False,
+                          batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers,
+                          drop_last=False, eval_crop_pct=d.eval_crop_pct, **_loader_kwargs(cfg))
+    return accelerator.prepare_data_loader(loader)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, task: TaskSpec, accelerator,
+             max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """Task metrics over every sample of ``loader`` (all processes get the same numbers)."""
+    was_training = model.training
+    model.eval()
+    metrics = task.make_metrics()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with accelerator.autocast():
+            pred = task.forward(model, batch)
+        metrics.update(accelerator.gather_for_metrics(task.eval_stats(metrics, pred, batch)))
+    model.train(was_training)
+    return metrics.compute()
+
+
+@torch.no_grad()
+def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Optional[int] = None):
+    """(features ``[N, D]`` float32, labels ``[N]``) of every sample of ``loader``, on CPU."""
+    model.eval()
+    feats, labels = [], []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with accelerator.autocast():
+            f = task.features(model, batch).float()
+        f, y = accelerator.gather_for_metrics((f, batch["cls"]))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: int):
+    """AdamW over timm's layer-decay parameter groups (each group carries ``lr_scale``)."""
+    from timm.optim import param_groups_layer_decay
+    o = cfg.optim
+    base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, global_batch)
+    groups = param_groups_layer_decay(model, weight_decay=o.weight_decay,
+                                      no_weight_decay_list=sorted(model.no_weight_decay()),
+                                      layer_decay=o.layer_decay)
+    if not groups:
+        raise ValueError("nothing to optimise: every parameter is frozen")
+    return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _better(key: str, new: float, old: Optional[float]) -> bool:
+    if old is None or math.isnan(old):
+        return not math.isnan(new)
+    return new < old if key in LOWER_IS_BETTER else new > old
+
+
+# ------------------------------------------------------------------------------- training
+
+class _Trainer:
+    """State of one training run: position (step, epoch, batch in epoch), best metric, I/O."""
+
+    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> None:
+        self.cfg, self.task, self.acc = cfg, task, accelerator
+        self.out = Path(cfg.output_dir)
+        world = accelerator.num_processes
+        self.train_loader = build_train_loader(cfg, task, accelerator.process_index, world)
+        self.val_loader = build_eval_loader(cfg, task, cfg.data.val_split, accelerator)
+        self.steps_per_epoch = len(self.train_loader) // cfg.optim.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{cfg.data.root}: the training split has fewer than one optimizer step "
+                             f"of data (batch_size={cfg.data.batch_size} x accum_steps per process)")
+        global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
+        optimizer, self.base_lr = build_optimizer(cfg, model, global_batch)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.store = TrainStateStore(self.out / "checkpoints", keep_last=cfg.train.keep_last)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: Optional[float] = None
+        self.last_metrics: Dict[str, Any] = {}
+        resumed = self.resume() if cfg.init.resume else False
+        self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=accelerator.is_main_process,
+                                    resume_step=self.step if resumed else None)
+
+    # state ------------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
+        return {"model": self.acc.unwrap_model(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": scaler, "step": self.step,
+                "epoch": self.epoch, "data_position": self.batch_in_epoch, "best": self.best,
+                "last_metrics": self.last_metrics, "rng": capture_rng(),
+                "config": config_to_dict(self.cfg)}
+
+    def resume(self) -> bool:
+        """Continue from the newest training state in ``output_dir/checkpoints`` (if any)."""
+        state = self.store.load_latest()
+        if state is None:
+            return False
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch, self.best = int(state["data_position"]), state["best"]
+        self.last_metrics = state.get("last_metrics", {})
+        restore_rng(state["rng"])
+        self.acc.print(f"resumed from {self.store.latest()} at step {self.step} (epoch {self.epoch})")
+        return True
+
+    def save_state(self) -> None:
+        if self.acc.is_main_process:
+            self.store.save(self.state(), self.step)
+        self.acc.wait_for_everyone()
+
+    def export(self, name: str, metrics: Dict[str, Any]) -> None:
+        """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config'}``."""
+        if self.acc.is_main_process:
+            save_atomic({"model": self.acc.unwrap_model(self.model).state_dict(), "epoch": self.epoch,
+                         "step": self.step, "metrics": _scalars(metrics),
+                         "config": config_to_dict(self.cfg)}, self.out / name)
+
+    # loop -------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        return cosine_lr(step / self.steps_per_epoch, self.base_lr, o.min_lr, o.warmup_epochs,
+                         self.cfg.train.epochs)
+
+    def train_step(self, batch: Dict[str, Any]) -> Optional[float]:
+        """One micro-batch; returns the loss when an optimizer step happened, else None."""
+        from accelerate.utils import send_to_device
+        batch = self.task.train_batch(send_to_device(batch, self.acc.device), self.step)
+        with self.acc.accumulate(self.model):
+            with self.acc.autocast():
+                loss = self.task.loss(self.task.forward(self.model, batch), batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and self.cfg.optim.clip_grad:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            if self.acc.sync_gradients:
+                _set_lr(self.optimizer, self.lr_at(self.step))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item() if self.acc.sync_gradients else None
+
+    def run_epoch(self, bar) -> None:
+        self.model.train()
+        if self.task.frozen_encoder:   # frozen features: encoder in eval mode, only the head trains
+            self.acc.unwrap_model(self.model).encoder.eval()
+        self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
+        t0 = time.perf_counter()
+        for batch in self.train_loader:
+            loss = self.train_step(batch)
+            self.batch_in_epoch += 1
+            if loss is None:
+                continue
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
+            if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                self.logger.log({"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1),
+                                 "loss": loss, "step_time": (time.perf_counter() - t0) / self.cfg.log.every})
+                t0 = time.perf_counter()
+            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                self.save_state()
+            if self.step >= self.total_steps:
+                break
+        if self.batch_in_epoch >= len(self.train_loader):   # the epoch is complete
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def evaluate_and_keep(self) -> Dict[str, Any]:
+        metrics = evaluate(self.acc.unwrap_model(self.model), self.val_loader, self.task, self.acc,
+                           self.cfg.train.max_eval_batches)
+        key = self.task.best_key()
+        self.logger.log({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in
+                                                                    _scalars(metrics).items()}})
+        if _better(key, float(metrics[key]), self.best):
+            self.best = float(metrics[key])
+            self.export("checkpoint-best.pth", metrics)
+        self.export("checkpoint-last.pth", metrics)
+        self.last_metrics = metrics
+        return metrics
+
+    def fit(self) -> Dict[str, Any]:
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"finetune {self.cfg.task.name}",
+                   disable=not (self.acc.is_main_process and self.cfg.log.progress), dynamic_ncols=True)
+        metrics = dict(self.last_metrics)
+        while self.step < self.total_steps:
+            epoch_before = self.epoch
+            self.run_epoch(bar)
+            finished = self.step >= self.total_steps
+            if finished or (self.epoch != epoch_before and self.epoch % self.cfg.train.eval_every == 0):
+                metrics = self.evaluate_and_keep()
+            self.save_state()
+        bar.close()
+        if not metrics:   # resumed a finished run: evaluate the final weights again
+            metrics = self.evaluate_and_keep()
+        return metrics
+
+
+def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ----------------------------------------------------------------------------------- entry
+
+def run(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``."""
+    torch.manual_seed(cfg.train.seed)           # same head initialisation on every process
+    task = make_task(cfg)
+    accelerator = make_accelerator(cfg, task)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    model = task.build()
+    if cfg.init.checkpoint:
+        from multimae_att.finetune.loading import load_pretrained
+        report = load_pretrained(model, cfg.init.checkpoint, task)
+        accelerator.print(report)
+    if task.trains:
+        metrics = _Trainer(cfg, task, model, accelerator).fit()
+    else:
+        metrics = _knn(cfg, task, model.to(accelerator.device), accelerator)
+    result = {"task": cfg.task.name, **metrics}
+    if accelerator.is_main_process:
+        tmp = out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        tmp.replace(out / "metrics.json")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, Any]:
+    t, mb = cfg.task, cfg.train.max_eval_batches
+    train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
+                             task, accelerator, mb)
+    val = extract_features(model, build_eval_loader(cfg, task, cfg.data.val_split, accelerator),
+                           task, accelerator, mb)
+    return knn_evaluate(*train, *val, num_classes=t.num_classes, k=t.knn_k,
+                        temperature=t.knn_temperature, shots=t.few_shot, repeats=t.few_shot_repeats,
+                        seed=cfg.train.seed)
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return str(v)

@@ -1,0 +1,323 @@
+"""Task specs: what each downstream task feeds the model, its head, loss and metrics.
+
+One :class:`TaskSpec` subclass per task family; the engine (:mod:`multimae_att.finetune.engine`)
+never branches on the task name. The model is :class:`FinetuneViT` (``MultiViT`` plus timm's
+parameter-grouping hook for layer-wise LR decay) with the head under MultiMAE's output-adapter
+name (``output_adapters.cls`` / ``.semseg`` / ``.depth``), so state dicts match MultiMAE's
+finetuned checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from multimae_att.data import robust_standardize_depth
+from multimae_att.finetune.config import FinetuneConfig
+from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter
+from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, MetricSums,
+                                           SegmentationMetrics)
+from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
+
+__all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "build_model"]
+
+
+class FinetuneViT(MultiViT):
+    """``MultiViT`` with ``group_matcher`` (timm's layer-decay hook) and pooled features.
+
+    Layer ids for layer-wise LR decay: input adapters and global tokens = 0, encoder block i =
+    i + 1, heads = depth + 1 (BEiT / MultiMAE convention; timm maps unmatched names last).
+    """
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^(?:global_tokens|input_adapters)", blocks=[(r"^encoder\.(\d+)", None)])
+
+    def encode(self, x: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encoder output ``[B, N + G, D]`` without any head (global tokens last)."""
+        z, _ = self.process_input(x)
+        return self.encoder(z)
+
+    def features(self, x: Dict[str, torch.Tensor], pool: str = "mean") -> torch.Tensor:
+        """Frozen-feature readout ``[B, D]``: mean over all tokens, or the (first) global token."""
+        z = self.encode(x)
+        return z.mean(1) if pool == "mean" else z[:, -self.num_global_tokens]
+
+
+def build_model(cfg: FinetuneConfig, head: Optional[nn.Module], output_name: str) -> FinetuneViT:
+    """Encoder of ``cfg.model`` with ``head`` registered as ``output_adapters.<output_name>``."""
+    m = cfg.model
+    inputs, _ = make_adapters(m.in_modalities, (), extra_norm_rgb=False, patch_size=m.patch_size,
+                              image_size=cfg.data.image_size, semseg_num_classes=m.semseg_num_classes)
+    outputs = None if head is None else {output_name: head}
+    model = FinetuneViT(input_adapters=inputs, output_adapters=outputs, **ENCODER_SIZES[m.size],
+                        num_global_tokens=m.num_global_tokens, drop_path_rate=m.drop_path_rate)
+    if head is not None and hasattr(head, "reset_parameters"):
+        head.reset_parameters()   # MultiMAE's encoder init also visits the head's Linear layers
+    return model
+
+
+def masked_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                      kind: str = "berhu") -> torch.Tensor:
+    """Mean over valid pixels of L1 or berHu (reverse Huber) of ``pred - target``.
+
+    berHu: |d| where |d| <= c, (d^2 + c^2) / (2c) beyond, c = 0.2 * max |d| over the batch's
+    valid pixels (Laina et al. 2016). Shapes ``[B, 1, H, W]``; ``valid`` bool.
+    """
+    diff = (pred - target).abs() * valid
+    n = valid.sum().clamp_min(1)
+    if kind == "l1":
+        return diff.sum() / n
+    if kind != "berhu":
+        raise ValueError(f"unknown depth loss {kind!r}; expected 'berhu' or 'l1'")
+    c = (0.2 * diff.detach().max()).clamp_min(1e-5)
+    loss = torch.where(diff <= c, diff, (diff.square() + c * c) / (2 * c))
+    return (loss * valid).sum() / n
+
+
+class TaskSpec:
+    """Base: inputs from a batch, head, loss, per-sample metric statistics.
+
+    ``output``: the head's name in ``model.output_adapters``; ``trains``: False for k-NN (no
+    optimisation, only feature extraction); ``frozen_encoder``: linear probing.
+    """
+    output = ""
+    trains = True
+    frozen_encoder = False
+    return_all_layers = False
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.main = list(cfg.head.main_modalities or cfg.model.in_modalities)
+
+    # data -----------------------------------------------------------------------------
+    def target_modalities(self) -> List[str]:
+        return []
+
+    def data_modalities(self) -> List[str]:
+        """Modalities the loaders must deliver (inputs, then targets)."""
+        mods = list(self.cfg.model.in_modalities)
+        return mods + [t for t in self.target_modalities() if t not in mods]
+
+    def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Model inputs from a batch; depth inputs standardised per sample when configured."""
+        x = {m: batch[m] for m in self.cfg.model.in_modalities}
+        if "depth" in x and self.cfg.data.standardize_depth:
+            x["depth"] = robust_standardize_depth(x["depth"], batch.get("mask_valid"))
+        return x
+
+    # model ----------------------------------------------------------------------------
+    def build_head(self) -> Optional[nn.Module]:
+        raise NotImplementedError
+
+    def build(self) -> FinetuneViT:
+        model = build_model(self.cfg, self.build_head(), self.output)
+        if self.frozen_encoder:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("output_adapters."))
+        return model
+
+    def forward(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
+        out = model(self.model_inputs(batch), return_all_layers=self.return_all_layers)
+        return out[self.output]
+
+    # objectives -----------------------------------------------------------------------
+    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_metrics(self) -> MetricSums:
+        raise NotImplementedError
+
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_batch(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
+        """Batch-level training augmentation (Mixup/CutMix for cls); identity by default."""
+        return batch
+
+    def best_key(self) -> str:
+        """The metric that selects the best checkpoint (higher is better unless listed in LOWER)."""
+        raise NotImplementedError
+
+
+LOWER_IS_BETTER = frozenset({"rmse", "abs_rel", "sq_rel", "log10", "loss"})
+
+
+class ClassificationTask(TaskSpec):
+    """Image classification (IN-1K): mean-pooled linear head, Mixup/CutMix + label smoothing."""
+    output = "cls"
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__(cfg)
+        t = cfg.task
+        self.mixup = None
+        if self.trains and not self.frozen_encoder and (t.mixup > 0 or t.cutmix > 0):
+            from timm.data import Mixup
+            self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
+                               switch_prob=t.mixup_switch_prob, mode="batch",
+                               label_smoothing=t.label_smoothing, num_classes=t.num_classes)
+
+    def target_modalities(self) -> List[str]:
+        return ["cls"]
+
+    def build_head(self) -> nn.Module:
+        h = self.cfg.head
+        return LinearOutputAdapter(self.cfg.task.num_classes, use_mean_pooling=h.use_mean_pooling,
+                                   init_scale=h.init_scale)
+
+    def train_batch(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
+        if self.mixup is None:
+            return batch
+        import numpy as np
+        from multimae_att.runstate import step_seed
+        # timm's Mixup draws from numpy's global RNG: seed it per step so a resumed run mixes alike
+        np.random.seed(step_seed(self.cfg.train.seed, step, "mixup") % (2 ** 32))
+        rgb, soft = self.mixup(batch["rgb"], batch["cls"])
+        return {**batch, "rgb": rgb, "soft_target": soft}
+
+    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        pred = pred.float()
+        if "soft_target" in batch:   # Mixup already smoothed the targets
+            return torch.sum(-batch["soft_target"] * F.log_softmax(pred, dim=-1), dim=-1).mean()
+        smoothing = 0.0 if self.frozen_encoder else self.cfg.task.label_smoothing
+        return F.cross_entropy(pred, batch["cls"], label_smoothing=smoothing)
+
+    def make_metrics(self) -> MetricSums:
+        return ClassificationMetrics((1, 5))
+
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        return metrics.stats(pred.float(), batch["cls"])
+
+    def best_key(self) -> str:
+        return "top1"
+
+    def sample_transform(self):
+        """Per-sample RGB augmentation for the training set (timm RandAugment), or None."""
+        spec = self.cfg.task.randaug
+        if not spec or self.frozen_encoder:
+            return None
+        from multimae_att.finetune.augment import RandAugmentRGB
+        return RandAugmentRGB(spec)
+
+
+class LinearProbeTask(ClassificationTask):
+    """Linear probe: frozen encoder (eval-mode features), BatchNorm + linear head, plain CE."""
+    frozen_encoder = True
+
+    def build_head(self) -> nn.Module:
+        return LinearOutputAdapter(self.cfg.task.num_classes, norm="batch", init_scale=1.0,
+                                   use_mean_pooling=self.cfg.task.feature_pool == "mean")
+
+    def build(self) -> FinetuneViT:
+        model = super().build()
+        for block in model.encoder:   # no stochastic depth in a frozen encoder
+            block.drop_path1 = block.drop_path2 = nn.Identity()
+        return model
+
+
+class SegmentationTask(TaskSpec):
+    """Semantic segmentation (ADE20K, NYUv2 from rgb / depth / rgb-d): ConvNeXt or DPT head,
+    cross-entropy with ignore index; logits at label (= input) resolution."""
+    output = "semseg"
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__(cfg)
+        self.return_all_layers = cfg.head_kind() == "dpt"
+
+    def target_modalities(self) -> List[str]:
+        return ["semseg"]
+
+    def build_head(self) -> nn.Module:
+        h, c = self.cfg.head, self.cfg.task.num_classes
+        if self.cfg.head_kind() == "dpt":
+            return DPTOutputAdapter(c, patch_size=self.cfg.model.patch_size, main_tasks=self.main,
+                                    hooks=h.hooks, layer_dims=h.layer_dims, feature_dim=h.feature_dim,
+                                    head_type="semseg")
+        return ConvNeXtAdapter(c, embed_dim=h.embed_dim, preds_per_patch=h.preds_per_patch,
+                               main_tasks=self.main, patch_size=self.cfg.model.patch_size, depth=h.depth)
+
+    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        return F.cross_entropy(pred.float(), batch["semseg"], ignore_index=self.cfg.task.ignore_index)
+
+    def make_metrics(self) -> MetricSums:
+        return SegmentationMetrics(self.cfg.task.num_classes, self.cfg.task.ignore_index)
+
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        return metrics.stats(pred.argmax(1), batch["semseg"])
+
+    def best_key(self) -> str:
+        return "miou"
+
+
+class DepthTask(TaskSpec):
+    """Depth estimation (NYUv2): DPT regression head predicting metres, berHu or L1 over valid
+    pixels (``mask_valid`` when the data has it, and target > 0)."""
+    output = "depth"
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        super().__init__(cfg)
+        self.return_all_layers = cfg.head_kind() == "dpt"
+
+    def target_modalities(self) -> List[str]:
+        return ["depth", "mask_valid"] if self.cfg.task.mask_valid else ["depth"]
+
+    def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return {m: batch[m] for m in self.cfg.model.in_modalities}
+
+    def build_head(self) -> nn.Module:
+        h = self.cfg.head
+        if self.cfg.head_kind() == "convnext":
+            return ConvNeXtAdapter(1, embed_dim=h.embed_dim, preds_per_patch=h.preds_per_patch,
+                                   main_tasks=self.main, patch_size=self.cfg.model.patch_size, depth=h.depth)
+        return DPTOutputAdapter(1, patch_size=self.cfg.model.patch_size, main_tasks=self.main,
+                                hooks=h.hooks, layer_dims=h.layer_dims, feature_dim=h.feature_dim,
+                                head_type="regression")
+
+    def target(self, batch: Dict[str, Any]):
+        """(depth in metres ``[B, 1, H, W]``, valid bool ``[B, 1, H, W]``)."""
+        depth = batch["depth"].float() * self.cfg.task.depth_unit_m
+        valid = depth > 0
+        if "mask_valid" in batch:
+            valid = valid & batch["mask_valid"].bool()
+        return depth, valid
+
+    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        depth, valid = self.target(batch)
+        return masked_depth_loss(pred.float(), depth, valid, self.cfg.task.loss)
+
+    def make_metrics(self) -> MetricSums:
+        return DepthMetrics()
+
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        depth, valid = self.target(batch)
+        return metrics.stats(pred.float(), depth, valid)
+
+    def best_key(self) -> str:
+        return "rmse"
+
+
+class KnnTask(TaskSpec):
+    """Frozen-feature k-NN (full and few-shot): no head, no optimisation."""
+    trains = False
+    frozen_encoder = True
+
+    def target_modalities(self) -> List[str]:
+        return ["cls"]
+
+    def build_head(self) -> None:
+        return None
+
+    def features(self, model: FinetuneViT, batch: Dict[str, Any]) -> torch.Tensor:
+        return model.features(self.model_inputs(batch), self.cfg.task.feature_pool)
+
+    def best_key(self) -> str:
+        return "knn_top1"
+
+
+TASK_SPECS = {"cls": ClassificationTask, "linear_probe": LinearProbeTask,
+              "semseg": SegmentationTask, "depth": DepthTask, "knn": KnnTask}
+
+
+def make_task(cfg: FinetuneConfig) -> TaskSpec:
+    return TASK_SPECS[cfg.task.name](cfg)
