@@ -7,11 +7,11 @@ from multimae_att.model import CrossAttention, MultiMAE, PatchedInputAdapter, Se
 S, P = 32, 8
 
 
-def model_with(num_global_tokens: int = 1) -> MultiMAE:
+def model_with(num_global_tokens: int = 1, **kw) -> MultiMAE:
     inputs = {"rgb": PatchedInputAdapter(3, 1, P, image_size=S),
               "semseg": SemSegInputAdapter(10, 4, P, image_size=S, dim_class_emb=8)}
     return MultiMAE(inputs, None, num_global_tokens=num_global_tokens, dim_tokens=48, depth=3,
-                    num_heads=4).eval()
+                    num_heads=4, **kw).eval()
 
 
 def batch(B: int = 3):
@@ -84,6 +84,18 @@ def test_readout_under_bf16_autocast_returns_float32_close_to_fp32():
     for m in ref:
         assert low[m].dtype == torch.float32
         torch.testing.assert_close(low[m], ref[m], atol=2e-2, rtol=0.1)
+
+
+def test_scores_ignore_stochastic_depth_in_training_mode():
+    model = model_with(drop_path_rate=0.9)  # stochastic depth would change a training forward
+    x = batch()
+    ref = model.attention_scores(x)
+    model.train()
+    for _ in range(2):
+        got = model.attention_scores(x)
+        for m in ref:
+            torch.testing.assert_close(got[m], ref[m])
+    assert model.training and all(block.training for block in model.encoder)
 
 
 def test_readout_rejects_bad_layer_and_query():

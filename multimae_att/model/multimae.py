@@ -190,12 +190,20 @@ class MultiMAE(nn.Module):
         block (Python index, default last). ``query``: ``'global'`` = the global token's
         attention row over patch tokens (rows of several global tokens averaged); ``'mean'`` =
         attention received, averaged over all query rows. Softmax over all N + G keys.
+        The encoder runs in eval mode here (no dropout / stochastic depth) even while training.
         Returns dict modality -> ``[B, N_m]`` (head average) or ``[B, H, N_m]`` (``per_head``),
         float32, in canonical order.
         """
         tokens = self._as_tokens(x) if self.is_token_dict(x) else self.embed(x)
         z = self._with_global(torch.cat([t.detach() for t in tokens.values()], dim=1))
-        probs = readout_attention(self.encoder, z, layer, self.num_global_tokens, query)  # [B, H, N]
+        training = self.encoder.training
+        if training:  # scores must not depend on dropout / stochastic depth draws
+            self.encoder.eval()
+        try:
+            probs = readout_attention(self.encoder, z, layer, self.num_global_tokens, query)  # [B, H, N]
+        finally:
+            if training:
+                self.encoder.train()
         if not per_head:
             probs = probs.mean(dim=1)
         sizes = [t.shape[1] for t in tokens.values()]
