@@ -204,6 +204,11 @@ def test_loader_batches_epochs_ranks_and_resume(synthetic):
         r = build_loader(synthetic, ["rgb"], rank=rank, world_size=2, **kw)
         ids.append([s for batch in r for s in batch["sample_id"]])
     assert len(ids[0]) == len(ids[1]) == 6 and not set(ids[0]) & set(ids[1])
+    ids = []
+    for rank in range(5):  # evaluation: every sample on exactly one rank, no padding duplicates
+        r = build_loader(synthetic, ["rgb"], rank=rank, world_size=5, train=False, **kw)
+        ids += [s for batch in r for s in batch["sample_id"]]
+    assert sorted(ids) == [f"train_{i:06d}" for i in range(12)]
 
 
 def test_shard_specs_resampling_and_workers(synthetic):
@@ -279,3 +284,13 @@ def test_robust_standardize_depth_matches_reference():
         ref = (depth[b].numpy() - kept.mean()) / (kept.std(ddof=1) + 1e-6)
         assert np.allclose(out[b].numpy(), ref, atol=1e-4)
     assert torch.allclose(robust_standardize_depth(depth), robust_standardize_depth(depth, torch.ones_like(mask)))
+
+
+def test_plain_imagefolder_split_for_rgb_and_cls(tmp_path):
+    for wnid, n in (("n02", 2), ("n01", 3)):
+        for i in range(n):
+            _save(tmp_path / "val" / wnid / f"{wnid}_{i}.JPEG", np.full((10, 12, 3), 9, np.uint8))
+    loader = build_loader(tmp_path, ["rgb", "cls"], split="val", batch_size=5, image_size=8, train=False)
+    batch = next(iter(loader))
+    assert batch["sample_id"] == ["n01_0", "n01_1", "n01_2", "n02_0", "n02_1"]
+    assert batch["cls"].tolist() == [0, 0, 0, 1, 1]

@@ -3,7 +3,8 @@
 Modalities are paired by file stem, never by sorted position: a stem missing from (or extra in)
 one modality is an error listing the offending stems. The image-level class is the class folder;
 class indices follow ``root/classes.txt`` (one folder name per line) when present, else the
-sorted class folders of the split (as torchvision's ImageFolder).
+sorted class folders of the split (as torchvision's ImageFolder). For rgb alone, a plain
+ImageFolder split (``root/<split>/<class>/<file>``, e.g. ImageNet) is read as well.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 _SHOW = 5  # stems listed in an error message
 
 
-def read_class_names(root: Path, split_dir: Path, modality: str) -> list[str]:
+def read_class_names(root: Path, modality_dir: Path) -> list[str]:
     """Class folder names in index order: ``root/classes.txt`` if present, else sorted folders."""
     listing = root / "classes.txt"
     if listing.is_file():
         return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    return sorted(e.name for e in os.scandir(split_dir / modality) if e.is_dir())
+    return sorted(e.name for e in os.scandir(modality_dir) if e.is_dir() and not e.name.startswith("."))
 
 
 def scan_modality(folder: Path) -> dict[str, tuple[str, Path]]:
@@ -99,19 +100,27 @@ class FolderDataset(Dataset):
         self.augment = augment
         self.skipped = skipped if skipped is not None else SkipCounter()
         self.epoch = 0
-        files = {m: scan_modality(self.split_dir / m) for m in self.image_modalities}
+        files = {m: scan_modality(self._modality_dir(m)) for m in self.image_modalities}
         self.stems = _check_pairing(self.split_dir, files)
         if not self.stems:
             raise ValueError(f"{self.split_dir}: no image files found for {self.image_modalities}")
         self.paths = {m: [files[m][s][1] for s in self.stems] for m in self.image_modalities}
         ref = self.image_modalities[0]
-        self.class_names = read_class_names(self.root, self.split_dir, ref)
+        self.class_names = read_class_names(self.root, self._modality_dir(ref))
         class_index = {name: i for i, name in enumerate(self.class_names)}
         unknown_classes = sorted({files[ref][s][0] for s in self.stems} - set(class_index))
         if self.with_cls and unknown_classes:
             raise ValueError(f"{self.split_dir}: class folders {unknown_classes[:_SHOW]} are not in "
                              f"{self.root / 'classes.txt'}")
         self.targets = [class_index.get(files[ref][s][0], -1) for s in self.stems]
+
+    def _modality_dir(self, modality: str) -> Path:
+        """``split/<modality>``; for rgb alone also a plain ImageFolder split (``split/<class>/``,
+        e.g. ImageNet's ``val/<wnid>/*.JPEG``) when the split has no modality folders at all."""
+        folder = self.split_dir / modality
+        plain = (modality == "rgb" and self.image_modalities == ["rgb"] and self.split_dir.is_dir()
+                 and not any((self.split_dir / m).is_dir() for m in IMAGE_MODALITIES))
+        return self.split_dir if plain else folder
 
     def __len__(self) -> int:
         return len(self.stems)

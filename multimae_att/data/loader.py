@@ -24,15 +24,21 @@ __all__ = ["EpochSampler", "MultiModalLoader", "build_dataset", "build_loader", 
 
 
 class EpochSampler(Sampler[int]):
-    """Seeded per-epoch permutation split over ranks (every rank gets ``ceil(n / world)`` indices,
-    the list is padded by wrapping, as DistributedSampler), with a resumable start position."""
+    """Seeded per-epoch permutation split over ranks, with a resumable start position.
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    ``pad=True`` (training): every rank gets ``ceil(n / world)`` indices, the list padded by
+    wrapping (as DistributedSampler), so all ranks run the same number of steps. ``pad=False``
+    (evaluation): ranks get disjoint slices covering every sample exactly once (counts may differ
+    by one), so whole-set metrics count no sample twice.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad: bool = True) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.n, self.shuffle, self.seed, self.pad = n, shuffle, seed, pad
         self.rank, self.world_size = rank, world_size
-        self.per_rank = math.ceil(n / world_size)
+        self.per_rank = math.ceil(n / world_size) if pad else len(range(rank, n, world_size))
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -45,8 +51,9 @@ class EpochSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        total = self.per_rank * self.world_size
-        order = (order * math.ceil(total / self.n))[:total]
+        if self.pad:
+            total = math.ceil(self.n / self.world_size) * self.world_size
+            order = (order * math.ceil(total / self.n))[:total]
         return order[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -138,8 +145,9 @@ def build_loader(source: str | os.PathLike | Sequence[str], modalities: Sequence
                  pin_memory: bool = False, **dataset_kwargs: Any) -> MultiModalLoader:
     """DataLoader over :func:`build_dataset` (same keyword arguments) yielding batch dicts.
 
-    Folder layout: a seeded :class:`EpochSampler` (shuffled when ``train``) split over ranks so
-    every rank runs the same number of batches. ``drop_last`` defaults to ``train``. Workers are
+    Folder layout: a seeded :class:`EpochSampler` split over ranks: in training shuffled and padded
+    so every rank runs the same number of batches; in evaluation in order, each sample on exactly
+    one rank. ``drop_last`` defaults to ``train``. Workers are
     not persistent, so ``set_epoch`` before ``iter(loader)`` reaches them.
     """
     train = dataset_kwargs.get("train", True)
@@ -150,6 +158,6 @@ def build_loader(source: str | os.PathLike | Sequence[str], modalities: Sequence
     if isinstance(dataset, FolderDataset):
         sampler = EpochSampler(len(dataset), shuffle=train, seed=dataset_kwargs.get("seed", 0),
                                rank=dataset_kwargs.get("rank", 0),
-                               world_size=dataset_kwargs.get("world_size", 1))
+                               world_size=dataset_kwargs.get("world_size", 1), pad=train)
         return MultiModalLoader(dataset, sampler=sampler, **common)
     return MultiModalLoader(dataset, **common)
