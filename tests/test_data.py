@@ -221,6 +221,13 @@ def test_shard_specs_resampling_and_workers(synthetic):
     for spec in (pattern, str(shard_dir / "list.txt"), piped):
         ds = build_dataset(spec, ["rgb", "cls"], image_size=16, train=False)
         assert sorted(s["sample_id"] for s in ds) == [f"train_{i:06d}" for i in range(12)]
+    train = build_loader(synthetic, ["rgb"], layout="shards", batch_size=2, image_size=16, shuffle_buffer=6)
+    train.set_epoch(3)
+    full = [b["sample_id"] for b in train]
+    train.set_epoch(3, start_batch=2)  # resume: the rest of the same shuffled epoch
+    assert [b["sample_id"] for b in train] == full[2:] and len(full) == 6
+    train.set_epoch(4)
+    assert [b["sample_id"] for b in train] != full
     evaluation = build_loader(synthetic, ["rgb"], layout="shards", batch_size=5, image_size=16, train=False)
     assert [len(b["sample_id"]) for b in evaluation] == [5, 5, 2] and len(evaluation) == 3  # full set
     counts = []

@@ -141,7 +141,7 @@ class ShardDataset(IterableDataset):
         urls = list(self.urls)
         if self.shuffle_shards:  # same order on every rank, then split: ranks stay disjoint
             random.Random(zlib.crc32(f"{self.seed}/{self.epoch}".encode())).shuffle(urls)
-        if self.world_size > 1 and len(urls) < self.world_size:
+        if self.shuffle_shards and self.world_size > 1 and len(urls) < self.world_size:
             raise ValueError(f"{len(urls)} shards cannot be split over {self.world_size} ranks; "
                              "use resampled=True or write smaller shards")
         mine = urls[self.rank::self.world_size]
