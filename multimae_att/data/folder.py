@@ -125,7 +125,9 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (seeds augmentation). ``start_batch`` is handled by the sampler
+        (``EpochSampler.set_epoch``); accepted here so both datasets share one signature."""
         self.epoch = epoch
 
     def sample_ids(self) -> list[str]:

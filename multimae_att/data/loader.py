@@ -68,10 +68,8 @@ class MultiModalLoader(DataLoader):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Seed the epoch (order and augmentation); ``start_batch`` skips consumed batches."""
-        if isinstance(self.dataset, ShardDataset):
-            self.dataset.set_epoch(epoch, start_batch)
-        else:
-            self.dataset.set_epoch(epoch)
+        # Both datasets take (epoch, start_batch); wrappers forwarding set_epoch keep working.
+        self.dataset.set_epoch(epoch, start_batch)
         if isinstance(self.sampler, EpochSampler):
             self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
