@@ -204,3 +204,18 @@ def test_multivit_returns_all_layers_in_canonical_order():
     assert len(layers) == 3 and layers[-1].shape == (2, 3 * N + 1, 96)
     torch.testing.assert_close(layers[-1], last)
     torch.testing.assert_close(last, encoded)
+
+
+def test_bf16_autocast_keeps_the_residual_stream_in_float32():
+    model = tiny()
+    x = inputs(2)
+    hidden = random_hidden(2, [N] * 3, K=8)
+    with torch.no_grad():
+        ref = model.forward_masked(model.embed(x), hidden)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.embed(x)
+            low, encoded = model.forward_masked(tokens, hidden, return_encoder=True)
+    assert all(t.dtype == torch.float32 for t in tokens.values()) and encoded.dtype == torch.float32
+    for name in ref:
+        scale = ref[name].abs().max()
+        assert (low[name].float() - ref[name]).abs().max() < 0.05 * scale

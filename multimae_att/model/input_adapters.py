@@ -55,7 +55,9 @@ class _SpatialInputAdapter(nn.Module):
 
     def _add_pos_emb(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         pos = flatten_grid(resize_pos_emb(self.pos_emb, grid, self.pos_emb_mode))
-        return tokens + pos.to(tokens.dtype)
+        # No cast of pos to the patches' dtype: under bf16 autocast the sum (the encoder's
+        # residual stream) stays float32, as in MultiMAE.
+        return tokens + pos
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

@@ -166,14 +166,16 @@ class SpatialOutputAdapter(nn.Module):
         B, D = ctx.shape[0], ctx.shape[2]
         G = int(input_info.get("num_global_tokens", 0))
         K = ctx.shape[1] - G
-        pos = flatten_grid(resize_pos_emb(self.pos_emb, grid, "bilinear"))[0].to(ctx.dtype)  # [h*w, D]
-        emb = self._context_embeddings(input_info, pos).to(ctx.dtype)  # [N, D]
+        # Embeddings stay in their parameter dtype (float32): under autocast the sums are promoted
+        # to float32 as in MultiMAE, rather than rounded to bf16.
+        pos = flatten_grid(resize_pos_emb(self.pos_emb, grid, "bilinear"))[0]  # [h*w, D]
+        emb = self._context_embeddings(input_info, pos)  # [N, D]
         visible = ctx[:, :K] + emb[ids_keep]  # [B, K, D]
         context = torch.cat([visible, ctx[:, K:]], dim=1)
         tasks = input_info["tasks"]
         if self.use_task_queries and self.task in tasks:
             # Canonical sequence: mask token everywhere, visible tokens scattered into their slots.
-            full = (self.mask_token[0].to(ctx.dtype) + emb).expand(B, -1, -1)
+            full = (self.mask_token[0] + emb).to(visible.dtype).expand(B, -1, -1)
             full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), visible)
             info = tasks[self.task]
             return full[:, info["start_idx"]:info["end_idx"]], context
@@ -181,7 +183,7 @@ class SpatialOutputAdapter(nn.Module):
         task_emb = self._task_emb(self.task)
         if task_emb is not None:
             queries = queries + task_emb
-        return queries.to(ctx.dtype).expand(B, -1, -1), context
+        return queries.expand(B, -1, -1), context
 
     def _decode(self, queries: torch.Tensor, context: torch.Tensor,
                 key_valid: Optional[torch.Tensor]) -> torch.Tensor:
