@@ -301,3 +301,23 @@ def test_plain_imagefolder_split_for_rgb_and_cls(tmp_path):
     batch = next(iter(loader))
     assert batch["sample_id"] == ["n01_0", "n01_1", "n01_2", "n02_0", "n02_1"]
     assert batch["cls"].tolist() == [0, 0, 0, 1, 1]
+
+
+def test_att_map_follows_the_crop_and_flip(tmp_path):
+    """A low-resolution map (8 x 12 for a 32 x 48 image) whose value encodes its own column."""
+    yy, xx = np.mgrid[0:8, 0:12]
+    for i in range(3):
+        _save(tmp_path / "train/rgb/c" / f"s{i}.png", np.zeros((32, 48, 3), np.uint8))
+        _save(tmp_path / "train/att_map/c" / f"s{i}.png", (20 * xx + 10).astype(np.uint8))
+    ds = build_dataset(tmp_path, ["rgb", "att_map"], image_size=64, att_map_stride=8, seed=2)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            s = ds[i]
+            top, left, h, w = s["crop_box"].tolist()
+            assert s["att_map"].shape == (8, 8) and s["att_map"].dtype == torch.float32
+            # map column of each output cell centre (map pixel = 4 source pixels)
+            u = (left + (torch.arange(8) + 0.5) * w / 8) / 4 - 0.5
+            u = u.flip(0) if bool(s["flip"]) else u
+            expected = (20 * u.clamp(0, 11) + 10) / 255
+            assert torch.allclose(s["att_map"][2:-2, 2:-2], expected[None, 2:-2].expand(4, 4), atol=0.02)

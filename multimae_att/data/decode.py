@@ -15,7 +15,7 @@ from PIL import Image
 
 __all__ = ["MODALITIES", "IMAGE_MODALITIES", "decode_modality", "CorruptSample"]
 
-IMAGE_MODALITIES = ("rgb", "depth", "semseg", "mask_valid")
+IMAGE_MODALITIES = ("rgb", "depth", "semseg", "mask_valid", "att_map")
 MODALITIES = IMAGE_MODALITIES + ("cls",)
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
 _LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
@@ -50,8 +50,10 @@ def decode_modality(modality: str, source: Source, where: str = "") -> Image.Ima
         if image.mode not in _DEPTH_MODES:
             raise CorruptSample(f"{where}: depth must be a 16-bit PNG, got mode {image.mode}")
         return image
-    if modality in ("semseg", "mask_valid"):
+    if modality in ("semseg", "mask_valid", "att_map"):
         if image.mode not in _LABEL_MODES:
-            raise CorruptSample(f"{where}: {modality} must be a single-channel label image, got mode {image.mode}")
+            raise CorruptSample(f"{where}: {modality} must be a single-channel 8/16-bit image, got mode {image.mode}")
+        if modality == "att_map" and image.mode == "P":
+            raise CorruptSample(f"{where}: att_map must be a greyscale image, got a palette image")
         return image
     raise KeyError(f"unknown image modality {modality!r}; expected one of {IMAGE_MODALITIES}")

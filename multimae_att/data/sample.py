@@ -56,15 +56,17 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     """
     if not images:
         raise ValueError("a sample needs at least one image modality")
-    ref = next(m for m in ("rgb", "depth", "semseg", "mask_valid") if m in images)
+    ref = next(m for m in ("rgb", "depth", "semseg", "mask_valid", "att_map") if m in images)
     src_w, src_h = images[ref].size
     for modality, image in images.items():
         w, h = image.size
-        if abs(w * src_h - h * src_w) > 0.01 * src_w * src_h:
+        # Same aspect up to rounding of the smaller grid (e.g. a 14 x 19 map of a 480 x 640 image).
+        if abs(w - h * src_w / src_h) > max(1.0, 0.01 * w):
             raise CorruptSample(f"{sample_id}: {modality} is {w}x{h} but {ref} is {src_w}x{src_h} "
                                 "(different aspect ratio)")
     geom = make_geometry(cfg, (src_h, src_w), sample_id, epoch)
-    sample: dict[str, Any] = to_tensors(apply_geometry(images, geom, cfg.semseg_scale), cfg.reduce_zero_label)
+    arrays = apply_geometry(images, geom, cfg.semseg_scale, cfg.att_map_stride)
+    sample: dict[str, Any] = to_tensors(arrays, cfg.reduce_zero_label)
     if cls is not None:
         sample["cls"] = torch.tensor(cls, dtype=torch.int64)
     sample["crop_box"] = torch.tensor(geom.box, dtype=torch.float32)

@@ -31,8 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEPTH_SCALE = 2.0 ** 16  # depth tensor = stored 16-bit value / 2**16
 LABEL_MODALITIES = ("semseg", "mask_valid")
-_RESAMPLE = {"rgb": Image.BICUBIC, "depth": Image.BILINEAR,
-             "semseg": Image.NEAREST, "mask_valid": Image.NEAREST}
+_RESAMPLE = {"rgb": Image.BICUBIC, "depth": Image.BILINEAR, "semseg": Image.NEAREST,
+             "mask_valid": Image.NEAREST, "att_map": Image.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class AugmentConfig:
     largest box with the output aspect (``eval_full_image``: the whole source, aspect not kept).
     ``semseg_scale``: semseg is delivered at ``image_size // semseg_scale`` (4 for pretraining,
     1 for finetuning). ``reduce_zero_label``: ADE20K convention, 0 -> 255 (ignore), others -1.
+    ``att_map_stride``: a precomputed attention map is delivered at ``image_size // stride``
+    (the token grid for 16-px patches).
     """
     image_size: tuple[int, int] = (224, 224)
     train: bool = True
@@ -63,6 +65,7 @@ class AugmentConfig:
     eval_crop_pct: float = 1.0
     eval_full_image: bool = False
     reduce_zero_label: bool = False
+    att_map_stride: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -133,13 +136,14 @@ def make_geometry(cfg: AugmentConfig, source_size: tuple[int, int], sample_id: s
 
 
 def apply_geometry(images: Mapping[str, Image.Image], geom: Geometry,
-                   semseg_scale: int = 1) -> dict[str, np.ndarray]:
+                   semseg_scale: int = 1, att_map_stride: int = 16) -> dict[str, np.ndarray]:
     """Crop+resize+flip each modality image with the same geometry.
 
     ``images``: modality -> PIL image; a modality stored at another resolution than the source
     (``geom.source_size``) gets the box scaled to its own pixel grid. Returns numpy arrays:
     rgb ``[H, W, 3]`` uint8, depth ``[H, W]`` (uint16/int32), semseg ``[H/s, W/s]``, mask_valid
-    ``[H, W]``.
+    ``[H, W]``, att_map ``[H/stride, W/stride]`` (bilinear with Pillow's antialiasing: an
+    area average when shrinking).
     """
     top, left, h, w = geom.box
     src_h, src_w = geom.source_size
@@ -150,6 +154,8 @@ def apply_geometry(images: Mapping[str, Image.Image], geom: Geometry,
         out_h, out_w = geom.out_size
         if modality == "semseg":
             out_h, out_w = out_h // semseg_scale, out_w // semseg_scale
+        elif modality == "att_map":
+            out_h, out_w = max(out_h // att_map_stride, 1), max(out_w // att_map_stride, 1)
         resized = image.resize((out_w, out_h), _RESAMPLE[modality], box=pil_box)
         array = np.array(resized)  # a writable copy (torch.from_numpy needs one)
         out[modality] = np.ascontiguousarray(array[:, ::-1]) if geom.flip else array
@@ -160,7 +166,8 @@ def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False
     """Arrays from :func:`apply_geometry` -> batch-ready tensors (see docs/INTERFACES.md).
 
     rgb float32 ``[3, H, W]`` ImageNet-normalised; depth float32 ``[1, H, W]`` = stored / 2**16;
-    semseg int64 ``[h, w]``; mask_valid bool ``[1, H, W]``.
+    semseg int64 ``[h, w]``; mask_valid bool ``[1, H, W]``; att_map float32 ``[h, w]`` in [0, 1]
+    (stored value / 255 for 8-bit, / 65535 for 16-bit maps).
     """
     out: dict[str, torch.Tensor] = {}
     for modality, array in arrays.items():
@@ -179,6 +186,9 @@ def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False
             out["semseg"] = labels
         elif modality == "mask_valid":
             out["mask_valid"] = torch.from_numpy(array > 0)[None]
+        elif modality == "att_map":
+            top = 255.0 if array.dtype == np.uint8 else 65535.0
+            out["att_map"] = torch.from_numpy(array.astype(np.float32) / top)
         else:
             raise KeyError(f"unknown modality {modality!r}")
     return out
