@@ -219,3 +219,23 @@ def test_bf16_autocast_keeps_the_residual_stream_in_float32():
     for name in ref:
         scale = ref[name].abs().max()
         assert (low[name].float() - ref[name]).abs().max() < 0.05 * scale
+
+
+def test_fp32_output_adapters_run_outside_autocast():
+    model = tiny()
+    hidden = random_hidden(2, [N] * 3, K=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        preds, _ = model(inputs(2), task_masks=hidden, fp32_output_adapters=["semseg"])
+    assert preds["semseg"].dtype == torch.float32 and preds["rgb"].dtype == torch.bfloat16
+
+
+def test_sample_tasks_uniformly_keeps_k_visible():
+    masking = pytest.importorskip("multimae_att.masking")
+    if not hasattr(masking, "make_masks"):
+        pytest.skip("multimae_att.masking.make_masks has not landed yet")
+    model = tiny()
+    model.output_adapters = None
+    with torch.no_grad():
+        encoded, masks = model(inputs(6), num_encoded_tokens=10, sample_tasks_uniformly=True)
+    assert encoded.shape == (6, 11, 96)
+    assert sum((1 - m).sum(1) for m in masks.values()).tolist() == [10] * 6
