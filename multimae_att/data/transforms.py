@@ -31,6 +31,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEPTH_SCALE = 2.0 ** 16  # depth tensor = stored 16-bit value / 2**16
 LABEL_MODALITIES = ("semseg", "mask_valid")
+# x / 255 then (x - mean) / std, folded into one multiply-add per pixel: x * _RGB_SCALE + _RGB_SHIFT.
+_RGB_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(3, 1, 1)
+_RGB_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
 _RESAMPLE = {"rgb": Image.BICUBIC, "depth": Image.BILINEAR, "semseg": Image.NEAREST,
              "mask_valid": Image.NEAREST, "att_map": Image.BILINEAR}
 
@@ -172,10 +175,8 @@ def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False
     out: dict[str, torch.Tensor] = {}
     for modality, array in arrays.items():
         if modality == "rgb":
-            x = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            out["rgb"] = (x - mean) / std
+            x = torch.from_numpy(array).permute(2, 0, 1).float()
+            out["rgb"] = torch.addcmul(_RGB_SHIFT, x, _RGB_SCALE).contiguous()
         elif modality == "depth":
             out["depth"] = torch.from_numpy(array.astype(np.float32) / DEPTH_SCALE)[None]
         elif modality == "semseg":
