@@ -239,3 +239,13 @@ def test_sample_tasks_uniformly_keeps_k_visible():
         encoded, masks = model(inputs(6), num_encoded_tokens=10, sample_tasks_uniformly=True)
     assert encoded.shape == (6, 11, 96)
     assert sum((1 - m).sum(1) for m in masks.values()).tolist() == [10] * 6
+
+
+def test_cross_modal_decoders_for_outputs_that_are_not_inputs():
+    model = tiny(in_domains=("rgb",), out_domains=("depth", "semseg"), extra_norm_rgb=False)
+    hidden = {"rgb": random_hidden(2, [N], K=5)["rgb"]}
+    preds, masks = model({"rgb": torch.randn(2, 3, S, S)}, task_masks=hidden)
+    assert preds["depth"].shape == (2, 1, S, S) and preds["semseg"].shape == (2, 133, S // 4, S // 4)
+    sum(p.sum() for p in preds.values()).backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == set()

@@ -242,11 +242,11 @@ class MultiMAE(nn.Module):
                thrown: Optional[Mapping[str, torch.Tensor]] = None,
                fp32_output_adapters: Iterable[str] = ()) -> TensorDict:
         """Run every output adapter; ``thrown[m]`` (bool ``[B, N_m]``) drops those query rows of
-        the decoder whose ``task`` is ``m`` (predictions there are zero)."""
+        the decoder whose ``task`` (or, without one, whose name) is ``m`` (predictions there are zero)."""
         fp32 = set(fp32_output_adapters)
         preds = {}
         for name, adapter in self.output_adapters.items():
-            drop = None if thrown is None else thrown.get(getattr(adapter, "task", name))
+            drop = None if thrown is None else thrown.get(getattr(adapter, "task", None) or name)
             keep = None if drop is None else ~drop.bool()
             kwargs = {"input_info": input_info, "ids_keep": ids_keep}
             if keep is not None:
