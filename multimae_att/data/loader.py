@@ -131,7 +131,7 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
     urls, total = resolve_shards(source)
     resampled = (train and world_size > 1) if resampled is None else resampled
     if samples_per_epoch is None and total is not None:
-        samples_per_epoch = math.ceil(total / world_size) if resampled else total // world_size
+        samples_per_epoch = math.ceil(total / world_size)
     dataset = ShardDataset(urls, modalities, augment, batch_size=batch_size,
                            shuffle_buffer=shuffle_buffer if train else 0, resampled=resampled,
                            samples_per_epoch=samples_per_epoch, shuffle_shards=train, seed=seed,
@@ -148,8 +148,8 @@ def build_loader(source: str | os.PathLike | Sequence[str], modalities: Sequence
 
     Folder layout: a seeded :class:`EpochSampler` split over ranks: in training shuffled and padded
     so every rank runs the same number of batches; in evaluation in order, each sample on exactly
-    one rank. ``drop_last`` defaults to ``train``. Workers are
-    not persistent, so ``set_epoch`` before ``iter(loader)`` reaches them.
+    one rank. ``drop_last`` defaults to ``train``. Workers are not persistent, so ``set_epoch``
+    before ``iter(loader)`` reaches them.
     """
     train = dataset_kwargs.get("train", True)
     drop_last = train if drop_last is None else drop_last
