@@ -1,0 +1,89 @@
+"""Engine parts: berHu / L1 depth loss, layer-wise LR decay groups, RandAugment on samples, configs."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimae_att.finetune.augment import RandAugmentRGB, with_sample_transform
+from multimae_att.finetune.config import load_finetune_config
+from multimae_att.finetune.engine import build_optimizer
+from multimae_att.finetune.tasks import make_task, masked_depth_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_berhu_and_l1_hand_values():
+    pred = torch.tensor([1.0, 2.0, 7.0, 0.0]).view(1, 1, 2, 2)
+    target = torch.tensor([1.5, 2.0, 2.0, 9.0]).view(1, 1, 2, 2)
+    valid = torch.tensor([True, True, True, False]).view(1, 1, 2, 2)
+    # valid |d| = 0.5, 0, 5 -> c = 0.2 * 5 = 1; berHu: 0.5, 0, (25 + 1) / 2 = 13
+    assert masked_depth_loss(pred, target, valid, "berhu").item() == pytest.approx((0.5 + 0 + 13) / 3)
+    assert masked_depth_loss(pred, target, valid, "l1").item() == pytest.approx(5.5 / 3)
+
+
+def test_layer_decay_groups_follow_block_depth():
+    cfg = load_finetune_config(None, ["model.size=tiny", "task.num_classes=4", "optim.layer_decay=0.5",
+                                      "optim.lr=1.0"])
+    model = make_task(cfg).build()
+    optimizer, base_lr = build_optimizer(cfg, model, global_batch=256)
+    scale = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
+    depth = len(model.encoder)   # tiny: 3 blocks -> layers 0 (stem) .. 4 (head)
+    assert base_lr == 1.0
+    assert scale["input_adapters.rgb.proj.weight"] == (0.5 ** (depth + 1), cfg.optim.weight_decay)
+    assert scale["global_tokens"][0] == 0.5 ** (depth + 1) and scale["global_tokens"][1] == 0.0
+    assert scale["encoder.0.attn.qkv.weight"][0] == 0.5 ** depth
+    assert scale[f"encoder.{depth - 1}.mlp.fc1.weight"][0] == 0.5
+    assert scale["output_adapters.cls.head.weight"] == (1.0, cfg.optim.weight_decay)
+    assert scale["output_adapters.cls.head.bias"][1] == 0.0       # 1-d: no weight decay
+    assert "input_adapters.rgb.pos_emb" not in scale              # fixed sin-cos grid
+
+
+def test_randaugment_sample_transform_keeps_layout():
+    class Base(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"rgb": torch.randn(3, 32, 32).clamp(-2, 2), "cls": torch.tensor(i), "sample_id": str(i)}
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    ds = with_sample_transform(Base(), RandAugmentRGB("rand-m9-n3-mstd0.5"))
+    ds.set_epoch(3)                                               # forwarded to the base dataset
+    assert ds.base.epoch == 3 and len(ds) == 2
+    torch.manual_seed(0)
+    import random
+    random.seed(0)
+    sample = ds[1]
+    assert sample["rgb"].shape == (3, 32, 32) and sample["cls"] == 1 and sample["sample_id"] == "1"
+    assert sample["rgb"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_finetune_config_loads(path):
+    if path.name == "synthetic_base.yaml":
+        pytest.skip("shared include")
+    make_task(load_finetune_config(str(path)))
+
+
+def test_multimae_recipes():
+    def load(name):
+        return load_finetune_config(str(REPO / "configs/finetune" / name))
+    c = load("in1k_cls_100e_multimae-b.yaml")
+    assert (c.train.epochs, c.optim.blr, c.optim.layer_decay, c.model.drop_path_rate) == (100, 5e-4, 0.65, 0.1)
+    a = load("ade20k_semseg_64e_multimae-b.yaml")
+    assert (a.train.epochs, a.data.image_size, a.optim.lr, a.optim.layer_decay) == (64, 512, 1e-4, 0.75)
+    assert (a.head_kind(), a.head.embed_dim, a.head.depth, a.task.num_classes) == ("convnext", 6144, 4, 150)
+    assert a.task.reduce_zero_label
+    for suffix, inputs in (("rgb", ["rgb"]), ("depth", ["depth"]), ("rgb-depth", ["rgb", "depth"])):
+        n = load(f"nyuv2_semseg_200e_multimae-b_{suffix}.yaml")
+        assert (n.train.epochs, n.data.image_size, n.task.num_classes) == (200, 640, 40)
+        assert n.model.in_modalities == inputs
+    d = load("nyuv2_depth_2000e_multimae-b.yaml")
+    assert (d.train.epochs, d.data.image_size, d.head_kind(), d.task.loss) == (2000, 256, "dpt", "berhu")
+    assert d.head.hooks == [2, 5, 8, 11] and d.task.mask_valid
