@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from multimae_att.model import (MultiMAE, MultiViT, PatchedInputAdapter, SpatialOutputAdapter, Tokens,
                                 build_2d_sincos_posemb, create_pretrain_model)
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "multimae_b_pretrain_keys.json")
+# Key/shape list of MultiMAE's released ViT-B pretraining checkpoint (copy of the project's reference file).
+REFERENCE = os.path.join(os.path.dirname(__file__), "test_model_reference_keys.json")
 S, P, N = 32, 8, 16  # image size, patch size, tokens per modality (4 x 4 grid)
 MODS = ("rgb", "depth", "semseg")
 
