@@ -141,13 +141,14 @@ def _coerce(value: Any, tp: Any, key: str, root_keys: Sequence[str] = ()) -> Any
                 return None
             raise ConfigError(f"config key '{key}' may not be null (expected {_type_name(tp)})")
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, key, root_keys)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(options) == 1:  # Optional[X]: X's own message says what was expected
+            raise errors[0]
         raise ConfigError(f"config key '{key}': {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):

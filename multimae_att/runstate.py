@@ -37,20 +37,12 @@ __all__ = ["save_atomic", "load_state", "TrainStateStore", "capture_rng", "resto
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    """``torch.save(obj)`` to ``path`` atomically (:func:`multimae_att.checkpoint.save_atomic`:
+    temp file in the same folder, fsync, ``os.replace``); returns the path."""
+    from multimae_att.checkpoint import save_atomic as _save
+
+    _save(obj, path)
+    return Path(path)
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -27,8 +27,7 @@ from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
                                          make_accelerator, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, token_grids
-from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, save_atomic,
-                                   step_seed)
+from multimae_att.runstate import MetricsLogger, TrainStateStore, capture_rng, step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 
 __all__ = ["train", "DataStream", "RunPlan", "plan_run"]
@@ -121,6 +120,7 @@ def train(cfg: PretrainConfig) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_pretrain_loader(cfg, rank, world)
     run = plan_run(cfg, len(loader), world)
+    torch.manual_seed(step_seed(cfg.train.seed, "init"))  # same initial weights in every run
     model = build_model(cfg)
     store = TrainStateStore(out / "checkpoints", keep_last=cfg.train.keep_last)
     state = store.load_latest() if cfg.init.resume else None
@@ -316,5 +316,6 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
 
 def _export(model, cfg: PretrainConfig, step: int, path: Path) -> None:
     """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config'}`` (atomic)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"model": state, "step": step, "config": config_to_dict(cfg)}, path)
+    from multimae_att.checkpoint import export_weights
+
+    export_weights(model, path, "multimae", extra={"step": step, "config": config_to_dict(cfg)})

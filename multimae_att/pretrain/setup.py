@@ -4,7 +4,6 @@ Everything here fails fast with a message naming the config key or file at fault
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from pathlib import Path
@@ -95,46 +94,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _read_checkpoint(path: str) -> dict:
-    """``torch.load(weights_only=True)`` allowing argparse.Namespace (MultiMAE's ``args``)."""
-    try:
-        from multimae_att.checkpoint import load_checkpoint  # the model engineer's safe loader
-        return load_checkpoint(path)
-    except ImportError:
-        pass
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- message names the file
-            raise ConfigError(f"init.checkpoint={path!r} cannot be loaded safely "
-                              f"(weights_only=True): {e}") from e
-
-
 def load_init_checkpoint(model: nn.Module, path: str) -> dict | None:
     """Load ``init.checkpoint`` strictly into ``model``; return its optimizer state (or None).
 
-    A file for another architecture (missing/unexpected keys, other shapes) raises
-    :class:`ConfigError` listing the differences.
+    Safe loading, layout conversion and the strict key/shape check are
+    :mod:`multimae_att.checkpoint`'s (positional grids are resized to ``data.image_size``). A
+    file for another architecture raises :class:`ConfigError` listing the differences.
     """
+    from multimae_att.checkpoint import (CheckpointKeyError, UnsafeCheckpointError,
+                                         load_checkpoint, load_weights, model_state)
+
     if not os.path.isfile(path):
         raise ConfigError(f"init.checkpoint={path!r} does not exist")
-    ckpt = _read_checkpoint(path)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"init.checkpoint={path!r} holds no state dict")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state)
-                    if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                 "shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs model "
-                                                f"{tuple(own[k].shape)}" for k in shapes[:3])
-                 if shapes else ""]
-        raise ConfigError(f"init.checkpoint={path!r} does not match the model of model.* "
-                          f"({'; '.join(p for p in parts if p)})")
-    model.load_state_dict(state, strict=True)
+    try:
+        ckpt = load_checkpoint(path)
+        load_weights(model, model_state(ckpt, source=path))
+    except (CheckpointKeyError, UnsafeCheckpointError, ValueError, TypeError) as e:
+        raise ConfigError(f"init.checkpoint={path!r} does not fit the model of model.* "
+                          f"(size={_size_hint(model)}): {e}") from e
     opt = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
     return opt if isinstance(opt, dict) else None
+
+
+def _size_hint(model: nn.Module) -> str:
+    blocks = getattr(model, "encoder", [])
+    dim = getattr(model, "dim_tokens", "?")
+    return f"{len(blocks)} blocks x {dim}-d, inputs {list(getattr(model, 'input_adapters', {}))}"

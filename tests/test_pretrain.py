@@ -1,0 +1,184 @@
+"""Pretraining runner end to end on tiny synthetic data: every strategy from the CLI, outputs,
+init from a checkpoint, fail-fast errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from multimae_att.config import load_config
+from multimae_att.runstate import MetricsLogger, TrainStateStore
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGY_PARAMS = {"heads": ["masking.params.k=2"]}  # the tiny model has 3 heads
+
+
+def make_synthetic(root: Path) -> Path:
+    subprocess.run([sys.executable, str(REPO / "data_prep" / "make_synthetic.py"), "--out", str(root),
+                    "--num-train", "16", "--num-val", "2", "--size", "48", "--format", "folder"],
+                   check=True, capture_output=True)
+    return root
+
+
+def tiny_config(path: Path, data_root: Path, **sections) -> Path:
+    """A 32-px, 3-block run: 4 tokens per modality, 6 visible of 12."""
+    cfg = {
+        "model": {"size": "tiny", "semseg_num_classes": 10},
+        "data": {"root": str(data_root), "image_size": 32, "batch_size": 4, "num_workers": 0},
+        "masking": {"num_encoded_tokens": 6},
+        "optim": {"lr": 1e-3},
+        "schedule": {"warmup_epochs": 1, "total_epochs": 10, "start_epoch": 0},
+        "train": {"epochs": 1, "max_steps": 2, "cpu": True, "mixed_precision": "no", "save_every": 100},
+        "log": {"every": 1, "pictures_every": 0, "progress": False},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+
+
+def run_cli(*argv: str) -> None:
+    from run_pretrain import main
+    main(list(argv))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _importable_entry_point():
+    sys.path.insert(0, str(REPO))
+    yield
+    sys.path.remove(str(REPO))
+
+
+@pytest.mark.parametrize("attg", [False, True])
+@pytest.mark.parametrize("strategy", ["random", "high", "low", "noisy", "heads", "hint", "amt"])
+def test_every_strategy_runs_from_cli(tmp_path, data_root, strategy, attg):
+    cfg = tiny_config(tmp_path / "c.yaml", data_root)
+    out = tmp_path / "run"
+    run_cli("--config", str(cfg), f"output_dir={out}", f"masking.strategy={strategy}", "data.batch_size=2",
+            f"loss.attg.enabled={str(attg).lower()}", *STRATEGY_PARAMS.get(strategy, []))
+    recs = MetricsLogger.read(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0
+        assert set(r["losses"]) == {"rgb", "norm_rgb", "depth", "semseg"}
+        assert sum(r["visible"].values()) == pytest.approx(6.0)   # exactly K visible per sample
+    assert (out / "final.pth").is_file()
+
+
+def test_outputs_resolved_config_pictures_and_strict_final(tmp_path, data_root):
+    from multimae_att.model import create_pretrain_model
+    from multimae_att.pretrain.config import PretrainConfig
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "c.yaml", data_root,
+                      train={"max_steps": 3, "save_every": 1, "keep_last": 2},
+                      log={"pictures_every": 2}, masking={"adaptive": {"enabled": True}})
+    run_cli("--config", str(cfg), f"output_dir={out}")
+    resolved = load_config(PretrainConfig, out / "config.yaml")
+    assert resolved.output_dir == str(out) and resolved.masking.adaptive.enabled
+    assert [s for s, _ in TrainStateStore(out / "checkpoints").list()] == [2, 3]
+    state = TrainStateStore(out / "checkpoints").load_latest()
+    assert state["step"] == 3 and state["config"]["model"]["size"] == "tiny"
+    assert state["masking"]["adaptive"]["steps"] == 3          # adaptive-budget state is saved
+    assert "alphas" in MetricsLogger.read(out / "metrics.jsonl")[-1]
+    pics = sorted(p.name for p in (out / "pictures").iterdir())
+    assert pics == [f"step_{s:08d}_{m}.png" for s in (2, 3) for m in ("depth", "rgb", "semseg")]
+    final = torch.load(out / "final.pth", weights_only=True)
+    model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
+    model.load_state_dict(final["model"], strict=True)          # MultiMAE layout, all keys
+    assert torch.equal(final["model"]["global_tokens"], state["model"]["global_tokens"])
+
+
+def test_init_checkpoint_is_loaded(tmp_path, data_root):
+    cfg = tiny_config(tmp_path / "c.yaml", data_root)
+    run_cli("--config", str(cfg), f"output_dir={tmp_path / 'a'}", "train.seed=1")
+    # max_steps=0: nothing trains, so the export must equal the init checkpoint bit for bit.
+    run_cli("--config", str(cfg), f"output_dir={tmp_path / 'b'}", "train.max_steps=0",
+            f"init.checkpoint={tmp_path / 'a' / 'final.pth'}")
+    a = torch.load(tmp_path / "a" / "final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _error_text(excinfo, capsys) -> str:
+    code = excinfo.value.code
+    return (code if isinstance(code, str) else "") + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("masking.stratgy=high", "unknown config key 'masking.stratgy' (did you mean 'masking.strategy'?)"),
+    ("masking.strategy=higher", "unknown masking strategy 'higher' (did you mean 'high'?)"),
+    ("train.max_steps=two", "'train.max_steps' expects an integer"),
+    ("data.root=/nonexistent/multimae_data", "data.root='/nonexistent/multimae_data' does not exist"),
+    ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth' does not exist"),
+])
+def test_fail_fast_messages(tmp_path, data_root, capsys, override, needle):
+    cfg = tiny_config(tmp_path / "c.yaml", data_root)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--config", str(cfg), f"output_dir={tmp_path / 'run'}", override)
+    assert needle in _error_text(e, capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()     # failed before any work
+
+
+def test_checkpoint_from_another_architecture_fails_fast(tmp_path, data_root, capsys):
+    from multimae_att.model import create_pretrain_model
+
+    other = create_pretrain_model("tiny", in_domains=("rgb",), out_domains=("rgb",), image_size=32)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    cfg = tiny_config(tmp_path / "c.yaml", data_root)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--config", str(cfg), f"output_dir={tmp_path / 'run'}",
+                f"init.checkpoint={tmp_path / 'other.pth'}")
+    text = _error_text(e, capsys)
+    assert "init.checkpoint=" in text and "missing keys" in text and "input_adapters.depth" in text
+
+
+def test_shipped_configs_resolve():
+    from multimae_att.pretrain.config import PretrainConfig
+
+    files = sorted((REPO / "configs" / "pretrain").rglob("*.yaml"))
+    assert len(files) >= 13
+    base = load_config(PretrainConfig, REPO / "configs/pretrain/multimae-b_continue_100e.yaml")
+    assert (base.model.size, base.masking.num_encoded_tokens, base.optim.blr) == ("base", 98, 1e-4)
+    assert (base.schedule.start_epoch, base.schedule.total_epochs, base.schedule.warmup_epochs) == (1600, 1700, 40)
+    for f in files:
+        cfg = load_config(PretrainConfig, f)
+        if f.parent.name == "ablations":
+            # an ablation differs from the recipe only in what it is about (and its output folder)
+            diff = _diff(json.loads(json.dumps(_asdict(base))), json.loads(json.dumps(_asdict(cfg))))
+            topics = {k.split(".")[0] for k in diff if k != "output_dir"}
+            assert len(topics) == 1, (f.name, diff)
+
+
+def _asdict(cfg):
+    from multimae_att.config import config_to_dict
+    return config_to_dict(cfg)
+
+
+def _diff(a, b, prefix=""):
+    keys = set(a) | set(b)
+    out = []
+    for k in keys:
+        full = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], full + ".")
+        elif a.get(k) != b.get(k):
+            out.append(full)
+    return out
