@@ -164,7 +164,7 @@ def test_shipped_configs_resolve():
             # an ablation differs from the recipe only in what it is about (and its output folder)
             diff = _diff(json.loads(json.dumps(_asdict(base))), json.loads(json.dumps(_asdict(cfg))))
             topics = {k.split(".")[0] for k in diff if k != "output_dir"}
-            assert len(topics) == 1, (f.name, diff)
+            assert len(topics) <= 1, (f.name, diff)   # strategy_high.yaml == the recipe
 
 
 def _asdict(cfg):
