@@ -130,3 +130,15 @@ def test_cross_attention_matches_explicit_softmax():
     probs = (q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1)
     expect = xattn.proj((probs @ v).transpose(1, 2).reshape(2, 5, 32))
     torch.testing.assert_close(xattn(x, ctx), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_mean_readout_in_row_chunks_equals_one_block(monkeypatch):
+    import multimae_att.model.readout as readout
+
+    model = model_with()
+    x = batch()
+    whole = model.attention_scores(x, query="mean", per_head=True)
+    monkeypatch.setattr(readout, "MAX_LOGITS", 3 * 4 * 33 * 5)  # 5 query rows per chunk, uneven tail
+    chunked = model.attention_scores(x, query="mean", per_head=True)
+    for m in whole:
+        torch.testing.assert_close(chunked[m], whole[m], atol=1e-7, rtol=1e-6)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUERIES = ("global", "mean")
+MAX_LOGITS = 1 << 26  # elements of the largest attention block materialised at once (256 MiB fp32)
 
 
 def readout_layer_index(layer: int, depth: int) -> int:
@@ -58,11 +59,17 @@ def readout_attention(blocks: Sequence[nn.Module], z: torch.Tensor, layer: int, 
     b_q = None if b is None else b[:D]
     b_k = None if b is None else b[D:2 * D]
     rows = x[:, T - num_global:] if query == "global" else x
-    q = F.linear(rows, w_q, b_q).reshape(B, -1, h, hd).transpose(1, 2)  # [B, h, R, hd]
-    k = F.linear(x, w_k, b_k).reshape(B, T, h, hd).transpose(1, 2)  # [B, h, T, hd]
-    # Logits and softmax in float32 (autocast off): under bf16 small attention weights would
-    # lose most of their precision, and the masking ranks tokens by them.
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        logits = (q.float() * hd ** -0.5) @ k.float().transpose(-2, -1)  # [B, h, R, T]
-        probs = logits.softmax(dim=-1).mean(dim=2)  # [B, h, T]
-    return probs[:, :, :T - num_global]
+    k = F.linear(x, w_k, b_k).reshape(B, T, h, hd).transpose(1, 2).float()  # [B, h, T, hd]
+    R = rows.shape[1]
+    # 'mean' needs every row: bound the materialised [B, h, rows, T] block (a large GPU batch
+    # would otherwise hold B*h*T*T floats at once); 'global' is a single chunk.
+    step = max(1, MAX_LOGITS // (B * h * T))
+    received = torch.zeros(B, h, T, device=z.device, dtype=torch.float32)
+    for start in range(0, R, step):
+        q = F.linear(rows[:, start:start + step], w_q, b_q)
+        q = q.reshape(B, -1, h, hd).transpose(1, 2).float()  # [B, h, r, hd]
+        # Logits and softmax in float32 (autocast off): under bf16 small attention weights would
+        # lose most of their precision, and the masking ranks tokens by them.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            received += ((q * hd ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1).sum(dim=2)
+    return received[:, :, :T - num_global] / R
