@@ -67,6 +67,20 @@ def test_synthetic_config_runs_end_to_end(task, synthetic_root, tmp_path):
             assert 0.0 <= written[k] <= 100.0
 
 
+def test_init_from_pretraining_checkpoint(synthetic_root, tmp_path, capsys):
+    """``init.checkpoint``: a tiny pretraining export (64 px) initialises a 32 px k-NN encoder."""
+    from multimae_att.checkpoint import export_weights
+    from multimae_att.model import create_pretrain_model
+    torch.manual_seed(1)
+    pretrained = create_pretrain_model("tiny", image_size=64, patch_size=16, semseg_num_classes=10)
+    export_weights(pretrained, tmp_path / "final.pth")
+    init = _run("knn", synthetic_root, tmp_path / "init", f"init.checkpoint={tmp_path / 'final.pth'}")
+    report = capsys.readouterr().out
+    assert "init from" in report and "0 keys start fresh" in report       # the whole encoder loaded
+    assert "input_adapters.semseg" in report and "output_adapters.rgb" in report   # dropped parts
+    assert "knn_top1" in init
+
+
 def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
     """Stop after 2 of 4 steps (mid-epoch: 3 batches per epoch), start again: same weights."""
     straight, split = tmp_path / "straight", tmp_path / "split"

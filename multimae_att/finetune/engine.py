@@ -51,8 +51,10 @@ def make_accelerator(cfg: FinetuneConfig, task: TaskSpec):
 # ---------------------------------------------------------------------------------- data
 
 def _loader_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
+    # semseg as a *target* at full (label) resolution; as an *input* at 1/4, what its adapter expects
+    semseg_scale = 4 if "semseg" in cfg.model.in_modalities else 1
     return dict(image_size=cfg.data.image_size, layout=cfg.data.layout, seed=cfg.train.seed,
-                semseg_scale=1, reduce_zero_label=cfg.task.reduce_zero_label)
+                semseg_scale=semseg_scale, reduce_zero_label=cfg.task.reduce_zero_label)
 
 
 def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: int) -> MultiModalLoader:
