@@ -66,11 +66,15 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
                     extra_safe_globals: Sequence[Any] = ()) -> Any:
     """Load a checkpoint file safely (``weights_only=True`` + allow-list ``SAFE_GLOBALS`` +
-    ``extra_safe_globals``). Raises :class:`UnsafeCheckpointError` naming the file and the
+    ``extra_safe_globals``; ``.safetensors`` files through safetensors). Raises :class:`UnsafeCheckpointError` naming the file and the
     object the unpickler refused; there is no fallback to full unpickling."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):  # timm / Hugging Face releases: tensors only, safe by design
+        from safetensors.torch import load_file  # a dependency of timm
+
+        return load_file(path, device=str(map_location))
     try:
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_safe_globals]):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -174,3 +174,16 @@ def test_save_atomic_replaces_whole_file_and_leaves_no_temp_on_failure(tmp_path)
         save_atomic({"a": lambda: 0}, path)  # lambdas cannot be pickled: the write fails midway
     assert torch.equal(load_checkpoint(path)["a"], torch.arange(3))  # old file intact
     assert os.listdir(path.parent) == ["state.pth"]
+
+
+def test_safetensors_file_in_timm_layout_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny()
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in multimae_to_timm(model.state_dict()).items()}, str(path))
+    rgb_only = MultiViT({"rgb": PatchedInputAdapter(3, 1, P, image_size=S)}, None, dim_tokens=96, depth=3,
+                        num_heads=3)
+    load_weights(rgb_only, path)
+    assert torch.equal(rgb_only.encoder[2].mlp.fc2.weight, model.encoder[2].mlp.fc2.weight)
+    assert torch.equal(rgb_only.global_tokens, model.global_tokens)

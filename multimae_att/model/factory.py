@@ -28,6 +28,7 @@ DECODER_SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
     "large": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
 }
+Adapters = Dict[str, nn.Module]
 SEMSEG_NUM_CLASSES = 133  # COCO panoptic classes of MultiMAE's pseudo labels
 STRIDE = {"rgb": 1, "depth": 1, "semseg": 4}
 CHANNELS = {"rgb": 3, "depth": 1, "norm_rgb": 3}
@@ -69,27 +70,28 @@ def _build(cls: type, size: str, input_adapters: Dict[str, nn.Module],
                **{**ENCODER_SIZES[size], **kwargs})
 
 
-def pretrain_multimae_tiny(input_adapters, output_adapters, **kwargs) -> MultiMAE:
+# MultiMAE's factory names (same signature): the encoder size is fixed, adapters come from the caller.
+def pretrain_multimae_tiny(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiMAE:
     return _build(MultiMAE, "tiny", input_adapters, output_adapters, **kwargs)
 
 
-def pretrain_multimae_base(input_adapters, output_adapters, **kwargs) -> MultiMAE:
+def pretrain_multimae_base(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiMAE:
     return _build(MultiMAE, "base", input_adapters, output_adapters, **kwargs)
 
 
-def pretrain_multimae_large(input_adapters, output_adapters, **kwargs) -> MultiMAE:
+def pretrain_multimae_large(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiMAE:
     return _build(MultiMAE, "large", input_adapters, output_adapters, **kwargs)
 
 
-def multivit_tiny(input_adapters, output_adapters, **kwargs) -> MultiViT:
+def multivit_tiny(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiViT:
     return _build(MultiViT, "tiny", input_adapters, output_adapters, **kwargs)
 
 
-def multivit_base(input_adapters, output_adapters, **kwargs) -> MultiViT:
+def multivit_base(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiViT:
     return _build(MultiViT, "base", input_adapters, output_adapters, **kwargs)
 
 
-def multivit_large(input_adapters, output_adapters, **kwargs) -> MultiViT:
+def multivit_large(input_adapters: Adapters, output_adapters: Optional[Adapters], **kwargs: Any) -> MultiViT:
     return _build(MultiViT, "large", input_adapters, output_adapters, **kwargs)
 
 
