@@ -7,6 +7,7 @@ masks only for batch size 1 (it counts visible tokens over the whole batch), so 
 comparison is per sample against our batched forward.
 """
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -141,3 +142,23 @@ def test_multivit_encoder_matches(up):
     with torch.no_grad():
         for a, b in zip(ours(x, return_all_layers=True), theirs(x, return_all_layers=True)):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"_upstream_{name}", os.path.join(SRC, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layout_conversions_match_upstream_converters(up):
+    from multimae_att.checkpoint import multimae_to_timm, timm_to_multimae
+
+    state = create_pretrain_model("tiny", image_size=S, patch_size=P).state_dict()
+    ref = _load_tool("multimae2vit_converter").multimae_to_vit(state)
+    ours = multimae_to_timm(state)
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    ours["pos_embed"][0, 0] = torch.randn(96)  # a timm release has a non-zero class-token position
+    mine = timm_to_multimae(ours)
+    theirs = _load_tool("vit2multimae_converter").vit_to_multimae({k: v.clone() for k, v in ours.items()})
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
