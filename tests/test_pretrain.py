@@ -182,3 +182,32 @@ def _diff(a, b, prefix=""):
         elif a.get(k) != b.get(k):
             out.append(full)
     return out
+
+
+def test_attention_cache_feeds_the_step(tmp_path, data_root):
+    cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"batch_size": 2},
+                      train={"max_steps": 3})
+    out = tmp_path / "run"
+    run_cli("--config", str(cfg), f"output_dir={out}", "masking.cache.enabled=true",
+            "masking.cache.grid=8", "masking.cache.refresh_every=null")
+    import numpy as np
+    stamps = np.load(out / "attention_cache" / "stamps.npy")    # [R, G, G], -32768 = never written
+    assert (stamps != -32768).any(axis=(1, 2)).sum() >= 6   # 3 steps x 2 samples written
+    assert len(MetricsLogger.read(out / "metrics.jsonl")) == 3
+
+
+def test_attg_from_precomputed_maps(tmp_path, data_root):
+    import shutil
+    from PIL import Image
+
+    root = tmp_path / "with_maps"
+    shutil.copytree(data_root, root)
+    for png in (root / "train" / "rgb").rglob("*.png"):
+        dst = root / "train" / "att_map" / png.parent.name / png.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("L").save(dst)             # any greyscale map will do
+    cfg = tiny_config(tmp_path / "c.yaml", root, data={"batch_size": 2})
+    out = tmp_path / "run"
+    run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=random",
+            "loss.attg.enabled=true", "loss.attg.source=data")
+    assert [r["step"] for r in MetricsLogger.read(out / "metrics.jsonl")] == [1, 2]

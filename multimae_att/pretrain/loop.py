@@ -229,6 +229,9 @@ def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
     for i, m in enumerate(res.plan.hidden):
         key = f"visible/{m}"
         totals[key] = totals.get(key, 0.0) + res.plan.visible[:, i].float().mean() / accum
+        if res.plan.thrown is not None:
+            key = f"thrown/{m}"
+            totals[key] = totals.get(key, 0.0) + res.plan.thrown[m].float().sum(1).mean() / accum
     totals["guided"] = totals.get("guided", 0.0) + res.plan.guided.float().mean() / accum
 
 
@@ -246,12 +249,15 @@ def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[
     rec: dict[str, Any] = {"step": step, "epoch": round(epoch, 6), "lr": lr,
                            "loss": losses["total"],
                            "losses": {k: v for k, v in losses.items()
-                                      if k not in ("total", "guided") and not k.startswith("visible/")},
+                                      if k not in ("total", "guided") and "/" not in k},
                            "visible": {k.split("/", 1)[1]: v for k, v in losses.items()
                                        if k.startswith("visible/")},
                            "guided_fraction": losses["guided"],
                            "skipped_samples": int(stream.loader.skipped.value),
                            "step_time": round(seconds, 4)}
+    thrown = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("thrown/")}
+    if thrown:
+        rec["thrown"] = thrown
     if policy.adaptive is not None:
         rec["alphas"] = [float(a) for a in policy.current_alphas()]
     return rec

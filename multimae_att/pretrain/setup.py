@@ -55,12 +55,16 @@ def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
     check_data_source(cfg)
     d = cfg.data
     mods = list(cfg.model.in_modalities)
+    attg = cfg.loss.attg
+    if attg.enabled and attg.source == "data":
+        mods.append("att_map")  # precomputed maps, cropped with the sample, one value per token
     try:
         return build_loader(d.root, mods, batch_size=d.batch_size, num_workers=d.num_workers,
                             split=d.split, image_size=d.image_size, train=True, layout=d.layout,
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
                             scale=tuple(d.crop_scale), hflip=d.hflip,
-                            samples_per_epoch=d.samples_per_epoch)
+                            samples_per_epoch=d.samples_per_epoch,
+                            att_map_stride=cfg.model.patch_size)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.root={d.root!r}: {e}") from e
 
