@@ -56,7 +56,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -384,3 +384,26 @@ class AttentionCache:
                 f = f / f.mean(dim=1, keepdim=True).clamp_min(1e-12)
             out[m] = s.index_put((index.to(s.device),), f)
         return out
+
+
+@torch.no_grad()
+def refresh_cache(cache: AttentionCache, model: torch.nn.Module, batches: Iterable[Mapping], epoch: int,
+                  inputs_fn: Callable[[Mapping], Mapping[str, torch.Tensor]] | None = None,
+                  token_grids: Mapping[str, tuple[int, int]] | None = None, **score_kwargs) -> int:
+    """Full-image refresh: score every batch with ``model.attention_scores`` and write it.
+
+    ``batches``: batches whose ``crop_box`` is the whole source and ``flip`` False (the data
+    pipeline's evaluation mode with ``AugmentConfig(train=False, eval_full_image=True)``), so
+    one pass fills every cell of every map; run it at the start of each refresh period (each
+    rank over its own share of the samples). ``inputs_fn(batch)`` gives the model inputs
+    (default: the cache's modalities from the batch, on the model's device); ``score_kwargs``
+    go to ``attention_scores`` (``layer``, ``query``). Returns the number of samples written.
+    """
+    device = next(model.parameters()).device
+    written = 0
+    for batch in batches:
+        inputs = inputs_fn(batch) if inputs_fn is not None else {m: batch[m].to(device) for m in cache.modalities}
+        scores = model.attention_scores(inputs, **score_kwargs)
+        written += cache.update(batch, scores, epoch, token_grids=token_grids)
+    cache.flush()
+    return written

@@ -261,3 +261,34 @@ def test_crop_affine_maps_corners():
     torch.testing.assert_close(src[0], torch.tensor([[20 / 200 - 1, 10 / 100 - 1], [70 / 200 - 1, 110 / 100 - 1]]))
     # Sample b is flipped: the crop's left edge is the source's right edge.
     torch.testing.assert_close(src[1], torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+
+
+class _PatternModel(torch.nn.Module):
+    """Stands in for MultiMAE: ``attention_scores`` returns the blob pattern of each crop."""
+
+    def __init__(self, batch_geometry, hw):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.geometry, self.hw = batch_geometry, hw
+
+    def attention_scores(self, inputs, layer=-1):
+        assert set(inputs) == set(MODS) and layer == -1
+        return scores_for(blob, self.geometry, {m: self.hw for m in MODS})
+
+
+def test_refresh_from_full_image_batches_fills_every_map(tmp_path):
+    cache = AttentionCache.create(tmp_path / "c", IDS, MODS, grid=16, refresh_every=10)
+    full = full_batch(IDS, SIZES)
+    full.update({m: torch.zeros(len(IDS), 1) for m in MODS})
+    model = _PatternModel(full, (14, 14))
+    from multimae_att.attention_cache import refresh_cache
+
+    assert refresh_cache(cache, model, [full], epoch=20, layer=-1) == len(IDS)
+    crops = random_crops(np.random.default_rng(5), IDS, SIZES)
+    got, valid = cache.lookup(crops, {"rgb": (14, 14)}, epoch=21)
+    assert valid.all()
+    want = scores_for(blob, crops, {"rgb": (14, 14)})["rgb"]
+    # normalize=True: compare the shapes of the maps (each crop's map over its mean).
+    ratio = got["rgb"] / want
+    assert float((ratio / ratio.mean(1, keepdim=True) - 1).abs().max()) < 0.15
+    assert not cache.lookup(crops, {"rgb": (14, 14)}, epoch=30)[1].any()  # next refresh period

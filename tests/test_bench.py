@@ -7,8 +7,8 @@ from multimae_att.bench import CASES, RATIOS
 from multimae_att.bench.__main__ import main
 
 KEYS = {"random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
-        "ratios", "paired_ratios", "min_ratios", "peak_memory_mib", "data_pipeline_samples_per_s",
-        "mask_generation_samples_per_s", "machine", "preset", "runs", "dtype", "amt_split"}
+        "ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib", "data_pipeline_samples_per_s",
+        "mask_generation_samples_per_s", "machine", "preset", "runs", "dtype", "amt_split", "cache_hit_rate_by_epoch"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,8 @@ def test_amt_split_and_cache_hits(result):
     assert split["thrown"] > 0.3  # throw ratio 0.4, floor per modality
     stats = result["runs"]["fp32"]["cache_stats"]
     assert stats["misses"] == 0 and stats["hits"] > 0  # the cached cases read the cache, never miss
+    hits = result["cache_hit_rate_by_epoch"]
+    assert hits[0] == 0.0 and all(0.0 <= h <= 1.0 for h in hits) and hits[-1] > 0  # empty at first, fills up
 
 
 def test_bad_dtype_is_rejected():

@@ -6,8 +6,10 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
 * top level, for the primary dtype (bf16 where supported, else fp32): the median seconds of
   ``random_step``, ``attention_step``, ``scoring_pass``, ``inference_forward``, ``cached_step``,
   ``amt_step`` (and ``cache_lookup``); ``ratios`` (ratios of medians) and ``paired_ratios``
-  (medians of per-round ratios), ``min_ratios`` (ratios of best-of times); ``peak_memory_mib`` per case; ``data_pipeline_samples_per_s``;
-  ``mask_generation_samples_per_s`` per strategy; ``amt_split``;
+  (medians of per-round ratios), ``min_ratios`` (ratios of best-of times), ``cpu_time_ratios``
+  (ratios of median process-CPU times: the steadiest on a shared CPU); ``peak_memory_mib`` per case; ``data_pipeline_samples_per_s``;
+  ``mask_generation_samples_per_s`` per strategy; ``amt_split``; ``cache_hit_rate_by_epoch``
+  (share of cache hits per epoch of a refresh period filled by crop passes alone);
 * ``runs``: the same block for every dtype measured (``--dtype both`` gives fp32 and bf16),
   with every timing; ``preset``, ``machine``.
 """
@@ -17,7 +19,7 @@ import tempfile
 
 import torch
 
-from multimae_att.bench.cases import BenchCases, data_throughput, mask_throughput
+from multimae_att.bench.cases import BenchCases, cache_hit_rates, data_throughput, mask_throughput
 from multimae_att.bench.presets import PRESETS, Preset
 from multimae_att.bench.timing import PeakMemory, bf16_supported, machine_info, measure, median, paired_ratio
 
@@ -34,7 +36,7 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
     with tempfile.TemporaryDirectory(prefix="mm_bench_cache_") as cache_dir:
         bench = BenchCases(p, device, dtype, cache_dir)
         cases = bench.cases()
-        times = measure(cases, device, warmup, repeats)
+        times, cpu_times = measure(cases, device, warmup, repeats)
         peak = {}
         for name, fn in cases.items():  # after timing: one call each, memory only
             with PeakMemory(device) as mem:
@@ -42,6 +44,7 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
             peak[name] = mem.peak_mib
         block = {"dtype": dtype, "median_s": {n: median(t) for n, t in times.items()},
                  "min_s": {n: min(t) for n, t in times.items()}, "times_s": times,
+                 "cpu_median_s": {n: median(t) for n, t in cpu_times.items()}, "cpu_times_s": cpu_times,
                  "peak_memory_mib": peak, "amt_split": bench.amt_split(), "cache_stats": dict(bench.cache.stats)}
     med = block["median_s"]
     block["ratios"] = {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS}
@@ -49,6 +52,8 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
     # Best-of ratios: interference from other processes only ever adds time, so the minimum is
     # the least disturbed figure on a shared machine.
     block["min_ratios"] = {f"{a}/{b}": block["min_s"][a] / block["min_s"][b] for a, b in RATIOS}
+    cpu = block["cpu_median_s"]
+    block["cpu_time_ratios"] = {f"{a}/{b}": cpu[a] / max(cpu[b], 1e-9) for a, b in RATIOS}
     return block
 
 
@@ -74,9 +79,11 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
     runs = {d: run_dtype(p, device, d, warmup, repeats) for d in dtypes}
     primary = runs[dtypes[0]]
     out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
-    out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "peak_memory_mib", "amt_split")})
+    out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib",
+                                          "amt_split")})
     out["mask_generation_samples_per_s"] = mask_throughput(p, device)
     out["data_pipeline_samples_per_s"] = data_throughput(p)
+    out["cache_hit_rate_by_epoch"] = cache_hit_rates(p, epochs=10, samples=min(256, p.mask_batch))
     out["runs"] = runs
     return out
 
@@ -94,7 +101,8 @@ def format_table(result: dict) -> str:
             run = result["runs"][d]
             row += f"{run['median_s'][case]:>16.4f}{run['peak_memory_mib'][case]:>16.1f}"
         lines.append(row)
-    kinds = (("ratios", "medians"), ("paired_ratios", "paired"), ("min_ratios", "best-of"))
+    kinds = (("ratios", "medians"), ("paired_ratios", "paired"), ("min_ratios", "best-of"),
+             ("cpu_time_ratios", "cpu-time"))
     lines.append(f"{'ratio':<32}" + "".join(f"{d + ' ' + label:>16}" for d in dtypes for _, label in kinds))
     for key in result["ratios"]:
         lines.append(f"{key:<32}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
@@ -102,6 +110,8 @@ def format_table(result: dict) -> str:
     masks = ", ".join(f"{k} {v:,.0f}" for k, v in result["mask_generation_samples_per_s"].items())
     lines.append(f"mask generation samples/s: {masks}")
     lines.append(f"data pipeline samples/s (1 process): {result['data_pipeline_samples_per_s']:.1f}")
+    hits = ", ".join(f"{h:.2f}" for h in result["cache_hit_rate_by_epoch"])
+    lines.append(f"cache hit rate by epoch (crop passes only): {hits}")
     split = result["amt_split"]
     lines.append(f"amt split: visible {split['visible']:.3f}, thrown {split['thrown']:.3f}, hidden {split['hidden']:.3f}")
     return "\n".join(lines)

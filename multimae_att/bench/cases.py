@@ -167,3 +167,35 @@ def data_throughput(p: Preset) -> float:
         samples.append(build_sample(images, None, f"s{i}", cfg, epoch=0))
     collate(samples)
     return p.data_samples / (time.perf_counter() - t0)
+
+
+def cache_hit_rates(p: Preset, epochs: int = 8, samples: int = 256, seed: int = 0) -> list[float]:
+    """Share of samples whose cached map is usable at each epoch of one refresh period, when the
+    cache is filled only by the training step's own crop passes (no full-image refresh pass).
+
+    Geometry only (constant scores): each epoch draws the data pipeline's random-resized crop and
+    flip per sample, looks it up, and writes the missing ones back, as the runner's
+    :class:`~multimae_att.pretrain.step.MaskPlanner` does. Epoch 0 is all misses by definition.
+    """
+    import tempfile
+
+    from multimae_att.data.transforms import AugmentConfig, make_geometry
+
+    cfg = AugmentConfig(image_size=(p.image_size, p.image_size), seed=seed)
+    ids = [f"s{i}" for i in range(samples)]
+    src = p.source_size
+    n = p.grid[0] * p.grid[1]
+    rates = []
+    with tempfile.TemporaryDirectory(prefix="mm_bench_hits_") as d:
+        cache = AttentionCache.create(d, ids, MODALITIES, grid=p.cache_grid, refresh_every=None)
+        for epoch in range(epochs):
+            geoms = [make_geometry(cfg, src, sid, epoch) for sid in ids]
+            batch = {"sample_id": ids, "crop_box": torch.tensor([g.box for g in geoms]),
+                     "flip": torch.tensor([g.flip for g in geoms]),
+                     "source_size": torch.tensor([src] * samples)}
+            _, valid = cache.lookup(batch, {m: p.grid for m in MODALITIES}, epoch)
+            rates.append(float(valid.float().mean()))
+            missing = (~valid).nonzero().squeeze(1)
+            ones = {m: torch.ones(len(missing), n) for m in MODALITIES}
+            cache.update(batch, ones, epoch, index=missing)
+    return rates

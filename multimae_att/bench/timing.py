@@ -23,21 +23,29 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
-            repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of every case: ``warmup`` untimed rounds, then ``repeats`` timed rounds."""
+            repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of every case: ``warmup`` untimed rounds, then
+    ``repeats`` timed rounds, cases interleaved within a round.
+
+    The CPU time (all threads of this process) does not count the time the process waits while
+    other processes run, so on a shared CPU with one torch thread it is far steadier than the
+    wall time; with several threads it also counts their spin-waits.
+    """
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             synchronize(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def median(values: list[float]) -> float:
