@@ -142,7 +142,10 @@ def train(cfg: PretrainConfig) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         if accelerator.log_with:
-            accelerator.init_trackers("tb", config=_flat(config_to_dict(cfg)))
+            # TensorBoard's hparams accept only numbers, strings and booleans.
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in _flat(config_to_dict(cfg)).items()}
+            accelerator.init_trackers("tb", config=hparams)
     logger = MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process,
                            resume_step=step if state is not None else None)
     stream = DataStream(loader, run.batches_per_epoch, step * cfg.optim.accum_steps)
