@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, Linea
 from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, MetricSums,
                                            SegmentationMetrics)
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
+from multimae_att.runstate import step_seed
 
 __all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "build_model"]
 
@@ -169,8 +171,6 @@ class ClassificationTask(TaskSpec):
     def train_batch(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
         if self.mixup is None:
             return batch
-        import numpy as np
-        from multimae_att.runstate import step_seed
         # timm's Mixup draws from numpy's global RNG: seed it per step so a resumed run mixes alike
         np.random.seed(step_seed(self.cfg.train.seed, step, "mixup") % (2 ** 32))
         rgb, soft = self.mixup(batch["rgb"], batch["cls"])
