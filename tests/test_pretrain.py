@@ -211,3 +211,47 @@ def test_attg_from_precomputed_maps(tmp_path, data_root):
     run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=random",
             "loss.attg.enabled=true", "loss.attg.source=data")
     assert [r["step"] for r in MetricsLogger.read(out / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("strategy", ["noisy", "amt", "heads"])
+def test_masks_do_not_depend_on_world_size(data_root, strategy):
+    # The rows a process keeps from the global draw equal the 1-process masks of its samples.
+    from multimae_att.data import build_loader
+    from multimae_att.masking import MaskingPolicy
+    from multimae_att.model import create_pretrain_model
+    from multimae_att.pretrain.step import MaskPlanner
+
+    model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
+    mods = ["rgb", "depth", "semseg"]
+    params = {"k": 2} if strategy == "heads" else {}
+
+    def plan(rank, world, batch_size):
+        loader = build_loader(data_root, mods, batch_size=batch_size, image_size=32, rank=rank,
+                              world_size=world)
+        loader.set_epoch(0)
+        batch = next(iter(loader))
+        tokens = model.embed({m: batch[m] for m in mods})
+        planner = MaskPlanner(MaskingPolicy(strategy, params, prob=0.5), 6, rank=rank, world_size=world)
+        return planner(model, tokens, batch, 0.0, torch.Generator().manual_seed(7))
+
+    full = plan(0, 1, 4)
+    for r in range(2):
+        part = plan(r, 2, 2)
+        for m in mods:
+            assert torch.equal(part.hidden[m], full.hidden[m][r::2])
+            if full.thrown is not None:
+                assert torch.equal(part.thrown[m], full.thrown[m][r::2])
+        assert part.denominators == {m: v / 2 for m, v in full.denominators.items()}
+
+
+def test_logged_lr_follows_the_schedule(tmp_path, data_root):
+    from multimae_att.schedules import cosine_lr
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 3})
+    run_cli("--config", str(cfg), f"output_dir={out}", "optim.lr_scale=10",
+            "schedule.start_epoch=5", "schedule.warmup_epochs=2")
+    spe = 16 // 4   # 16 samples, batch 4, no accumulation
+    for r in MetricsLogger.read(out / "metrics.jsonl"):
+        want = cosine_lr(5 + (r["step"] - 1) / spe, 1e-3 * 10, 0.0, 2, 10)
+        assert r["lr"] == pytest.approx(want)
