@@ -26,7 +26,7 @@ from multimae_att.pretrain.config import PretrainConfig
 from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
                                          make_accelerator, param_groups)
-from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, token_grids
+from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
 from multimae_att.runstate import MetricsLogger, TrainStateStore, capture_rng, step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 
@@ -205,23 +205,11 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
         if pictures:
             save_pictures(Path(cfg.output_dir) / "pictures", step, res.inputs, res.preds,
                           res.plan.hidden, res.plan.thrown, res.plan.scores,
-                          _grids(accelerator.unwrap_model(module).model, res),
+                          input_grids(accelerator.unwrap_model(module).model, res.inputs),
                           cfg.log.pictures_samples)
         if step % cfg.train.save_every == 0 or step == run.total_steps:
             _save(store, step, stream, module, optimizer, policy, cfg, accelerator)
     bar.close()
-
-
-def _grids(model, res) -> dict[str, tuple[int, int]]:
-    """Token grid per modality of a step's inputs."""
-    ref = next(v for k, v in res.inputs.items() if k != "semseg") if any(
-        k != "semseg" for k in res.inputs) else None
-    H, W = ref.shape[-2:] if ref is not None else tuple(4 * s for s in res.inputs["semseg"].shape[-2:])
-    out = {}
-    for m in res.inputs:
-        ph, pw = model.input_adapters[m].patch_size_full
-        out[m] = (H // ph, W // pw)
-    return out
 
 
 def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:

@@ -27,7 +27,8 @@ from multimae_att.losses import LossSpec, multimodal_loss
 from multimae_att.masking import MaskingPolicy
 from multimae_att.model import MultiMAE, Tokens
 
-__all__ = ["model_inputs", "MaskPlan", "MaskPlanner", "PretrainModule", "StepResult", "forward_loss"]
+__all__ = ["model_inputs", "MaskPlan", "MaskPlanner", "PretrainModule", "StepResult", "forward_loss",
+           "token_grids", "input_grids"]
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -126,7 +127,8 @@ class MaskPlanner:
         return MaskPlan(hidden={m: h[rows] for m, h in masks.hidden.items()},
                         thrown=None if masks.thrown is None else {m: t[rows] for m, t in masks.thrown.items()},
                         scores=scores, visible=visible[rows],
-                        guided=masks.guided[rows] if masks.guided is not None else torch.ones(B, dtype=torch.bool),
+                        guided=(masks.guided[rows] if masks.guided is not None
+                                else torch.ones(B, dtype=torch.bool, device=dev)),
                         denominators=denominators)
 
 
@@ -204,17 +206,18 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
         attg_scores = plan.scores
     elif attg == "data":
         inner = module.module if hasattr(module, "module") else module
-        grids = token_grids(inner.model, Tokens({m: inputs[m] for m in plan.hidden},
-                                                 _image_size(inputs)))
-        attg_scores = attg_scores_from_data(batch, grids, device)
+        attg_scores = attg_scores_from_data(batch, input_grids(inner.model, inputs), device)
     loss, parts = multimodal_loss(preds, inputs, plan.hidden, plan.thrown, loss_weights, specs,
                                   attg_scores=attg_scores, tau=tau, denominators=plan.denominators)
     return StepResult(loss, {k: v.detach() for k, v in parts.items()}, plan, preds, inputs)
 
 
-def _image_size(inputs: TensorDict) -> tuple[int, int]:
-    for m in ("rgb", "depth"):
-        if m in inputs:
-            return tuple(inputs[m].shape[-2:])
-    s = inputs["semseg"]
-    return (s.shape[-2] * 4, s.shape[-1] * 4)
+def input_grids(model: MultiMAE, inputs: TensorDict) -> dict[str, tuple[int, int]]:
+    """modality -> (h, w) token grid for raw model inputs (rgb/depth full size, semseg at 1/4)."""
+    ref = next((m for m in inputs if m != "semseg"), None)
+    if ref is not None:
+        H, W = inputs[ref].shape[-2:]
+    else:  # semseg only: its adapter works at 1/stride of the image
+        stride = model.input_adapters["semseg"].stride_level
+        H, W = (stride * n for n in inputs["semseg"].shape[-2:])
+    return token_grids(model, Tokens({m: inputs[m] for m in inputs}, (H, W)))
