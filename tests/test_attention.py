@@ -142,3 +142,20 @@ def test_mean_readout_in_row_chunks_equals_one_block(monkeypatch):
     chunked = model.attention_scores(x, query="mean", per_head=True)
     for m in whole:
         torch.testing.assert_close(chunked[m], whole[m], atol=1e-7, rtol=1e-6)
+
+
+def test_set_fused_attn_switches_every_block_and_keeps_the_function():
+    from multimae_att.model import create_pretrain_model
+
+    model = create_pretrain_model("tiny", image_size=S, patch_size=P).eval()
+    x = {"rgb": torch.randn(2, 3, S, S), "depth": torch.randn(2, 1, S, S),
+         "semseg": torch.randint(0, 133, (2, S // 4, S // 4))}
+    hidden = {m: torch.arange(16).expand(2, 16) >= 3 for m in ("rgb", "depth", "semseg")}
+    with torch.no_grad():
+        fused, _ = model(x, task_masks=hidden)
+        model.set_fused_attn(False)
+        flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+        explicit, _ = model(x, task_masks=hidden)
+    assert len(flags) == 3 + 4 * 3 and not any(flags)  # encoder blocks + per decoder: xattn + 2 blocks
+    for name in fused:
+        torch.testing.assert_close(explicit[name], fused[name], atol=1e-5, rtol=1e-5)

@@ -35,8 +35,9 @@ LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 class CrossAttention(nn.Module):
     """Multi-head cross-attention ``x [B, N, C]`` -> context ``[B, M, C]`` with fused SDPA.
 
-    Names ``q``, ``kv``, ``proj`` as in MultiMAE. ``context_mask`` (bool ``[B, M]``, True =
-    attend) is optional.
+    Names ``q``, ``kv``, ``proj`` as in MultiMAE. ``fused_attn`` (per instance, like timm's
+    ``Attention``) switches to an explicit softmax path, which is faster for bf16 training on
+    CPU; both compute the same function.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -50,6 +51,7 @@ class CrossAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -57,7 +59,12 @@ class CrossAttention(nn.Module):
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # [B, h, N, c]
         k, v = self.kv(context).reshape(B, M, 2, h, C // h).permute(2, 0, 3, 1, 4)  # [B, h, M, c] each
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        p = self.attn_drop if self.training else 0.0
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            probs = ((q * (C // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = F.dropout(probs, p) @ v
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
