@@ -7,6 +7,8 @@ cancels slow drifts in load).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -57,6 +59,15 @@ def paired_ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
     return median([a / b for a, b in zip(times[num], times[den])])
 
 
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) so RSS deltas mean something."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure is only less exact
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -66,8 +77,9 @@ class PeakMemory:
     """Peak memory of a block, in MiB above the level at its start.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's resident
-    set sampled every 2 ms by a thread (approximate: the allocator keeps freed pages, so a block
-    that reuses memory freed by an earlier one reads low; run a case alone for an exact figure).
+    set sampled every 2 ms by a thread, after returning freed heap pages to the OS (approximate:
+    pages the allocator keeps, e.g. in thread caches, are reused without showing up; short
+    peaks between two samples are missed).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -81,6 +93,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         elif os.path.exists("/proc/self/statm"):
+            _release_free_memory()
             self._base = self._peak = _rss_bytes()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
