@@ -90,3 +90,20 @@ def test_undeclared_difference_is_an_error(pretrain_ckpt, tmp_path):
     save_atomic({"model": broken}, tmp_path / "broken.pth")
     with pytest.raises(CheckpointKeyError, match="encoder.0.norm1.weight"):
         load_pretrained(model, tmp_path / "broken.pth", task)
+
+
+def test_semseg_class_embedding_is_padded(tmp_path):
+    """A semseg input adapter with more classes than the checkpoint's keeps the old rows."""
+    source = create_pretrain_model("tiny", image_size=32, patch_size=16, semseg_num_classes=10)
+    export_weights(source, tmp_path / "ten.pth")
+    cfg = load_finetune_config(None, ["task.name=cls", "task.num_classes=8", "model.size=tiny",
+                                      "model.in_modalities=[rgb,semseg]", "model.semseg_num_classes=12",
+                                      "data.image_size=64"])
+    task = make_task(cfg)
+    model = task.build()
+    report = load_pretrained(model, tmp_path / "ten.pth", task)
+    old = source.state_dict()["input_adapters.semseg.class_emb.weight"]
+    new = model.state_dict()["input_adapters.semseg.class_emb.weight"]
+    assert new.shape[0] == 12 and torch.equal(new[:10], old)
+    assert not any(k.startswith("input_adapters.") for k in report.missing)
+    assert {k.split(".")[1] for k in report.unexpected if k.startswith("input_adapters.")} == {"depth"}
