@@ -26,8 +26,8 @@ Usage::
     d = config_to_dict(cfg)                          # plain dict, e.g. for checkpoints
     cfg2 = config_from_dict(Config, d)               # strict inverse
 
-YAML files may include others with a top-level ``base:`` (a path relative to the file, or a
-list of paths, merged in order; the including file wins). Mappings merge key by key, any
+YAML files may include others with a top-level ``base:`` (or ``defaults:``): a path relative to
+the file, or a list of paths, merged in order; the including file wins. Mappings merge key by key, any
 other value (lists included) is replaced whole.
 
 Override values are parsed as YAML scalars/flow collections (``3``, ``1e-4``, ``true``,
@@ -261,9 +261,10 @@ def load_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"cannot parse YAML file {p}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    bases = data.pop("base", None) or data.pop("defaults", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
+    bases: Any = []
+    for key in ("base", "defaults"):  # both spellings: a path or a list of paths
+        value = data.pop(key, None) or []
+        bases += [value] if isinstance(value, str) else list(value)
     merged: dict[str, Any] = {}
     for b in bases:
         merged = _deep_merge(merged, load_yaml(p.parent / b, _seen + (p.resolve(),)))
