@@ -214,8 +214,8 @@ class _Trainer:
         return cosine_lr(step / self.steps_per_epoch, self.base_lr, o.min_lr, o.warmup_epochs,
                          self.cfg.train.epochs)
 
-    def train_step(self, batch: Dict[str, Any]) -> Optional[float]:
-        """One micro-batch; returns the loss when an optimizer step happened, else None."""
+    def train_step(self, batch: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """One micro-batch; returns the (detached) loss when an optimizer step happened, else None."""
         from accelerate.utils import send_to_device
         batch = self.task.train_batch(send_to_device(batch, self.acc.device), self.step)
         with self.acc.accumulate(self.model):
@@ -230,7 +230,7 @@ class _Trainer:
                 _set_lr(self.optimizer, self.lr_at(self.step))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach().item() if self.acc.sync_gradients else None
+        return loss.detach() if self.acc.sync_gradients else None
 
     def run_epoch(self, bar) -> None:
         self.model.train()
@@ -245,10 +245,11 @@ class _Trainer:
                 continue
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.epoch)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=self.epoch)
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                mean_loss = self.acc.reduce(loss.reshape(1), reduction="mean").item()   # over processes
                 self.logger.log({"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1),
-                                 "loss": loss, "step_time": (time.perf_counter() - t0) / self.cfg.log.every})
+                                 "loss": mean_loss, "step_time": (time.perf_counter() - t0) / self.cfg.log.every})
                 t0 = time.perf_counter()
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save_state()
