@@ -45,3 +45,12 @@ def test_bad_dtype_is_rejected():
 
     with pytest.raises(ValueError, match="dtype"):
         run_bench("micro", dtype="fp8")
+
+
+def test_explicit_attention_keeps_a_fused_floor():
+    from multimae_att.bench import run_bench
+
+    result = run_bench("micro", dtype="fp32", warmup=0, repeats=1, attn="explicit")
+    assert result["attn"] == "explicit" and result["inference_forward"] > 0
+    with pytest.raises(ValueError, match="attn"):
+        run_bench("micro", dtype="fp32", warmup=0, repeats=1, attn="flash")

@@ -31,10 +31,11 @@ RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"),
           ("attention_step", "random_step"))
 
 
-def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int) -> dict:
+def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int,
+              attn: str = "fused") -> dict:
     """Every timed case at one dtype: medians, all timings, ratios, peak memory."""
     with tempfile.TemporaryDirectory(prefix="mm_bench_cache_") as cache_dir:
-        bench = BenchCases(p, device, dtype, cache_dir)
+        bench = BenchCases(p, device, dtype, cache_dir, attn=attn)
         cases = bench.cases()
         times, cpu_times = measure(cases, device, warmup, repeats)
         peak = {}
@@ -58,9 +59,10 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
 
 
 def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.device | None = None,
-              warmup: int | None = None, repeats: int | None = None) -> dict:
+              warmup: int | None = None, repeats: int | None = None, attn: str = "fused") -> dict:
     """Run the benchmark; ``dtype`` is ``fp32``, ``bf16``, ``both`` or ``auto`` (bf16 where the
-    device supports it, else fp32). Returns the JSON-ready dict described in the module doc."""
+    device supports it, else fp32); ``attn`` is the attention path of the training steps and
+    the scoring pass (``MultiMAE.set_fused_attn``). Returns the JSON-ready dict of the module doc."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
@@ -75,8 +77,9 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
     repeats = p.repeats if repeats is None else repeats
     if repeats < 1 or warmup < 0:
         raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats}
-    runs = {d: run_dtype(p, device, d, warmup, repeats) for d in dtypes}
+    out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats,
+                 "attn": attn}
+    runs = {d: run_dtype(p, device, d, warmup, repeats, attn) for d in dtypes}
     primary = runs[dtypes[0]]
     out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
     out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib",
@@ -92,7 +95,7 @@ def format_table(result: dict) -> str:
     """Human-readable table: one row per case and dtype, then the ratios."""
     lines = [f"preset {result['preset']['name']}  device {result['machine']['device']}  "
              f"threads {result['machine']['torch_threads']}  torch {result['machine']['torch']}  "
-             f"warmup {result['warmup']}  repeats {result['repeats']}"]
+             f"warmup {result['warmup']}  repeats {result['repeats']}  attn {result['attn']}"]
     dtypes = list(result["runs"])
     lines.append(f"{'case':<20}" + "".join(f"{d + ' median s':>16}{d + ' peak MiB':>16}" for d in dtypes))
     for case in CASES:

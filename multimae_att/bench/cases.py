@@ -9,7 +9,7 @@ with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and Adam
 | ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss, backward, AdamW) |
 | ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
 | ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
-| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor |
+| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused even with ``--attn explicit``) |
 | ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits) |
 | ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
 | ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
@@ -39,10 +39,16 @@ AMT_THROW_RATIO = 0.40
 class BenchCases:
     """Model, optimizer, batch and cache shared by every case (see the module table)."""
 
-    def __init__(self, p: Preset, device: torch.device, dtype: str, cache_dir: str, seed: int = 0) -> None:
+    def __init__(self, p: Preset, device: torch.device, dtype: str, cache_dir: str, seed: int = 0,
+                 attn: str = "fused") -> None:
+        if attn not in ("fused", "explicit"):
+            raise ValueError(f"bench attn must be 'fused' or 'explicit', got {attn!r}")
         torch.manual_seed(seed)
-        self.p, self.device, self.dtype = p, device, dtype
+        self.p, self.device, self.dtype, self.attn = p, device, dtype, attn
         self.model = build_model(p).to(device).train()
+        # Training steps and the scoring pass run with the chosen attention path; the floor
+        # (inference_forward) is always fused.
+        self.model.set_fused_attn(attn == "fused")
         self.module = PretrainModule(self.model)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95))
         self.loss_weights = LossConfig().weights
@@ -86,10 +92,15 @@ class BenchCases:
 
     @torch.no_grad()
     def inference_forward(self) -> torch.Tensor:
-        with self.autocast():
-            z = torch.cat(list(self.tokens.values()), dim=1)
-            g = self.model.global_tokens.expand(z.shape[0], -1, -1).to(z.dtype)
-            return self.model.encoder(torch.cat([z, g], dim=1))
+        if self.attn != "fused":
+            self.model.set_fused_attn(True)
+        try:
+            with self.autocast():
+                z = torch.cat(list(self.tokens.values()), dim=1)
+                g = self.model.global_tokens.expand(z.shape[0], -1, -1).to(z.dtype)
+                return self.model.encoder(torch.cat([z, g], dim=1))
+        finally:
+            self.model.set_fused_attn(self.attn == "fused")
 
     def cases(self) -> dict[str, Callable[[], object]]:
         random, fresh = self.planner("random", False), self.planner("high", False)
