@@ -161,6 +161,11 @@ class FinetuneConfig:
         if self.task.name in ("semseg", "depth") and self.task.name in self.model.in_modalities:
             raise ValueError(f"task {self.task.name!r} predicts {self.task.name}: it cannot also be "
                              f"an input (model.in_modalities={self.model.in_modalities})")
+        allowed = {"cls": ("linear",), "linear_probe": ("linear",), "semseg": ("convnext", "dpt"),
+                   "depth": ("dpt", "convnext"), "knn": ("none",)}[self.task.name]
+        if self.head_kind() not in allowed:
+            raise ValueError(f"head.kind={self.head.kind!r} does not fit task {self.task.name!r}; "
+                             f"choose one of {['auto', *allowed]}")
         depth = ENCODER_SIZES[self.model.size]["depth"]
         if self.head_kind() == "dpt" and (len(self.head.hooks) != 4 or max(self.head.hooks) >= depth):
             raise ValueError(f"head.hooks {self.head.hooks}: need 4 block indices < {depth}, the "
@@ -172,7 +177,7 @@ class FinetuneConfig:
     def head_kind(self) -> str:
         """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""
         if self.task.name == "knn":
-            return "none"
+            return "none" if self.head.kind == "auto" else self.head.kind
         if self.head.kind != "auto":
             return self.head.kind
         return {"cls": "linear", "linear_probe": "linear", "semseg": "convnext", "depth": "dpt"}[self.task.name]
