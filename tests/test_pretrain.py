@@ -255,3 +255,18 @@ def test_logged_lr_follows_the_schedule(tmp_path, data_root):
     for r in MetricsLogger.read(out / "metrics.jsonl"):
         want = cosine_lr(5 + (r["step"] - 1) / spe, 1e-3 * 10, 0.0, 2, 10)
         assert r["lr"] == pytest.approx(want)
+
+
+def test_init_from_training_state_takes_its_optimizer(tmp_path, data_root):
+    cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"batch_size": 2})
+    run_cli("--config", str(cfg), f"output_dir={tmp_path / 'a'}")
+    state_a = TrainStateStore(tmp_path / "a" / "checkpoints").latest()
+    run_cli("--config", str(cfg), f"output_dir={tmp_path / 'b'}", "train.max_steps=1",
+            f"init.checkpoint={state_a}")
+    opt = TrainStateStore(tmp_path / "b" / "checkpoints").load_latest()["optimizer"]
+    # Adam's step counters continue from the 2 steps stored in the init file.
+    assert {float(s["step"]) for s in opt["state"].values()} == {3.0}
+    run_cli("--config", str(cfg), f"output_dir={tmp_path / 'c'}", "train.max_steps=1",
+            f"init.checkpoint={state_a}", "init.load_optimizer=false")
+    opt = TrainStateStore(tmp_path / "c" / "checkpoints").load_latest()["optimizer"]
+    assert {float(s["step"]) for s in opt["state"].values()} == {1.0}
