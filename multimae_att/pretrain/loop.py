@@ -113,6 +113,23 @@ def _policy(cfg: PretrainConfig):
                          adaptive=adaptive, modalities=list(cfg.model.in_modalities))
 
 
+def _check_masking(policy, model, cfg: PretrainConfig) -> None:
+    """Draw masks once on dummy scores so shape-dependent strategy parameters (e.g. ``heads``'
+    ``k`` against the model's head count) fail before training, naming the config keys."""
+    from multimae_att.config import ConfigError
+
+    n = (cfg.data.image_size // cfg.model.patch_size) ** 2
+    heads = model.encoder[0].attn.num_heads
+    shape = (1, heads, n) if policy.per_head else (1, n)
+    scores = {m: torch.rand(shape) for m in cfg.model.in_modalities}
+    try:
+        visible = policy.budgets([n] * len(scores), cfg.masking.num_encoded_tokens, 1)
+        policy(scores, visible, float("inf"), num_tokens={m: n for m in scores})
+    except ValueError as e:
+        raise ConfigError(f"masking.strategy={cfg.masking.strategy!r}, masking.params="
+                          f"{cfg.masking.params}: {e}") from e
+
+
 def train(cfg: PretrainConfig) -> Path:
     """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``."""
     out = Path(cfg.output_dir)
@@ -134,6 +151,7 @@ def train(cfg: PretrainConfig) -> Path:
         _try_load_optimizer(optimizer, init_opt, accelerator)
     module, optimizer = accelerator.prepare(module, optimizer)
     policy = _policy(cfg)
+    _check_masking(policy, model, cfg)
     planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, cfg.masking.score_layer,
                           cfg.masking.score_query, rank, world, _build_cache(cfg, loader, accelerator))
     step = 0
