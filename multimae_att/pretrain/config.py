@@ -215,6 +215,9 @@ class PretrainConfig:
         bad = [k for k in self.loss.weights if k not in ("rgb", "norm_rgb", "depth", "semseg")]
         if bad:
             raise ValueError(f"loss.weights: unknown output modality {bad[0]!r}; outputs: {outputs}")
+        bad = [k for k in self.train.fp32_output_adapters if k not in outputs]
+        if bad:
+            raise ValueError(f"train.fp32_output_adapters: {bad[0]!r} is not an output; outputs: {outputs}")
         total = self.model.num_tokens(self.data.image_size)
         if self.masking.num_encoded_tokens > total:
             raise ValueError(f"masking.num_encoded_tokens={self.masking.num_encoded_tokens} exceeds "
