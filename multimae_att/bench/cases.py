@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
