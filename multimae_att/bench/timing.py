@@ -11,6 +11,7 @@ import ctypes
 import gc
 import os
 import platform
+import random
 import statistics
 import threading
 import time
@@ -27,7 +28,9 @@ def synchronize(device: torch.device) -> None:
 def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, warmup: int,
             repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and process-CPU seconds per call of every case: ``warmup`` untimed rounds, then
-    ``repeats`` timed rounds, cases interleaved within a round.
+    ``repeats`` timed rounds, cases interleaved within a round in a shuffled order (seeded): a
+    case that follows a memory-hungry one runs on cold caches, and a fixed order would charge
+    that to the same case every round.
 
     The CPU time (all threads of this process) does not count the time the process waits while
     other processes run, so on a shared CPU with one torch thread it is far steadier than the
@@ -39,8 +42,12 @@ def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, war
     synchronize(device)
     wall: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in cases.items():
+        shuffle(order)
+        for name in order:
+            fn = cases[name]
             synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
