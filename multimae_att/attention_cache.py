@@ -72,7 +72,8 @@ class AttentionCacheConfig:
     """Settings the runner exposes as ``masking.cache.*`` (defaults off).
 
     ``grid``: G, cells per side of the canonical source grid (memory = R*M*G*G*bytes(dtype) +
-    R*G*G*2 bytes; ImageNet-1K at G=32, float16, 3 modalities: ~9.8 GB on disk, paged on demand).
+    R*G*G*2 bytes; ImageNet-1K at G=32, float16, 3 modalities: ~7.9 GB + 2.6 GB on disk, paged
+    on demand).
     ``refresh_every``: K, all maps expire at multiples of K epochs (None: never).
     ``max_age``: a cell older than this many epochs is stale (None: never).
     """
