@@ -14,10 +14,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     import multimae_att  # noqa: F401  (torchvision guard before timm)
     from multimae_att.config import cli_config
     from multimae_att.finetune.config import FinetuneConfig
-    from multimae_att.finetune.engine import run
+    from multimae_att.finetune.engine import end_distributed, run
 
     cfg = cli_config(FinetuneConfig, argv, description=__doc__)
-    return run(cfg)
+    try:
+        return run(cfg)
+    finally:
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json, sys
 sys.path.insert(0, {repo!r})
 import multimae_att  # noqa: F401
 from multimae_att.finetune.config import load_finetune_config
-from multimae_att.finetune.engine import run
+from multimae_att.finetune.engine import end_distributed, run
 root, out = sys.argv[1], sys.argv[2]
 for task in ("semseg", "knn"):
     # eval only (0 epochs): same seed -> same weights on every process and in both runs;
@@ -22,6 +22,7 @@ for task in ("semseg", "knn"):
         [f"data.root={{root}}", f"output_dir={{out}}/{{task}}", "data.image_size=32",
          "data.batch_size=4", "train.epochs=0", "log.progress=false", "task.few_shot=[1,5]"])
     run(cfg)
+end_distributed()
 """
 
 

@@ -322,6 +322,20 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     return result
 
 
+def end_distributed() -> None:
+    """Destroy the process group (if any) before the interpreter exits.
+
+    Call once per process, after the last :func:`run`: gloo's worker threads still alive at
+    exit abort the process ("terminate called without an active exception"). Not done inside
+    :func:`run`, because Accelerate's process state is a per-process singleton that a later
+    :func:`run` in the same process reuses.
+    """
+    from accelerate.state import PartialState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
+
+
 def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, Any]:
     t, mb = cfg.task, cfg.train.max_eval_batches
     train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
