@@ -276,7 +276,7 @@ class AttentionCache:
         self._check_grids(token_grids)
         rows = self.rows(batch["sample_id"])
         canon, stamps = self._read(rows)  # [B, M, G, G], [B, G, G]
-        theta = crop_affine(batch)
+        theta = crop_affine(batch, device=torch.device("cpu"))  # the maps live on the CPU
         # Freshness travels as one more channel so each token grid needs one grid_sample call.
         maps = torch.cat([canon, self.fresh(stamps, epoch).float()[:, None]], dim=1)
         valid = rows >= 0
@@ -318,7 +318,7 @@ class AttentionCache:
         if not 0 <= epoch < 32767:
             raise ValueError(f"AttentionCache epoch must be in [0, 32767), got {epoch}")
         ids = list(batch["sample_id"])
-        theta = crop_affine(batch)
+        theta = crop_affine(batch, device=torch.device("cpu"))  # the maps live on the CPU
         if index is not None:
             index = torch.as_tensor(index, dtype=torch.int64).cpu()
             ids, theta = [ids[i] for i in index.tolist()], theta[index]
