@@ -1,19 +1,22 @@
-"""Masked reconstruction losses: one implementation, the differences are parameters.
+"""Masked reconstruction losses: one definition, the differences are parameters.
 
-Every loss follows the same three steps:
+Every loss is, per token patch (``H' / h`` x ``W' / w`` pixels of an ``h x w`` token grid, so
+semseg at 1/4 resolution (4 x 4-pixel patches) and rgb at full resolution (16 x 16) use the same
+code), then masked:
 
-1. a per-pixel loss map ``[B, H', W']`` at the prediction's resolution:
-   ``mse`` (mean over channels of the squared error; with ``norm_pix`` the target is first
-   standardised per patch, MAE's "normalised pixels"), ``l1`` (mean absolute error over
-   channels), ``ce`` (cross-entropy over class logits, 0 at ``ignore_index`` pixels);
-2. a per-patch loss ``[B, N]`` = mean over the pixels of each token's patch. A patch spans
-   ``H' / h`` x ``W' / w`` pixels for an ``h x w`` token grid, so semseg at 1/4 resolution
-   (4 x 4-pixel patches) and rgb at full resolution (16 x 16) use the same code;
-3. a masked mean: per sample ``sum_n m w l / sum_n m`` over the patches with ``m = hidden and
+1. a per-patch loss = mean over the patch's pixels of ``mse`` (squared error, mean over
+   channels; with ``norm_pix`` the target is first standardised per patch, MAE's "normalised
+   pixels"), ``l1`` (absolute error) or ``ce`` (cross-entropy over class logits, 0 at
+   ``ignore_index`` pixels);
+2. a masked mean: per sample ``sum_n m w l / sum_n m`` over the patches with ``m = hidden and
    not thrown`` (1 = hidden), with optional per-patch weights ``w`` (AttG), then the mean over
    the samples that have at least one such patch.
 
-Steps 2-3 equal MultiMAE's per-pixel masked means (every patch has the same pixel count), but
+Step 1 is computed only on the counted patches (gathered, padded to the fullest sample) where
+that is cheaper than scoring every pixel (:data:`GATHER_UP_TO`): for ce over many classes and
+norm_pix when few patches count (AMT); both paths give the same values and gradients.
+
+Steps 1-2 equal MultiMAE's per-pixel masked means (every patch has the same pixel count), but
 fold in per-patch weights naturally. AttG (based on "attention-guided loss weighting"):
 ``w = exp(M_norm / tau)``, ``M_norm`` the per-image min-max normalised scores of the token's
 modality, normalised by the number of hidden patches (not by ``sum w``), so emphasising
@@ -30,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossSpec", "DEFAULT_SPECS", "pixel_loss_map", "patch_losses", "masked_mean",
+__all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
            "attg_weights", "masked_loss", "multimodal_loss", "input_modality_of"]
 
 LossKind = Literal["mse", "l1", "ce"]
@@ -71,40 +74,115 @@ def _patch_grid(pred: torch.Tensor, num_patches: int, grid: tuple[int, int] | No
     return h, w
 
 
-def pixel_loss_map(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec,
-                   grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """Per-pixel loss ``[B, H, W]`` in float32.
+def _counted_index(mask: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counted patches of ``mask`` ``[B, N]`` (1 = counted), left-packed per sample.
 
-    ``pred``: ``[B, C, H, W]`` (logits for ``ce``); ``target``: ``[B, C, H, W]`` or, for ``ce``,
-    int64 labels ``[B, H, W]``. ``grid``: the token grid (h, w), needed for ``norm_pix``.
+    Returns ``(patch, valid)``, both ``[B, P]`` with ``P`` = the largest count in the batch:
+    ``patch[b, k]`` = the k-th counted patch of sample b (row-major; padding slots point at
+    patch 0), ``valid`` = the slot holds a real patch. Counts differ per sample and per
+    modality; padding to the batch maximum keeps every later op a dense batched gather (fast on
+    CPU and GPU, one host sync for ``P``) instead of a flat boolean index, whose gathers of
+    small strided patches were several times slower than computing the loss everywhere.
+    """
+    # Stable sort of "not counted" puts the counted patches first, in token order.
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :P]
+    valid = torch.arange(P, device=mask.device) < mask.sum(1, keepdim=True)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _gather_patches(x: torch.Tensor, grid: tuple[int, int], patch: torch.Tensor) -> torch.Tensor:
+    """Pixels of patches ``patch`` ``[B, P]`` of ``x`` ``[B, C, H, W]`` -> ``[B, C, P, ph * pw]``
+    (labels ``[B, H, W]`` -> ``[B, P, ph * pw]``), pixels of a patch in row-major order.
+
+    A gather along the flattened pixel axis reads each channel plane of a sample once (no full
+    patchified copy, no full-size float conversion); its backward is a scatter-add.
+    """
+    H, W = x.shape[-2:]
+    h, w = grid
+    ph, pw = H // h, W // w
+    B, P = patch.shape
+    base = (patch // w) * (ph * W) + (patch % w) * pw                               # [B, P]
+    off = (torch.arange(ph, device=x.device)[:, None] * W
+           + torch.arange(pw, device=x.device)).flatten()                          # [ph * pw]
+    pix = (base[:, :, None] + off).reshape(B, P * ph * pw)
+    if x.dim() == 3:
+        return x.reshape(B, H * W).gather(1, pix).reshape(B, P, ph * pw)
+    C = x.shape[1]
+    return x.reshape(B, C, H * W).gather(2, pix[:, None].expand(B, C, -1)).reshape(B, C, P, ph * pw)
+
+
+def _patch_loss(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """Loss per gathered patch ``[B, P]`` float32 = mean over the patch's pixels and channels.
+
+    ``pred``: ``[B, C, P, p]`` (logits for ``ce``, ``p`` pixels per patch); ``target``: the same
+    or int labels ``[B, P, p]``. ``ce`` pixels at ``ignore_index`` count as 0 in the mean
+    (MultiMAE's per-pixel mean over the patch). ``norm_pix`` standardises each target patch over
+    (C, p) with the unbiased variance, as MAE.
     """
     pred = pred.float()
     if spec.kind == "ce":
-        return F.cross_entropy(pred, target.long(), reduction="none", ignore_index=spec.ignore_index)
-    target = target.float()
+        pix = F.cross_entropy(pred, target.long(), reduction="none", ignore_index=spec.ignore_index)
+        return pix.mean(2)
+    t = target.float()
     if spec.norm_pix:
-        if grid is None:
-            raise ValueError("norm_pix needs the token grid (h, w)")
-        target = _normalise_patches(target, grid)
-    err = (pred - target).square() if spec.kind == "mse" else (pred - target).abs()
-    return err.mean(dim=1)
+        mean = t.mean((1, 3), keepdim=True)
+        var = (t - mean).square().sum((1, 3), keepdim=True) / max(t.shape[1] * t.shape[3] - 1, 1)
+        t = (t - mean) / (var + 1e-6).sqrt()
+    diff = pred - t
+    return (diff.square() if spec.kind == "mse" else diff.abs()).mean((1, 3))
 
 
-def _normalise_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Standardise ``x`` [B, C, H, W] per patch over (C, ph, pw), unbiased variance as MAE."""
-    B, C, H, W = x.shape
+#: Per loss flavour (``ce``, ``norm_pix``, ``mse``, ``l1``): the largest share of counted patches
+#: (in the fullest sample) up to which the loss is computed on the gathered counted patches;
+#: above it every pixel is scored (same values). Measured at ViT-B sizes, 1 CPU thread: the
+#: gather and its scatter-add backward cost about as much per pixel as a plain squared or
+#: absolute error, so plain mse/l1 are always dense (gathering made rgb ~2-3x slower); ce over
+#: 133 classes and norm_pix (a per-patch standardisation) win at AMT's ~45 % counted and break
+#: even or lose at random masking's ~83-90 %.
+GATHER_UP_TO: dict[str, float] = {"ce": 0.7, "norm_pix": 0.7, "mse": 0.0, "l1": 0.0}
+
+
+def _dense_patch_losses(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec,
+                        grid: tuple[int, int]) -> torch.Tensor:
+    """Per-patch losses ``[B, h * w]`` float32 of every patch, via the full per-pixel loss map."""
+    B, C, H, W = pred.shape
     h, w = grid
-    ph, pw = H // h, W // w
-    p = x.reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, -1)
-    p = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt()
-    return p.reshape(B, h, w, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+    pred = pred.float()
+    if spec.kind == "ce":
+        pix = F.cross_entropy(pred, target.long(), reduction="none", ignore_index=spec.ignore_index)
+    else:
+        t = target.float()
+        if spec.norm_pix:  # standardise per patch over (C, ph, pw), unbiased variance as MAE
+            p = t.reshape(B, C, h, H // h, w, W // w).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, -1)
+            p = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt()
+            t = p.reshape(B, h, w, C, H // h, W // w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        pix = ((pred - t).square() if spec.kind == "mse" else (pred - t).abs()).mean(1)
+    return F.avg_pool2d(pix.unsqueeze(1), (H // h, W // w)).reshape(B, h * w)
 
 
-def patch_losses(loss_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, H, W]`` pixel losses -> ``[B, h * w]`` mean per patch (row-major token order)."""
-    B, H, W = loss_map.shape
-    h, w = grid
-    return F.avg_pool2d(loss_map.unsqueeze(1), (H // h, W // w)).reshape(B, h * w)
+def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                         spec: LossSpec, grid: tuple[int, int],
+                         gather_up_to: float | None = None) -> torch.Tensor:
+    """Per-patch losses ``[B, h * w]`` float32, computed only where ``mask`` (1 = counted) is set.
+
+    ``pred``: ``[B, C, H, W]``; ``target``: ``[B, C, H, W]`` or int labels ``[B, H, W]``;
+    ``mask``: bool ``[B, h * w]``. Uncounted patches hold 0 (with zero gradient), so the result
+    equals the per-pixel loss map averaged per patch, on the counted patches. When more than
+    ``gather_up_to`` (default: :data:`GATHER_UP_TO` of the spec's flavour, read at call time)
+    of the patches count in the fullest sample, every pixel is scored instead (same values).
+    """
+    if gather_up_to is None:
+        gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
+    B, N = mask.shape
+    P = int(mask.sum(1).max()) if mask.numel() else 0
+    if P > gather_up_to * N:
+        per_patch = _dense_patch_losses(pred, target, spec, grid)
+        return torch.where(mask, per_patch, torch.zeros_like(per_patch))
+    patch, valid = _counted_index(mask, P)
+    vals = _patch_loss(_gather_patches(pred, grid, patch), _gather_patches(target, grid, patch), spec)
+    # Padding slots go to a spare column N (so no slot collides with a real patch), then dropped.
+    dest = torch.where(valid, patch, torch.full_like(patch, N))
+    return vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
 
 
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
@@ -152,8 +230,8 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, 
     ``denominator``: see :func:`masked_mean`.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
-    per_patch = patch_losses(pixel_loss_map(pred, target, spec, grid), grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
+    per_patch = counted_patch_losses(pred, target, mask, spec, grid)
     return masked_mean(per_patch, mask, weights, denominator)
 
 
