@@ -56,7 +56,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +76,12 @@ class AttentionCacheConfig:
     on demand).
     ``refresh_every``: K, all maps expire at multiples of K epochs (None: never).
     ``max_age``: a cell older than this many epochs is stale (None: never).
+    ``refresh``: where the runner's maps come from. ``full`` (default): a full-image scoring
+    pass over the training split (:func:`refresh_cache`) at the start of each refresh window
+    (every ``refresh_every`` epochs and, with ``max_age``, every ``max_age`` epochs within it),
+    so every lookup hits and nothing is written during training (resume stays bit-exact).
+    ``crops``: no refresh pass; each step's crop pass writes its misses back (fewer hits, no
+    extra pass; a resumed run may see writes made after its saved state, so it is not bit-exact).
     """
 
     enabled: bool = False
@@ -85,6 +91,15 @@ class AttentionCacheConfig:
     normalize: bool = True
     refresh_every: int | None = 40
     max_age: int | None = None
+    refresh: Literal["full", "crops"] = "full"
+
+    def __post_init__(self) -> None:
+        if self.refresh not in ("full", "crops"):
+            raise ValueError(f"masking.cache.refresh must be 'full' or 'crops', got {self.refresh!r}")
+        for name in ("refresh_every", "max_age"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"masking.cache.{name} must be >= 1 or null, got {value}")
 
 
 def _norm_flip(flip: torch.Tensor | Sequence[bool], batch: int, device: torch.device) -> torch.Tensor:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from multimae_att.config import config_to_dict, save_config
 from multimae_att.losses import LossSpec
+from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig
 from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
@@ -82,24 +83,6 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
     return RunPlan(batches_per_epoch, spe, total, gb, sched)
 
 
-def _build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
-    c = cfg.masking.cache
-    if not c.enabled:
-        return None
-    from multimae_att.attention_cache import AttentionCache
-
-    path = Path(c.path or Path(cfg.output_dir) / "attention_cache")
-    if accelerator.is_main_process and not (path / "meta.json").exists():
-        ids = loader.sample_ids()
-        if ids is None:
-            raise ValueError("masking.cache needs the list of sample ids (folder layout or a "
-                             "<split>.keys.txt next to the shard index)")
-        AttentionCache.create(path, ids, cfg.model.in_modalities, grid=c.grid, dtype=c.dtype,
-                              normalize=c.normalize)
-    accelerator.wait_for_everyone()
-    return AttentionCache(path, refresh_every=c.refresh_every, max_age=c.max_age)
-
-
 def _policy(cfg: PretrainConfig):
     from multimae_att.masking import MaskingPolicy
 
@@ -152,11 +135,19 @@ def train(cfg: PretrainConfig) -> Path:
     module, optimizer = accelerator.prepare(module, optimizer)
     policy = _policy(cfg)
     _check_masking(policy, model, cfg)
+    cache = build_cache(cfg, loader, accelerator)
     planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, cfg.masking.score_layer,
-                          cfg.masking.score_query, rank, world, _build_cache(cfg, loader, accelerator))
+                          cfg.masking.score_query, rank, world, cache)
     step = 0
     if state is not None:
         step = _restore(state, module, optimizer, policy, accelerator)
+    refresher = None
+    if cache is not None and cfg.masking.cache.refresh == "full":
+        refresher = CacheRefresher(cfg, cache, accelerator.unwrap_model(module).model, accelerator,
+                                   resumed_step=step if state is not None else None)
+    elif cache is not None and state is not None:
+        accelerator.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
+                          f"the state of step {step}; this resumed run is not bit-exact")
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         if accelerator.log_with:
@@ -167,7 +158,8 @@ def train(cfg: PretrainConfig) -> Path:
     logger = MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process,
                            resume_step=step if state is not None else None)
     stream = DataStream(loader, run.batches_per_epoch, step * cfg.optim.accum_steps)
-    _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator)
+    _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
+          refresher)
     if accelerator.is_main_process and cfg.train.final_export:
         _export(accelerator.unwrap_model(module).model, cfg, run.total_steps, out / "final.pth")
     accelerator.wait_for_everyone()
@@ -175,7 +167,8 @@ def train(cfg: PretrainConfig) -> Path:
     return out
 
 
-def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator):
+def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
+          refresher=None):
     accum, rank, seed = cfg.optim.accum_steps, accelerator.process_index, cfg.train.seed
     attg = cfg.loss.attg.source if cfg.loss.attg.enabled else None
     specs = {"semseg": LossSpec("ce", ignore_index=cfg.loss.semseg_ignore_index)}
@@ -183,6 +176,9 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                disable=not (accelerator.is_main_process and cfg.log.progress))
     device = accelerator.device
     while step < run.total_steps:
+        if refresher is not None:  # full-image cache refresh at the start of a window
+            refresher.maybe_refresh(step, step / run.steps_per_epoch, lambda: _save(
+                store, step, stream, module, optimizer, policy, cfg, accelerator))
         t0 = time.perf_counter()
         lr = run.schedule(step)
         for group in optimizer.param_groups:
@@ -227,6 +223,8 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                           cfg.log.pictures_samples)
         if step % cfg.train.save_every == 0 or step == run.total_steps:
             _save(store, step, stream, module, optimizer, policy, cfg, accelerator)
+            if refresher is not None:
+                refresher.last_saved = step
     bar.close()
 
 

@@ -15,7 +15,8 @@ from torch import nn
 from multimae_att.config import ConfigError
 from multimae_att.pretrain.config import PretrainConfig
 
-__all__ = ["make_accelerator", "check_data_source", "build_pretrain_loader", "build_model",
+__all__ = ["make_accelerator", "check_data_source", "build_pretrain_loader", "build_refresh_loader",
+           "build_model",
            "param_groups", "load_init_checkpoint", "tensorboard_available"]
 
 
@@ -67,6 +68,25 @@ def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
                             att_map_stride=cfg.model.patch_size)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.root={d.root!r}: {e}") from e
+
+
+def build_refresh_loader(cfg: PretrainConfig, rank: int, world_size: int):
+    """Whole training images for the attention cache's full-image refresh (``masking.cache``).
+
+    Evaluation mode with ``eval_full_image``: crop box = the whole source resized to
+    ``data.image_size`` (aspect not kept), no flip, fixed order, no padding, no dropped batch, so
+    ranks ``0..world_size-1`` together visit every sample of the split exactly once.
+    """
+    from multimae_att.data import build_loader
+
+    d = cfg.data
+    try:
+        return build_loader(d.root, list(cfg.model.in_modalities), batch_size=d.batch_size,
+                            num_workers=d.num_workers, split=d.split, image_size=d.image_size,
+                            train=False, eval_full_image=True, drop_last=False, layout=d.layout,
+                            seed=cfg.train.seed, rank=rank, world_size=world_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.root={d.root!r} (attention cache refresh): {e}") from e
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:

@@ -1,0 +1,133 @@
+"""The runner's side of the attention cache (``masking.cache.*``): creation and full-image refreshes.
+
+With ``masking.cache.refresh=full`` (default) the maps come from a full-image scoring pass over
+the training split (:func:`multimae_att.attention_cache.refresh_cache`, an evaluation-mode loader
+with ``eval_full_image=True``: crop box = the whole source, no flip) at the start of every
+refresh window. Every later lookup in that window hits, so training writes nothing to the cache.
+
+Refresh windows (:func:`refresh_point`): epoch ``e`` belongs to the window that starts at
+``K * (e // K) + A * ((e % K) // A)`` (K = ``refresh_every``, A = ``max_age``; a missing one
+drops its term), so a window never outlives either limit and every cell read is fresh.
+
+Exact resume: a refresh is a deterministic function of the weights at the step where it runs
+(no grad, eval mode, fixed loader order and batches). The runner therefore saves a training
+state at that step *before* refreshing (unless one was just saved), and records the finished
+refresh in ``<cache>/refresh.json`` (window, step). A restarted run whose window matches that
+record, with a record step <= its own, reuses the cache (it was written from the same weights
+as in the uninterrupted run); otherwise it refreshes again from its restored weights, which are
+those of the window's start, because the newest state is never older than the newest refresh.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from multimae_att.pretrain.config import PretrainConfig
+
+__all__ = ["build_cache", "refresh_point", "CacheRefresher", "REFRESH_RECORD"]
+
+REFRESH_RECORD = "refresh.json"
+
+
+def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
+    """The run's :class:`AttentionCache` (created by the main process on first use) or None."""
+    c = cfg.masking.cache
+    if not c.enabled:
+        return None
+    from multimae_att.attention_cache import AttentionCache
+
+    path = Path(c.path or Path(cfg.output_dir) / "attention_cache")
+    if accelerator.is_main_process and not (path / "meta.json").exists():
+        ids = loader.sample_ids()
+        if ids is None:
+            raise ValueError("masking.cache needs the list of sample ids (folder layout or a "
+                             "<split>.keys.txt next to the shard index)")
+        AttentionCache.create(path, ids, cfg.model.in_modalities, grid=c.grid, dtype=c.dtype,
+                              normalize=c.normalize)
+    accelerator.wait_for_everyone()
+    return AttentionCache(path, refresh_every=c.refresh_every, max_age=c.max_age)
+
+
+def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[int]) -> int:
+    """First epoch of the refresh window holding ``epoch`` (see the module docstring)."""
+    base, rest = 0, epoch
+    if refresh_every is not None:
+        base, rest = refresh_every * (epoch // refresh_every), epoch % refresh_every
+    if max_age is not None:
+        base += max_age * (rest // max_age)
+    return base
+
+
+class CacheRefresher:
+    """Runs the full-image refresh at the start of each window (``masking.cache.refresh=full``).
+
+    ``maybe_refresh(step, epoch, save_fn)`` is called by every process before each step;
+    ``save_fn()`` saves the training state of ``step`` (all processes call it together).
+    """
+
+    def __init__(self, cfg: PretrainConfig, cache: Any, model: Any, accelerator: Any,
+                 resumed_step: Optional[int]) -> None:
+        self.cfg, self.cache, self.model, self.accelerator = cfg, cache, model, accelerator
+        self.c = cfg.masking.cache
+        self.record_file = Path(cache.path) / REFRESH_RECORD
+        self.done: Optional[int] = None   # window refreshed (or verified) in this process
+        self.resumed_step = resumed_step  # None: a fresh start (never trust an old record)
+        self.last_saved: Optional[int] = resumed_step
+
+    def _record(self) -> Optional[dict]:
+        try:
+            return json.loads(self.record_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def maybe_refresh(self, step: int, epoch: float, save_fn) -> bool:
+        """Refresh if ``epoch`` starts a new window; returns True when a refresh pass ran."""
+        point = refresh_point(int(epoch), self.c.refresh_every, self.c.max_age)
+        if point == self.done:
+            return False
+        if self.done is None and self.resumed_step is not None:
+            rec = self._record()  # every process reads the same file: same decision
+            if rec is not None and rec.get("point") == point and rec.get("step", step + 1) <= step:
+                self.done = point
+                return False
+        if step > 0 and step != self.last_saved:
+            save_fn()  # the weights this refresh uses are now in a training state
+            self.last_saved = step
+        self._refresh(step, int(epoch), point)
+        self.done = point
+        return True
+
+    def _refresh(self, step: int, epoch: int, point: int) -> None:
+        import torch
+
+        from multimae_att.attention_cache import refresh_cache
+        from multimae_att.pretrain.setup import build_refresh_loader
+        from multimae_att.pretrain.step import model_inputs
+
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.record_file.unlink(missing_ok=True)  # an interrupted refresh leaves no record
+        # Each process scores a disjoint share of the samples of its node (the cache directory
+        # is per node, see multimae_att.attention_cache): local rank / local world size.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        loader = build_refresh_loader(self.cfg, acc.local_process_index, local_world)
+        loader.set_epoch(0)
+        mods = list(self.cfg.model.in_modalities)
+        device = acc.device
+
+        def inputs_fn(batch):
+            return model_inputs(batch, mods, self.cfg.data.standardize_depth, device)
+
+        with torch.no_grad(), acc.autocast():  # same precision as the training scoring pass
+            n = refresh_cache(self.cache, self.model, loader, epoch, inputs_fn=inputs_fn,
+                              layer=self.cfg.masking.score_layer, query=self.cfg.masking.score_query)
+        acc.wait_for_everyone()  # every row written before any process reads
+        if acc.is_main_process:
+            tmp = self.record_file.with_name(REFRESH_RECORD + ".tmp")
+            tmp.write_text(json.dumps({"point": point, "step": step, "epoch": epoch}))
+            os.replace(tmp, self.record_file)
+        acc.wait_for_everyone()
+        acc.print(f"attention cache: full-image refresh at step {step} (epoch {epoch}): "
+                  f"{n} samples on process {acc.process_index}")
