@@ -144,20 +144,25 @@ GATHER_UP_TO: dict[str, float] = {"ce": 0.7, "norm_pix": 0.7, "mse": 0.0, "l1": 
 
 def _dense_patch_losses(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec,
                         grid: tuple[int, int]) -> torch.Tensor:
-    """Per-patch losses ``[B, h * w]`` float32 of every patch, via the full per-pixel loss map."""
+    """Per-patch losses ``[B, h * w]`` float32 of every patch, from every pixel.
+
+    Works on the 6-D view ``[B, C, h, ph, w, pw]`` and reduces over (C, ph, pw): patch
+    statistics broadcast back without the patchify/unpatchify copies of the whole image.
+    """
     B, C, H, W = pred.shape
     h, w = grid
+    ph, pw = H // h, W // w
     pred = pred.float()
     if spec.kind == "ce":
         pix = F.cross_entropy(pred, target.long(), reduction="none", ignore_index=spec.ignore_index)
-    else:
-        t = target.float()
-        if spec.norm_pix:  # standardise per patch over (C, ph, pw), unbiased variance as MAE
-            p = t.reshape(B, C, h, H // h, w, W // w).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, -1)
-            p = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt()
-            t = p.reshape(B, h, w, C, H // h, W // w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-        pix = ((pred - t).square() if spec.kind == "mse" else (pred - t).abs()).mean(1)
-    return F.avg_pool2d(pix.unsqueeze(1), (H // h, W // w)).reshape(B, h * w)
+        return pix.reshape(B, h, ph, w, pw).mean((2, 4)).reshape(B, h * w)
+    t = target.float().reshape(B, -1, h, ph, w, pw)
+    if spec.norm_pix:  # standardise per patch over (C, ph, pw), unbiased variance as MAE
+        mean = t.mean((1, 3, 5), keepdim=True)
+        var = (t - mean).square().sum((1, 3, 5), keepdim=True) / max(t.shape[1] * ph * pw - 1, 1)
+        t = (t - mean) / (var + 1e-6).sqrt()
+    diff = pred.reshape(B, C, h, ph, w, pw) - t
+    return (diff.square() if spec.kind == "mse" else diff.abs()).mean((1, 3, 5)).reshape(B, h * w)
 
 
 def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
