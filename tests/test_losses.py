@@ -279,3 +279,9 @@ def test_dense_switch_follows_the_fullest_sample_and_the_flavour(monkeypatch):
     counted_patch_losses(pred, target, mask, LossSpec("l1"), (2, 2))
     counted_patch_losses(pred, target, mask, LossSpec("mse", norm_pix=True), (2, 2))
     assert calls == [1, 1]
+
+
+def test_target_resolution_mismatch_is_named():
+    with pytest.raises(ValueError, match="differ in resolution"):
+        masked_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 4, 4), torch.ones(1, 4, dtype=torch.bool),
+                    LossSpec("mse"), grid=(2, 2))
