@@ -17,7 +17,8 @@ from multimae_att.finetune.engine import end_distributed, run
 root, out = sys.argv[1], sys.argv[2]
 for task in ("semseg", "knn"):
     # eval only (0 epochs): same seed -> same weights on every process and in both runs;
-    # 12 val samples in batches of 4 over 2 processes: Accelerate pads the last round
+    # 12 val samples in batches of 4 over 2 processes: Accelerate pads the last round;
+    # semseg is scored at label resolution (48 px files, 32 px input: eval_mode full)
     cfg = load_finetune_config({repo!r} + f"/configs/finetune/synthetic_{{task}}.yaml",
         [f"data.root={{root}}", f"output_dir={{out}}/{{task}}", "data.image_size=32",
          "data.batch_size=4", "train.epochs=0", "log.progress=false", "task.few_shot=[1,5]"])
@@ -30,7 +31,7 @@ end_distributed()
 def test_two_process_evaluation_matches_one_process(tmp_path):
     root = tmp_path / "data"
     subprocess.run([sys.executable, str(REPO / "data_prep/make_synthetic.py"), "--out", str(root),
-                    "--num-train", "12", "--num-val", "12", "--size", "32", "--format", "folder"],
+                    "--num-train", "12", "--num-val", "12", "--size", "48", "--format", "folder"],
                    check=True, capture_output=True)
     script = tmp_path / "evaluate.py"
     script.write_text(SCRIPT.format(repo=str(REPO)))

@@ -103,7 +103,7 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
                   batch_size: int = 1, semseg_scale: int = 4, reduce_zero_label: bool = False,
                   scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                   hflip: float = 0.5, eval_crop_pct: float = 1.0, eval_full_image: bool = False,
-                  att_map_stride: int = 16,
+                  att_map_stride: int = 16, native_modalities: Sequence[str] = (),
                   shuffle_buffer: int = 1000, resampled: bool | None = None,
                   samples_per_epoch: int | None = None) -> FolderDataset | ShardDataset:
     """A dataset yielding sample dicts (keys/dtypes of docs/INTERFACES.md, without the batch dim).
@@ -120,7 +120,8 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
     augment = AugmentConfig(image_size=size, train=train, scale=tuple(scale), ratio=tuple(ratio),
                             hflip=hflip, semseg_scale=semseg_scale, eval_crop_pct=eval_crop_pct,
                             eval_full_image=eval_full_image, reduce_zero_label=reduce_zero_label,
-                            att_map_stride=att_map_stride, seed=seed)
+                            att_map_stride=att_map_stride, seed=seed,
+                            native_modalities=tuple(native_modalities))
     layout = detect_layout(source, split) if layout == "auto" else layout
     if layout == "folder":
         return FolderDataset(source, split, modalities, augment)
@@ -143,18 +144,20 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
 
 def build_loader(source: str | os.PathLike | Sequence[str], modalities: Sequence[str], *,
                  batch_size: int, num_workers: int = 0, drop_last: bool | None = None,
-                 pin_memory: bool = False, **dataset_kwargs: Any) -> MultiModalLoader:
+                 pin_memory: bool = False, collate_fn: Any = collate,
+                 **dataset_kwargs: Any) -> MultiModalLoader:
     """DataLoader over :func:`build_dataset` (same keyword arguments) yielding batch dicts.
 
     Folder layout: a seeded :class:`EpochSampler` split over ranks: in training shuffled and padded
     so every rank runs the same number of batches; in evaluation in order, each sample on exactly
     one rank. ``drop_last`` defaults to ``train``. Workers are not persistent, so ``set_epoch``
-    before ``iter(loader)`` reaches them.
+    before ``iter(loader)`` reaches them. ``collate_fn``: batch builder (default :func:`collate`;
+    finetuning pads ``*_native`` targets of different sizes).
     """
     train = dataset_kwargs.get("train", True)
     drop_last = train if drop_last is None else drop_last
     dataset = build_dataset(source, modalities, batch_size=batch_size, **dataset_kwargs)
-    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                   pin_memory=pin_memory, drop_last=drop_last, persistent_workers=False)
     if isinstance(dataset, FolderDataset):
         sampler = EpochSampler(len(dataset), shuffle=train, seed=dataset_kwargs.get("seed", 0),

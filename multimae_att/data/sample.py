@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
@@ -67,6 +68,9 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     geom = make_geometry(cfg, (src_h, src_w), sample_id, epoch)
     arrays = apply_geometry(images, geom, cfg.semseg_scale, cfg.att_map_stride)
     sample: dict[str, Any] = to_tensors(arrays, cfg.reduce_zero_label)
+    if not cfg.train and cfg.native_modalities:   # targets at the stored (label) resolution
+        native = {m: np.array(images[m]) for m in cfg.native_modalities if m in images}
+        sample.update({f"{m}_native": t for m, t in to_tensors(native, cfg.reduce_zero_label).items()})
     if cls is not None:
         sample["cls"] = torch.tensor(cls, dtype=torch.int64)
     sample["crop_box"] = torch.tensor(geom.box, dtype=torch.float32)

@@ -57,7 +57,9 @@ class AugmentConfig:
     ``semseg_scale``: semseg is delivered at ``image_size // semseg_scale`` (4 for pretraining,
     1 for finetuning). ``reduce_zero_label``: ADE20K convention, 0 -> 255 (ignore), others -1.
     ``att_map_stride``: a precomputed attention map is delivered at ``image_size // stride``
-    (the token grid for 16-px patches).
+    (the token grid for 16-px patches). ``native_modalities``: in evaluation, these modalities
+    are also delivered untouched at the resolution stored in the file, as ``<modality>_native``
+    (for metrics at label resolution; sizes may differ between samples).
     """
     image_size: tuple[int, int] = (224, 224)
     train: bool = True
@@ -69,6 +71,7 @@ class AugmentConfig:
     eval_full_image: bool = False
     reduce_zero_label: bool = False
     att_map_stride: int = 16
+    native_modalities: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +82,9 @@ class AugmentConfig:
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.eval_crop_pct <= 1):
             raise ValueError(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+        bad = [m for m in self.native_modalities if m not in ("depth", "semseg", "mask_valid")]
+        if bad:
+            raise ValueError(f"native_modalities {bad}: only depth, semseg and mask_valid")
 
 
 def sample_rng(seed: int, epoch: int, sample_id: str) -> np.random.Generator:

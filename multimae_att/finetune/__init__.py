@@ -7,6 +7,8 @@ Entry point: ``python run_finetune.py --config FILE [key=value ...]`` (README "F
 * :mod:`~multimae_att.finetune.heads` -- MultiMAE-compatible ``ConvNeXtAdapter``,
   ``DPTOutputAdapter``, ``LinearOutputAdapter``;
 * :mod:`~multimae_att.finetune.metrics` -- whole-set additive metrics (conventions there);
+* :mod:`~multimae_att.finetune.native` -- evaluation at label resolution (padded targets,
+  per-sample bilinear upsampling);
 * :mod:`~multimae_att.finetune.knn` -- weighted k-NN and few-shot k-NN;
 * :mod:`~multimae_att.finetune.loading` -- checked initialisation from checkpoints;
 * :mod:`~multimae_att.finetune.engine` -- the training / evaluation loop (``run``).

@@ -88,7 +88,11 @@ class DataConfig:
     num_workers: int = 8
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
-    eval_crop_pct: float = 1.0
+    eval_crop_pct: float = 1.0                # center_crop mode: share of the largest centred box
+    # full: whole image resized to image_size x image_size, semseg/depth metrics at the stored
+    # label resolution of each sample (prediction upsampled bilinearly); center_crop: centre crop
+    # at image_size, targets resized with it (nearest); auto: full for semseg/depth, else center_crop
+    eval_mode: Literal["auto", "full", "center_crop"] = "auto"
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
 
 
@@ -173,6 +177,12 @@ class FinetuneConfig:
         if self.task.name == "cls" and (self.task.mixup > 0 or self.task.cutmix > 0) \
                 and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be even for Mixup/CutMix")
+
+    def eval_mode(self) -> str:
+        """The evaluation mode actually used: 'full' or 'center_crop' (see ``data.eval_mode``)."""
+        if self.data.eval_mode != "auto":
+            return self.data.eval_mode
+        return "full" if self.task.name in ("semseg", "depth") else "center_crop"
 
     def head_kind(self) -> str:
         """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""

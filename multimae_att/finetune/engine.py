@@ -29,6 +29,7 @@ from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, bui
 from multimae_att.finetune.augment import with_sample_transform
 from multimae_att.finetune.config import FinetuneConfig
 from multimae_att.finetune.knn import knn_evaluate
+from multimae_att.finetune.native import make_native_collate
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
                                    save_atomic)
@@ -73,11 +74,21 @@ def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: in
 
 
 def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerator):
-    """Deterministic loader over the whole ``split``, sharded and de-duplicated by Accelerate."""
+    """Deterministic loader over the whole ``split``, sharded and de-duplicated by Accelerate.
+
+    ``eval_mode`` full: whole images resized to the input size, the task's targets also at their
+    stored resolution (``*_native``, padded per batch, see :mod:`multimae_att.finetune.native`);
+    center_crop: the centre crop of ``eval_crop_pct`` for inputs and targets alike.
+    """
     d = cfg.data
+    full = cfg.eval_mode() == "full"
+    native = task.native_targets() if full else []
     loader = build_loader(d.root, task.data_modalities(), split=split, train=False,
                           batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers,
-                          drop_last=False, eval_crop_pct=d.eval_crop_pct, **_loader_kwargs(cfg))
+                          drop_last=False, eval_crop_pct=d.eval_crop_pct, eval_full_image=full,
+                          native_modalities=native,
+                          collate_fn=make_native_collate(cfg.task.ignore_index) if native else collate,
+                          **_loader_kwargs(cfg))
     return accelerator.prepare_data_loader(loader)
 
 

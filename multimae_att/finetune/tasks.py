@@ -20,6 +20,7 @@ from multimae_att.finetune.config import FinetuneConfig
 from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter
 from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, MetricSums,
                                            SegmentationMetrics)
+from multimae_att.finetune.native import NATIVE_SUFFIX, upsample_to_native
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
 from multimae_att.runstate import step_seed
 
@@ -95,6 +96,10 @@ class TaskSpec:
 
     # data -----------------------------------------------------------------------------
     def target_modalities(self) -> List[str]:
+        return []
+
+    def native_targets(self) -> List[str]:
+        """Target modalities scored at their stored resolution in ``eval_mode=full``."""
         return []
 
     def data_modalities(self) -> List[str]:
@@ -228,6 +233,9 @@ class SegmentationTask(TaskSpec):
     def target_modalities(self) -> List[str]:
         return ["semseg"]
 
+    def native_targets(self) -> List[str]:
+        return ["semseg"]
+
     def build_head(self) -> nn.Module:
         h, c = self.cfg.head, self.cfg.task.num_classes
         if self.cfg.head_kind() == "dpt":
@@ -244,6 +252,12 @@ class SegmentationTask(TaskSpec):
         return SegmentationMetrics(self.cfg.task.num_classes, self.cfg.task.ignore_index)
 
     def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        """Confusion rows; at label resolution when the batch has ``semseg_native`` (logits
+        upsampled bilinearly per sample before the argmax; padding is ``ignore_index``)."""
+        if "semseg_native" in batch:
+            target = batch["semseg_native"]
+            pred = upsample_to_native(pred, batch["native_size"], target.shape[-2:])
+            return metrics.stats(pred.argmax(1), target)
         return metrics.stats(pred.argmax(1), batch["semseg"])
 
     def best_key(self) -> str:
@@ -262,6 +276,9 @@ class DepthTask(TaskSpec):
     def target_modalities(self) -> List[str]:
         return ["depth", "mask_valid"] if self.cfg.task.mask_valid else ["depth"]
 
+    def native_targets(self) -> List[str]:
+        return self.target_modalities()
+
     def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         return {m: batch[m] for m in self.cfg.model.in_modalities}
 
@@ -274,12 +291,13 @@ class DepthTask(TaskSpec):
                                 hooks=h.hooks, layer_dims=h.layer_dims, feature_dim=h.feature_dim,
                                 head_type="regression")
 
-    def target(self, batch: Dict[str, Any]):
-        """(depth in metres ``[B, 1, H, W]``, valid bool ``[B, 1, H, W]``)."""
-        depth = batch["depth"].float() * self.cfg.task.depth_unit_m
+    def target(self, batch: Dict[str, Any], suffix: str = ""):
+        """(depth in metres ``[B, 1, H, W]``, valid bool ``[B, 1, H, W]``) from ``depth<suffix>``
+        and ``mask_valid<suffix>`` (suffix ``_native``: the padded label-resolution targets)."""
+        depth = batch["depth" + suffix].float() * self.cfg.task.depth_unit_m
         valid = depth > 0
-        if "mask_valid" in batch:
-            valid = valid & batch["mask_valid"].bool()
+        if "mask_valid" + suffix in batch:
+            valid = valid & batch["mask_valid" + suffix].bool()
         return depth, valid
 
     def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
@@ -290,6 +308,12 @@ class DepthTask(TaskSpec):
         return DepthMetrics()
 
     def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+        """Depth sums; at label resolution when the batch has ``depth_native`` (prediction
+        upsampled bilinearly per sample; padding has depth 0, i.e. invalid)."""
+        if "depth_native" in batch:
+            depth, valid = self.target(batch, NATIVE_SUFFIX)
+            pred = upsample_to_native(pred, batch["native_size"], depth.shape[-2:])
+            return metrics.stats(pred, depth, valid)
         depth, valid = self.target(batch)
         return metrics.stats(pred.float(), depth, valid)
 
