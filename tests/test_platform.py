@@ -14,3 +14,38 @@ def test_guard_is_idempotent():
     from multimae_att import _torchvision_guard
 
     assert _torchvision_guard.install() is False  # already done (or not needed) at import
+
+
+def test_guard_does_nothing_where_the_extension_loads():
+    """On a normal install (torchvision's _C loads) the guard must register no schema."""
+    code = (
+        "import sys, torch\n"
+        "import multimae_att._torchvision_guard as g\n"  # importing the submodule runs the package guard
+        "sys.modules.pop('torchvision', None)\n"
+        "g._LIBRARY = None\n"
+        "g._extension_loads = lambda package_dir: True\n"
+        "assert g.install() is False and g._LIBRARY is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_guard_registers_both_schemas_when_the_extension_cannot_load():
+    """Where _C cannot load (CPU torch + CUDA torchvision), nms and qnms get a schema and
+    torchvision's pure-Python parts import; the compiled op itself stays unavailable."""
+    code = (
+        "import torch, multimae_att, torchvision\n"
+        "from multimae_att import _torchvision_guard as g\n"
+        "if g._LIBRARY is None:\n"
+        "    print('extension loads natively'); raise SystemExit(0)\n"
+        "assert hasattr(torch.ops.torchvision, 'nms') and hasattr(torch.ops.torchvision, 'qnms')\n"
+        "try:\n"
+        "    torch.ops.torchvision.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+        "except (NotImplementedError, RuntimeError):\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("ok", "extension loads natively")
