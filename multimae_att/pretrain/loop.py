@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from multimae_att.config import config_to_dict, save_config
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
-from multimae_att.pretrain.config import PretrainConfig
+from multimae_att.pretrain.config import PretrainConfig, check_resume_config
 from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
                                          make_accelerator, param_groups)
@@ -118,12 +118,15 @@ def train(cfg: PretrainConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    store = TrainStateStore(out / "checkpoints", keep_last=cfg.train.keep_last)
+    state = store.load_latest() if cfg.init.resume else None
+    if state is not None:  # before any work: a resumed run must keep its result-changing keys
+        check_resume_config(state.get("config", {}), cfg, str(store.latest()),
+                            print_fn=accelerator.print if accelerator.is_main_process else lambda *_: None)
     loader = build_pretrain_loader(cfg, rank, world)
     run = plan_run(cfg, len(loader), world)
     torch.manual_seed(step_seed(cfg.train.seed, "init"))  # same initial weights in every run
     model = build_model(cfg)
-    store = TrainStateStore(out / "checkpoints", keep_last=cfg.train.keep_last)
-    state = store.load_latest() if cfg.init.resume else None
     init_opt = None
     if state is None and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
