@@ -10,7 +10,7 @@ with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and Adam
 | ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
 | ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
 | ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused even with ``--attn explicit``) |
-| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits) |
+| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a full-image refresh pass, as the runner) |
 | ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
 | ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multimae_att.attention_cache import AttentionCache
+from multimae_att.attention_cache import AttentionCache, refresh_cache
 from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
 from multimae_att.bench.timing import median, synchronize
 from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
@@ -34,6 +34,15 @@ from multimae_att.pretrain.setup import param_groups
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
 
 AMT_THROW_RATIO = 0.40
+
+
+def full_image_batch(batch: dict) -> dict:
+    """``batch`` as the runner's refresh loader yields it: each image is the whole source
+    (``crop_box`` = (0, 0, H, W), no flip). Only the geometry matters for the timing."""
+    src = batch["source_size"].float()
+    zeros = torch.zeros_like(src)
+    return {**batch, "crop_box": torch.cat([zeros, src], dim=1),
+            "flip": torch.zeros_like(batch["flip"], dtype=torch.bool)}
 
 
 class BenchCases:
@@ -61,8 +70,10 @@ class BenchCases:
                                            refresh_every=40)
         with torch.no_grad(), self.autocast():
             self.tokens = self.model.embed(self.inputs)  # fixed tokens for the no-grad cases
-            # Prefill from a scoring pass on the same crops: the timed cached cases are all hits.
-            self.cache.update(self.batch, self.model.attention_scores(self.tokens), epoch=0)
+            # Prefill as the runner does (masking.cache.refresh=full): a full-image refresh pass,
+            # so the timed cached cases (random-resized crops, flips) are all hits.
+            refresh_cache(self.cache, self.model, [full_image_batch(self.batch)], epoch=0,
+                          inputs_fn=lambda b: {m: b[m] for m in MODALITIES})
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "bf16":
