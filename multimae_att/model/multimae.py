@@ -99,7 +99,9 @@ class MultiMAE(nn.Module):
 
         Same function either way. Fused is the fast path on GPUs; for bf16 training on CPU the
         explicit path measured ~20% faster here (CPU flash-attention backward is slow). The
-        scoring pass is unaffected (it reads probabilities only at the readout layer).
+        scoring pass follows the flag in the blocks before its readout layer (they run as
+        ordinary blocks); the readout layer itself always computes its softmax row explicitly,
+        whatever the flag, since it reads the probabilities.
         """
         for module in self.modules():
             if hasattr(module, "fused_attn") and isinstance(getattr(module, "fused_attn"), bool):
