@@ -29,9 +29,10 @@ token map at the canonical cell centres (the inverse affine map) and writes the 
 crop. Maps are written from whatever pass the runner has: a crop pass fills the part of the map
 under that crop (cells within one cell of the crop, so a later read of the same crop is complete);
 a full-image pass (``crop_box`` = the whole source, ``flip`` False) fills it all. A full-image pass
-is the better source (complete coverage, one pass per refresh, as AMT does every 40 epochs), but
-it needs a loader that yields whole images; the crop pass needs nothing new and is what the
-training step already computes, so the cache fills itself during training.
+is the better source (complete coverage, one pass per refresh, as AMT does every 40 epochs): the
+runner runs :func:`refresh_cache` over whole training images at the start of each refresh window
+(``masking.cache.refresh=full``, default; :mod:`multimae_att.pretrain.cache`). With
+``refresh=crops`` it runs no such pass and the training step's own crop passes fill the cache.
 
 Freshness: a cell is fresh at epoch e when it was written at epoch s with ``e - s < max_age``
 (if set) and in the same refresh period, ``s // refresh_every == e // refresh_every`` (if set;
