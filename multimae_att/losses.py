@@ -186,8 +186,9 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
         gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
     mask = mask.bool()
     B, N = mask.shape
-    P = int(mask.sum(1).max()) if mask.numel() else 0
-    if P > gather_up_to * N:
+    # Flavours never gathered skip the count: it is a host sync on a GPU.
+    P = int(mask.sum(1).max()) if mask.numel() and gather_up_to > 0 else N
+    if gather_up_to <= 0 or P > gather_up_to * N:
         per_patch = _dense_patch_losses(pred, target, spec, grid)
         return torch.where(mask, per_patch, torch.zeros_like(per_patch))
     patch, valid = _counted_index(mask, P)
