@@ -15,15 +15,21 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_two_processes_match_one(tmp_path, cache):
     data = make_synthetic(tmp_path / "data")
     # Adam's eps well above the float noise of gradient all-reduce keeps the comparison tight.
+    masking = {"strategy": "noisy"}
+    steps = 3
+    if cache:  # full-image refreshes at steps 0 and 4 (4 steps per epoch), each process its half
+        masking["cache"] = {"enabled": True, "grid": 8, "refresh_every": 1}
+        steps = 5
     cfg = tiny_config(tmp_path / "c.yaml", data, data={"batch_size": 2},
-                      masking={"strategy": "noisy"}, optim={"eps": 1e-4, "clip_grad": 1.0},
-                      train={"max_steps": 3})
+                      masking=masking, optim={"eps": 1e-4, "clip_grad": 1.0},
+                      train={"max_steps": steps, "epochs": 2})
     launch = [sys.executable, "-m", "multimae_att.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517"]
+              "--main_process_port", str(29517 + cache)]
     two, one = tmp_path / "two", tmp_path / "one"
     subprocess.run([*launch, str(REPO / "run_pretrain.py"), "--config", str(cfg), f"output_dir={two}"],
                    check=True, env=ENV, capture_output=True, timeout=300)
@@ -31,7 +37,10 @@ def test_two_processes_match_one(tmp_path):
                     f"output_dir={one}", "data.batch_size=4"],
                    check=True, env=ENV, capture_output=True, timeout=300)
     r1, r2 = MetricsLogger.read(one / "metrics.jsonl"), MetricsLogger.read(two / "metrics.jsonl")
-    assert [r["step"] for r in r2] == [1, 2, 3]
+    assert [r["step"] for r in r2] == list(range(1, steps + 1))
+    if cache:  # the two processes together refreshed every cell of every sample at epoch 1
+        import numpy as np
+        assert (np.load(two / "attention_cache" / "stamps.npy") == 1).all()
     for a, b in zip(r1, r2):
         assert a["lr"] == b["lr"] and a["visible"] == b["visible"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

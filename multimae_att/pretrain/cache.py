@@ -89,6 +89,8 @@ class CacheRefresher:
             return False
         if self.done is None and self.resumed_step is not None:
             rec = self._record()  # every process reads the same file: same decision
+            # No process may touch the record (a refresh unlinks it) before all have read it.
+            self.accelerator.wait_for_everyone()
             if rec is not None and rec.get("point") == point and rec.get("step", step + 1) <= step:
                 self.done = point
                 return False
