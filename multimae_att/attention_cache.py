@@ -63,6 +63,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multimae_att.runstate import write_text_atomic
+
 MISSING = -32768  # stamp of a cell that was never written (int16 minimum)
 _FORMAT_VERSION = 1
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -223,9 +225,8 @@ class AttentionCache:
         (path / "ids.txt").write_text("".join(s + "\n" for s in ids))
         meta = {"version": _FORMAT_VERSION, "modalities": list(modalities), "grid": grid,
                 "dtype": dtype, "normalize": normalize, "num_rows": len(ids)}
-        tmp = path / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(path / "meta.json")  # meta last: a cache without meta.json is incomplete
+        # meta last: a cache without meta.json is incomplete
+        write_text_atomic(path / "meta.json", json.dumps(meta, indent=1))
         return cls(path, **kwargs)
 
     def _arrays(self) -> tuple[np.memmap, np.memmap]:

@@ -334,11 +334,11 @@ def load_config(schema_cls: type[T], path: str | os.PathLike | None = None,
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), loadable again by :func:`load_config`."""
+    from multimae_att.runstate import write_text_atomic  # torch-free at import, as the rest of this module
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    write_text_atomic(p, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- command line

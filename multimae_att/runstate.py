@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_state", "TrainStateStore", "capture_rng", "restore_rng",
+__all__ = ["save_atomic", "write_text_atomic", "load_state", "TrainStateStore", "capture_rng", "restore_rng",
            "step_seed", "MetricsLogger"]
 
 
@@ -43,6 +43,25 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
 
     _save(obj, path)
     return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file next to it (named after the
+    process, so processes never share one), fsync, ``os.replace``; the temporary file is
+    removed when the write fails. Readers see the old file or the complete new one. The file
+    gets the usual permissions (unlike :func:`save_atomic`'s ``mkstemp``). Returns the path."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -177,9 +196,7 @@ class MetricsLogger:
                 continue  # a line cut by a kill
             if rec.get("step", -1) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:

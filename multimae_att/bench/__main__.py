@@ -10,6 +10,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import multimae_att  # noqa: E402,F401  (torchvision guard before timm)
+from multimae_att.runstate import write_text_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        write_text_atomic(args.out, json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -32,7 +32,7 @@ from multimae_att.finetune.knn import knn_evaluate
 from multimae_att.finetune.native import make_native_collate
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
-                                   save_atomic)
+                                   save_atomic, write_text_atomic)
 from multimae_att.schedules import cosine_lr, scaled_lr
 
 __all__ = ["run", "evaluate", "extract_features", "build_optimizer", "make_accelerator"]
@@ -326,9 +326,7 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
         metrics = _knn(cfg, task, model.to(accelerator.device), accelerator)
     result = {"task": cfg.task.name, **metrics}
     if accelerator.is_main_process:
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-        tmp.replace(out / "metrics.json")
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     accelerator.wait_for_everyone()
     return result
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from multimae_att.pretrain.config import PretrainConfig
+from multimae_att.runstate import write_text_atomic
 
 __all__ = ["build_cache", "refresh_point", "CacheRefresher", "REFRESH_RECORD"]
 
@@ -127,9 +128,7 @@ class CacheRefresher:
                               layer=self.cfg.masking.score_layer, query=self.cfg.masking.score_query)
         acc.wait_for_everyone()  # every row written before any process reads
         if acc.is_main_process:
-            tmp = self.record_file.with_name(REFRESH_RECORD + ".tmp")
-            tmp.write_text(json.dumps({"point": point, "step": step, "epoch": epoch}))
-            os.replace(tmp, self.record_file)
+            write_text_atomic(self.record_file, json.dumps({"point": point, "step": step, "epoch": epoch}))
         acc.wait_for_everyone()
         acc.print(f"attention cache: full-image refresh at step {step} (epoch {epoch}): "
                   f"{n} samples on process {acc.process_index}")
