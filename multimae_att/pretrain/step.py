@@ -213,11 +213,9 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
 
 
 def input_grids(model: MultiMAE, inputs: TensorDict) -> dict[str, tuple[int, int]]:
-    """modality -> (h, w) token grid for raw model inputs (rgb/depth full size, semseg at 1/4)."""
-    ref = next((m for m in inputs if m != "semseg"), None)
-    if ref is not None:
-        H, W = inputs[ref].shape[-2:]
-    else:  # semseg only: its adapter works at 1/stride of the image
-        stride = model.input_adapters["semseg"].stride_level
-        H, W = (stride * n for n in inputs["semseg"].shape[-2:])
-    return token_grids(model, Tokens({m: inputs[m] for m in inputs}, (H, W)))
+    """modality -> (h, w) token grid for raw model inputs (rgb/depth full size, semseg at 1/4).
+
+    The image size comes from any input through its adapter's stride, as in ``model.embed``.
+    """
+    m = next(iter(inputs))
+    return token_grids(model, Tokens(dict(inputs), model.input_adapters[m].full_image_size(inputs[m])))
