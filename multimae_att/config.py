@@ -120,10 +120,6 @@ def config_keys(schema_cls: type, prefix: str = "") -> list[str]:
 # --------------------------------------------------------------------------- conversion
 
 
-def _is_optional(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
-
-
 def _coerce(value: Any, tp: Any, key: str, root_keys: Sequence[str] = ()) -> Any:
     """Convert a YAML/CLI value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
     if tp is Any:
