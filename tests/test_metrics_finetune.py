@@ -6,7 +6,7 @@ import torch
 
 from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics,
                                            SegmentationMetrics, classification_stats,
-                                           depth_stats, segmentation_stats)
+                                           segmentation_stats)
 
 
 def test_topk_hand_values():
