@@ -238,8 +238,8 @@ class MultiMAE(nn.Module):
             parts.append(mask)
         not_visible = torch.cat(parts, dim=1)
         counts = (~not_visible).sum(dim=1)
-        k = int(counts[0])
-        if bool((counts != k).any()):
+        k, k_max = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync, not two
+        if k != k_max:
             raise ValueError(f"every sample needs the same number of visible tokens, got {counts.tolist()}")
         # Stable sort on the 0/1 mask: visible positions first, in canonical order. No per-sample loop.
         return torch.argsort(not_visible.to(torch.int8), dim=1, stable=True)[:, :k]
