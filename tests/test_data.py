@@ -19,7 +19,7 @@ from multimae_att.data.transforms import AugmentConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_prep(name: str):
+def load_prep(name: str):
     """Import a data_prep script as a module (data_prep is not a package, by design)."""
     sys.path.insert(0, str(REPO / "data_prep"))
     spec = importlib.util.spec_from_file_location(name, REPO / "data_prep" / f"{name}.py")
@@ -31,7 +31,7 @@ def _load_prep(name: str):
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("syn")
-    _load_prep("make_synthetic").main(["--out", str(out), "--num-train", "12", "--num-val", "4",
+    load_prep("make_synthetic").main(["--out", str(out), "--num-train", "12", "--num-val", "4",
                                        "--size", "48", "--shard-size", "5"])
     return out
 
@@ -56,7 +56,7 @@ def _coordinate_dataset(root: Path, n: int = 4, h: int = 40, w: int = 56) -> Non
 
 
 def test_synthetic_is_deterministic_and_consistent(synthetic, tmp_path):
-    ms = _load_prep("make_synthetic")
+    ms = load_prep("make_synthetic")
     assert (synthetic / ".complete").is_file()
     rgb_a, depth_a, sem_a, cls_a = ms.make_scene(0, "train", 3, 48)
     rgb_b, depth_b, sem_b, cls_b = ms.make_scene(0, "train", 3, 48)
@@ -153,7 +153,7 @@ def test_reduce_zero_label(tmp_path):
 
 
 def test_depth_16bit_preserved_in_both_layouts(tmp_path):
-    ss = _load_prep("shard_writer")
+    ss = load_prep("shard_writer")
     rng = np.random.default_rng(1)
     depth = rng.integers(256, 65535, (24, 24)).astype(np.uint16)  # needs all 16 bits
     _save(tmp_path / "train/depth/c/a.png", depth)
@@ -248,7 +248,7 @@ def _write_tar(path: Path, members: dict[str, bytes]) -> None:
 
 
 def test_corrupt_samples_skipped_and_counted(synthetic, tmp_path):
-    ss = _load_prep("shard_writer")
+    ss = load_prep("shard_writer")
     rgb = ss.encode_png(np.zeros((16, 16, 3), np.uint8))
     depth = ss.encode_png(np.full((16, 16), 3000, np.uint16))
     members = {}

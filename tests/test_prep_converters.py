@@ -1,9 +1,7 @@
 """data_prep/prepare_ade20k.py and data_prep/imagenet_to_shards.py on tiny fake trees."""
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,15 +12,7 @@ from PIL import Image
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    sys.path.insert(0, str(REPO / "data_prep"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_data import load_prep
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -50,7 +40,7 @@ def test_ade20k_pairs_by_stem_and_keeps_labels(tmp_path, capsys):
             labels[stem] = rng.integers(0, 151, (20, 28)).astype(np.uint8)
             (root / "annotations" / folder / f"{stem}.png").write_bytes(_png(labels[stem]))
     (root / "images/training/ADE_training_orphan.jpg").write_bytes(_jpg(9))
-    _script("prepare_ade20k").main(["--root", str(root), "--out", str(tmp_path / "out")])
+    load_prep("prepare_ade20k").main(["--root", str(root), "--out", str(tmp_path / "out")])
     assert "1 stems have no semseg file" in capsys.readouterr().out
     out = tmp_path / "out"
     assert sorted(p.stem for p in (out / "train/rgb/data").iterdir()) == [f"ADE_training_{i:08d}" for i in range(3)]
@@ -89,7 +79,7 @@ def test_imagenet_to_shards_pairs_folders_and_tars(tmp_path, capsys):
             (pseudo / m / "n01" / f"n01_{i}.png").write_bytes(data)
     _tar(pseudo / "depth/n02.tar", {f"n02/n02_{i}.png": _png(depths[f"n02_{i}"]) for i in range(3)})
     _tar(pseudo / "semseg/n02.tar", {f"n02/n02_{i}.png": _png(np.full((20, 28), 7, np.uint8)) for i in (0, 2)})
-    _script("imagenet_to_shards").main(["--imagenet", str(inet), "--pseudo-labels", str(pseudo),
+    load_prep("imagenet_to_shards").main(["--imagenet", str(inet), "--pseudo-labels", str(pseudo),
                                         "--out", str(tmp_path / "out"), "--shard-size", "2"])
     assert "1 stems have no semseg file, e.g. ['n02_1']" in capsys.readouterr().out
     assert (tmp_path / "out/classes.txt").read_text().split() == ["n01", "n02"]
@@ -107,5 +97,5 @@ def test_imagenet_missing_pseudo_labels_is_an_error(tmp_path):
     (tmp_path / "inet/train/n01").mkdir(parents=True)
     (tmp_path / "inet/train/n01/a.JPEG").write_bytes(_jpg(0))
     with pytest.raises(FileNotFoundError, match="depth"):
-        _script("imagenet_to_shards").main(["--imagenet", str(tmp_path / "inet"), "--pseudo-labels",
+        load_prep("imagenet_to_shards").main(["--imagenet", str(tmp_path / "inet"), "--pseudo-labels",
                                             str(tmp_path / "none"), "--out", str(tmp_path / "out")])

@@ -1,7 +1,6 @@
 """data_prep/prepare_nyuv2.py on synthetic .mat files with NYU's key names and MATLAB axis order."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import torch
 from PIL import Image
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
+
+from test_data import load_prep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,11 +46,7 @@ def _args(tmp: Path, *extra: str) -> list[str]:
 
 def _run(tmp: Path, *extra: str) -> None:
     """In-process (a subprocess would re-import torch); the command line is tested once below."""
-    sys.path.insert(0, str(REPO / "data_prep"))
-    spec = importlib.util.spec_from_file_location("prepare_nyuv2", REPO / "data_prep/prepare_nyuv2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(_args(tmp, *extra))
+    load_prep("prepare_nyuv2").main(_args(tmp, *extra))
 
 
 def test_orientation_values_and_layouts(tmp_path):
