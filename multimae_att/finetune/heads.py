@@ -24,12 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from multimae_att.model.pos_emb import pair
+
 __all__ = ["ConvNeXtBlock", "ConvNeXtAdapter", "DPTOutputAdapter", "LinearOutputAdapter",
            "select_task_tokens", "fill_dpt_aliases"]
-
-
-def _pair(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -201,7 +199,7 @@ class DPTOutputAdapter(nn.Module):
             raise ValueError(f"DPTOutputAdapter: need 4 hooks and 4 layer_dims, got {hooks}, {layer_dims}")
         self.num_channels = num_classes
         self.stride_level = stride_level
-        self.patch_size = _pair(patch_size)
+        self.patch_size = pair(patch_size)
         self.main_tasks = tuple(main_tasks)
         self.hooks = list(hooks)
         self.layer_dims = list(layer_dims)
