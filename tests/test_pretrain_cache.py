@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +11,9 @@ import torch
 
 from multimae_att.attention_cache import MISSING, AttentionCache
 from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point
-from multimae_att.runstate import MetricsLogger
-from test_pretrain import REPO, make_synthetic, tiny_config
+from test_pretrain import make_synthetic, tiny_config
+from test_resume import ENV, comparable_metrics, kill_once_logged, pretrain_command
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 12  # 16 samples, 2 per micro-batch, 2 micro-batches per step: 4 steps per epoch
 
 
@@ -48,14 +43,6 @@ def _config(tmp_path: Path, data_root: Path, **masking) -> Path:
                        train={"max_steps": STEPS, "epochs": 10, "save_every": 3, "keep_last": 10})
 
 
-def _command(cfg: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "run_pretrain.py"), "--config", str(cfg), f"output_dir={out}", *extra]
-
-
-def _comparable(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "step_time"} for r in MetricsLogger.read(out / "metrics.jsonl")]
-
-
 def _same_weights(a: Path, b: Path) -> bool:
     wa = torch.load(a / "final.pth", weights_only=True)["model"]
     wb = torch.load(b / "final.pth", weights_only=True)["model"]
@@ -67,7 +54,7 @@ def reference(tmp_path_factory, data_root) -> tuple[Path, Path]:
     """One uninterrupted 12-step run with a refresh every epoch (steps 0, 4, 8)."""
     tmp = tmp_path_factory.mktemp("ref")
     cfg = _config(tmp, data_root)
-    subprocess.run(_command(cfg, tmp / "ref"), check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(pretrain_command(cfg, tmp / "ref"), check=True, env=ENV, capture_output=True, timeout=300)
     return cfg, tmp / "ref"
 
 
@@ -100,18 +87,9 @@ def test_full_refresh_fills_every_sample_and_every_lookup_hits(reference, data_r
 def test_sigkill_then_restart_equals_uninterrupted_with_cache(tmp_path, reference):
     cfg, ref = reference
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_command(cfg, cut), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:   # kill once step 5 is logged
-        log = cut / "metrics.jsonl"
-        if log.exists() and any(r["step"] >= 5 for r in _safe_read(log)):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    subprocess.run(_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
-    assert _comparable(cut) == _comparable(ref)
+    kill_once_logged(pretrain_command(cfg, cut), cut, step=5)
+    subprocess.run(pretrain_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
+    assert comparable_metrics(cut) == comparable_metrics(ref)
     assert _same_weights(cut, ref)
 
 
@@ -121,22 +99,12 @@ def test_cache_newer_than_the_state_is_refreshed_again(tmp_path, reference):
     # uninterrupted run did at step 4, and then match it exactly.
     cfg, ref = reference
     cut = tmp_path / "cut"
-    subprocess.run(_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
+    subprocess.run(pretrain_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
     for p in (cut / "checkpoints").iterdir():
         if int(p.stem.split("_")[1]) > 4:
             p.unlink()
     (cut / "final.pth").unlink()
     assert json.loads((cut / "attention_cache" / REFRESH_RECORD).read_text())["step"] == 8
-    subprocess.run(_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
-    assert _comparable(cut) == _comparable(ref)
+    subprocess.run(pretrain_command(cfg, cut), check=True, env=ENV, capture_output=True, timeout=300)
+    assert comparable_metrics(cut) == comparable_metrics(ref)
     assert _same_weights(cut, ref)
-
-
-def _safe_read(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return out
