@@ -10,6 +10,7 @@ latest state and produces the same later losses and final weights as an uninterr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -87,13 +88,10 @@ def _policy(cfg: PretrainConfig):
     from multimae_att.masking import MaskingPolicy
 
     m = cfg.masking
-    ad = m.adaptive
-    adaptive = None if not ad.enabled else dict(
-        momentum=ad.momentum, strength=ad.strength, min_alpha=ad.min_alpha,
-        max_alpha=ad.max_alpha, relative_to_initial=ad.relative_to_initial)
+    # MaskingPolicy reads the adaptive section as is ('enabled': false turns it off).
     return MaskingPolicy(m.strategy, m.params, warmup_epochs=m.warmup_epochs, prob=m.prob,
                          alphas=m.alphas, sample_tasks_uniformly=m.sample_tasks_uniformly,
-                         adaptive=adaptive, modalities=list(cfg.model.in_modalities))
+                         adaptive=dataclasses.asdict(m.adaptive), modalities=list(cfg.model.in_modalities))
 
 
 def _check_masking(policy, model, cfg: PretrainConfig) -> None:
