@@ -77,8 +77,9 @@ def shares_to_counts(shares: Tensor, num_tokens: Sequence[int] | Tensor, K: int)
     remainder, as in the module docstring. Raises if ``K`` is outside ``[0, sum N_m]``.
     """
     B, M = shares.shape
-    n = torch.as_tensor(num_tokens, dtype=torch.float64, device=shares.device)
-    total_n = int(n.sum().item())
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)  # where given (a list: CPU)
+    total_n = int(n.sum())  # read before the move: no host sync when shares live on a GPU
+    n = n.to(shares.device)
     if not 0 <= K <= total_n:
         raise ValueError(f"K={K} visible tokens is outside [0, {total_n}] (sum of num_tokens)")
     s = shares.to(torch.float64).clamp_min(0)
