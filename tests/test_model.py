@@ -154,9 +154,6 @@ def test_mask_inputs_false_keeps_canonical_order_and_all_tokens():
 
 
 def test_num_encoded_tokens_none_means_all_tokens():
-    masking = pytest.importorskip("multimae_att.masking")
-    if not hasattr(masking, "make_masks"):
-        pytest.skip("multimae_att.masking.make_masks has not landed yet")
     model = tiny()
     model.output_adapters = None
     with torch.no_grad():
@@ -166,9 +163,6 @@ def test_num_encoded_tokens_none_means_all_tokens():
 
 
 def test_random_masks_have_exactly_k_visible_per_sample():
-    masking = pytest.importorskip("multimae_att.masking")
-    if not hasattr(masking, "make_masks"):
-        pytest.skip("multimae_att.masking.make_masks has not landed yet")
     model = tiny()
     with torch.no_grad():
         preds, masks = model(inputs(5), num_encoded_tokens=9, alphas=0.5)
@@ -231,9 +225,6 @@ def test_fp32_output_adapters_run_outside_autocast():
 
 
 def test_sample_tasks_uniformly_keeps_k_visible():
-    masking = pytest.importorskip("multimae_att.masking")
-    if not hasattr(masking, "make_masks"):
-        pytest.skip("multimae_att.masking.make_masks has not landed yet")
     model = tiny()
     model.output_adapters = None
     with torch.no_grad():
