@@ -1,0 +1,117 @@
+"""data_prep/export_attention_maps.py: one map per sample, read back by the loader equal to the
+model's full-image attention scores (brute-force reference), folders and shards; AttG pretraining
+with ``loss.attg.source=data`` runs on the exported maps."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimae_att.checkpoint import export_weights
+from multimae_att.data import build_loader, robust_standardize_depth
+from multimae_att.model import create_pretrain_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "data_prep" / "export_attention_maps.py"
+MODS = ["rgb", "depth", "semseg"]
+SIZE = 64          # source and model resolution: a 4 x 4 token grid with 16-px patches
+STEP = 1 / 65535   # 16-bit quantisation of the stored map
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *argv], check=True, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic data (folders + shards), a tiny model and its export."""
+    tmp = tmp_path_factory.mktemp("attmaps")
+    _run(str(REPO / "data_prep" / "make_synthetic.py"), "--out", str(tmp / "data"), "--num-train", "8",
+         "--num-val", "4", "--size", str(SIZE), "--format", "both")
+    torch.manual_seed(1)
+    model = create_pretrain_model("tiny", image_size=SIZE, semseg_num_classes=10).eval()
+    export_weights(model, tmp / "ck.pth")
+    return tmp, model
+
+
+def reference_maps(model, root, layout: str) -> dict[str, torch.Tensor]:
+    """sample id -> [4, 4] map: mean over modalities of attention_scores on the full image,
+    min-max normalised, token i at (row i // 4, col i % 4) — computed here, not by the script."""
+    loader = build_loader(root, MODS, batch_size=3, split="train", image_size=SIZE, train=False,
+                          eval_full_image=True, drop_last=False, layout=layout, att_map_stride=16)
+    loader.set_epoch(0)
+    out = {}
+    with torch.no_grad():
+        for batch in loader:
+            x = {"rgb": batch["rgb"], "depth": robust_standardize_depth(batch["depth"]),
+                 "semseg": batch["semseg"]}
+            scores = model.attention_scores(x, layer=-1, query="global")
+            mean = sum(scores[m] for m in MODS) / len(MODS)                  # [B, 16]
+            for sid, row in zip(batch["sample_id"], mean):
+                grid = torch.zeros(4, 4)
+                for i in range(16):                                          # brute force, no reshape
+                    grid[i // 4, i % 4] = row[i]
+                out[sid] = (grid - grid.min()) / (grid.max() - grid.min())
+    return out
+
+
+def delivered_maps(root, layout: str, train: bool = False, image_size: int = SIZE) -> dict[str, torch.Tensor]:
+    loader = build_loader(root, MODS + ["att_map"], batch_size=3, split="train", image_size=image_size,
+                          train=train, eval_full_image=not train, drop_last=False, layout=layout,
+                          att_map_stride=16)
+    loader.set_epoch(0)
+    return {sid: m for batch in loader for sid, m in zip(batch["sample_id"], batch["att_map"])}
+
+
+def check_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want) and len(got) == 8               # one map per sample id
+    for sid, ref in want.items():
+        assert got[sid].shape == (4, 4)
+        assert torch.allclose(got[sid], ref, atol=STEP, rtol=0), sid
+    # The comparison can fail: transposed maps or maps of another sample are far off.
+    ids = sorted(want)
+    assert any((got[s] - want[s].T).abs().max() > 0.05 for s in ids)
+    assert any((got[a] - want[b]).abs().max() > 0.05 for a, b in zip(ids, ids[1:] + ids[:1]))
+
+
+def test_folder_maps_equal_attention_scores(setup):
+    tmp, model = setup
+    root = tmp / "data"
+    out = _run(str(SCRIPT), "--data", str(root), "--checkpoint", str(tmp / "ck.pth"),
+               "--image-size", str(SIZE), "--batch-size", "3", "--format", "folder")
+    assert "wrote 8 attention maps" in out.stdout
+    files = sorted((root / "train" / "att_map").glob("*/*.png"))
+    assert len(files) == 8
+    for f in files:   # same class folder as the rgb file of that stem (pairing by stem)
+        assert (root / "train" / "rgb" / f.parent.name / f.name).is_file()
+    check_equal(delivered_maps(root, "folder"), reference_maps(model, root, "folder"))
+    # Training loads crop/flip the map with the sample: every sample still gets one, in [0, 1].
+    train = delivered_maps(root, "folder", train=True, image_size=96)
+    assert len(train) == 8 and all(m.shape == (6, 6) and 0 <= m.min() <= m.max() <= 1 for m in train.values())
+
+
+def test_shard_maps_equal_attention_scores(setup):
+    tmp, model = setup
+    out = tmp / "with_maps"
+    _run(str(SCRIPT), "--data", str(tmp / "data"), "--checkpoint", str(tmp / "ck.pth"),
+         "--image-size", str(SIZE), "--format", "shards", "--out", str(out), "--model-size", "tiny")
+    assert (out / "shards" / "train.json").is_file() and (out / "shards" / "train.keys.txt").is_file()
+    check_equal(delivered_maps(out, "shards"), reference_maps(model, tmp / "data", "shards"))
+
+
+def test_pretrain_runs_on_exported_maps(setup, tmp_path):
+    tmp, _ = setup
+    root = tmp / "data"
+    if not (root / "train" / "att_map").is_dir():   # the folder test normally wrote them already
+        _run(str(SCRIPT), "--data", str(root), "--checkpoint", str(tmp / "ck.pth"), "--image-size", str(SIZE))
+    run = tmp_path / "run"
+    _run(str(REPO / "run_pretrain.py"), "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"),
+         f"data.root={root}", "data.batch_size=4", "data.layout=folder", "loss.attg.enabled=true",
+         "loss.attg.source=data", "train.max_steps=2", f"output_dir={run}", "log.progress=false",
+         "log.pictures_every=0", "log.every=1")
+    assert (run / "final.pth").is_file() and (run / "metrics.jsonl").is_file()
