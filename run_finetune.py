@@ -12,13 +12,15 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     import multimae_att  # noqa: F401  (torchvision guard before timm)
-    from multimae_att.config import cli_config
+    from multimae_att.config import ConfigError, cli_config
     from multimae_att.finetune.config import FinetuneConfig
     from multimae_att.finetune.engine import end_distributed, run
 
     cfg = cli_config(FinetuneConfig, argv, description=__doc__)
     try:
         return run(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     finally:
         end_distributed()
 

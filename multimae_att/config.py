@@ -46,6 +46,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import fnmatch
 import os
 import types
 import typing
@@ -69,6 +70,9 @@ __all__ = [
     "config_keys",
     "cli_config",
     "add_config_args",
+    "flatten_config",
+    "resume_config_changes",
+    "check_resume_config",
 ]
 
 
@@ -363,3 +367,69 @@ def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None,
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         parser.exit(0)
     return cfg
+
+
+# --------------------------------------------------------------------------- resume checks
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def flatten_config(d: Mapping[str, Any], whole: Sequence[str] = (), prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; mapping values whose dotted key matches a glob in
+    ``whole`` stay one value (e.g. a free-form params dict compares as a whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and not _matches(key, whole):
+            out.update(flatten_config(v, whole, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], harmless: Sequence[str],
+                          blocking: Sequence[str] = (), quiet_missing: Sequence[str] = (),
+                          whole: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Compare a saved run's config dict with the resuming run's (both from :func:`config_to_dict`).
+
+    A differing key is harmless when it matches a glob of ``harmless`` and none of ``blocking``
+    (``blocking`` carves exceptions out of ``harmless``); every other differing key blocks, so a
+    key nobody classified errs on the safe side. A key on one side only (an older or newer
+    schema) is a note, or nothing when it matches ``quiet_missing``. Returns ``(blocking, notes)``,
+    sorted lines ``key: old -> new`` (``key: not in ...`` for one-sided keys).
+    """
+    old, new = flatten_config(saved, whole), flatten_config(now, whole)
+    stop, notes = [], []
+    for key in sorted(set(old) | set(new)):
+        if key not in old or key not in new:
+            if not _matches(key, quiet_missing):
+                side = "the saved state" if key not in old else "this version's schema"
+                notes.append(f"{key}: not in {side}")
+        elif old[key] != new[key]:
+            line = f"{key}: {old[key]!r} -> {new[key]!r}"
+            free = _matches(key, harmless) and not _matches(key, blocking)
+            (notes if free else stop).append(line)
+    return stop, notes
+
+
+def check_resume_config(changes: tuple[list[str], list[str]], state_file: str, output_dir: str,
+                        allow: bool, print_fn=print) -> None:
+    """Act on :func:`resume_config_changes`' ``(blocking, notes)``: print the notes, then raise
+    :class:`ConfigError` listing the blocking keys (saved -> now), unless ``allow``
+    (``init.allow_config_change``), which only prints a warning."""
+    blocking, notes = changes
+    for line in notes:
+        print_fn(f"note: resuming from {state_file} with a changed config key: {line}")
+    if not blocking:
+        return
+    listed = "\n  ".join(blocking)
+    if allow:
+        print_fn(f"warning: init.allow_config_change=true: resuming from {state_file} with new values "
+                 f"for keys that change the results:\n  {listed}")
+        return
+    raise ConfigError(
+        f"output_dir={output_dir!r} holds the training state {state_file}, made with a "
+        f"different config; these keys change the results (saved -> now):\n  {listed}\n"
+        "Use the saved values, or start over with init.resume=false (or another output_dir), or "
+        "resume with the new values anyway with init.allow_config_change=true.")

@@ -13,7 +13,8 @@ from typing import Literal, Optional
 from multimae_att.config import ConfigError, load_config
 from multimae_att.model import ENCODER_SIZES
 
-__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS"]
+__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes",
+           "check_resume_config"]
 
 TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
 MODALITIES = ("rgb", "depth", "semseg")
@@ -129,6 +130,7 @@ class TrainConfig:
 class InitConfig:
     checkpoint: Optional[str] = None          # ours or MultiMAE's, MultiMAE or timm layout
     resume: bool = True                       # continue from output_dir's latest training state
+    allow_config_change: bool = False         # resume even if result-changing keys differ (see below)
 
 
 @dataclass
@@ -191,6 +193,33 @@ class FinetuneConfig:
         if self.head.kind != "auto":
             return self.head.kind
         return {"cls": "linear", "linear_probe": "linear", "semseg": "convnext", "depth": "dpt"}[self.task.name]
+
+
+# Keys a resumed run may change freely (a note is printed): where things are, how much data the
+# loaders hold at once, how often to log, evaluate or save, where to stop (train.max_steps only
+# truncates; train.epochs sets the LR cosine, so it blocks). init.* is read only on a fresh start.
+# Everything else (task.*, model.*, head.*, optim.*, the rest of data.* -- splits, sizes, batch,
+# augmentation, evaluation mode --, train.seed, train.mixed_precision, train.cpu,
+# train.max_eval_batches) changes the results and blocks the resume.
+RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.eval_batch_size",
+                    "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
+                    "train.find_unused_parameters", "init.*", "log.*")
+
+
+def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
+    """``(blocking, notes)`` for a finetune resume from a state saved with config dict ``saved``
+    (see :func:`multimae_att.config.resume_config_changes`)."""
+    from multimae_att.config import config_to_dict, resume_config_changes as changes
+
+    return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))
+
+
+def check_resume_config(saved: dict, cfg: FinetuneConfig, state_file: str, print_fn=print) -> None:
+    """Stop a resume whose config changes the results (unless ``init.allow_config_change``)."""
+    from multimae_att.config import check_resume_config as check
+
+    check(resume_config_changes(saved, cfg), state_file, cfg.output_dir, cfg.init.allow_config_change,
+          print_fn)
 
 
 def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from multimae_att.config import config_to_dict, save_config
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
 from multimae_att.finetune.augment import with_sample_transform
-from multimae_att.finetune.config import FinetuneConfig
+from multimae_att.finetune.config import FinetuneConfig, check_resume_config
 from multimae_att.finetune.knn import knn_evaluate
 from multimae_att.finetune.native import make_native_collate
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
@@ -158,7 +158,8 @@ def _better(key: str, new: float, old: Optional[float]) -> bool:
 class _Trainer:
     """State of one training run: position (step, epoch, batch in epoch), best metric, I/O."""
 
-    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> None:
+    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator,
+                 state: Optional[Dict[str, Any]] = None) -> None:
         self.cfg, self.task, self.acc = cfg, task, accelerator
         self.out = Path(cfg.output_dir)
         world = accelerator.num_processes
@@ -178,7 +179,7 @@ class _Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best: Optional[float] = None
         self.last_metrics: Dict[str, Any] = {}
-        resumed = self.resume() if cfg.init.resume else False
+        resumed = self.resume(state) if state is not None else False
         self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=accelerator.is_main_process,
                                     resume_step=self.step if resumed else None)
 
@@ -191,11 +192,9 @@ class _Trainer:
                 "last_metrics": self.last_metrics, "rng": capture_rng(),
                 "config": config_to_dict(self.cfg)}
 
-    def resume(self) -> bool:
-        """Continue from the newest training state in ``output_dir/checkpoints`` (if any)."""
-        state = self.store.load_latest()
-        if state is None:
-            return False
+    def resume(self, state: Dict[str, Any]) -> bool:
+        """Continue from ``state``, the newest training state in ``output_dir/checkpoints``
+        (loaded and config-checked by :func:`_resume_state`)."""
         self.acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and self.acc.scaler is not None:
@@ -312,6 +311,7 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     task = make_task(cfg)
     accelerator = make_accelerator(cfg, task)
     out = Path(cfg.output_dir)
+    state = _resume_state(cfg, task, accelerator)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -321,7 +321,7 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
         report = load_pretrained(model, cfg.init.checkpoint, task)
         accelerator.print(report)
     if task.trains:
-        metrics = _Trainer(cfg, task, model, accelerator).fit()
+        metrics = _Trainer(cfg, task, model, accelerator, state).fit()
     else:
         metrics = _knn(cfg, task, model.to(accelerator.device), accelerator)
     result = {"task": cfg.task.name, **metrics}
@@ -329,6 +329,21 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     accelerator.wait_for_everyone()
     return result
+
+
+def _resume_state(cfg: FinetuneConfig, task: TaskSpec, accelerator) -> Optional[Dict[str, Any]]:
+    """The newest training state of ``output_dir/checkpoints`` when this run resumes, else None.
+
+    Checked before any work (and before ``config.yaml`` is rewritten): a config that changes the
+    results raises :class:`ConfigError` naming the keys, unless ``init.allow_config_change``."""
+    if not (task.trains and cfg.init.resume):
+        return None
+    store = TrainStateStore(Path(cfg.output_dir) / "checkpoints")
+    state = store.load_latest()
+    if state is not None:
+        check_resume_config(state.get("config", {}), cfg, str(store.latest()),
+                            print_fn=accelerator.print if accelerator.is_main_process else lambda *_: None)
+    return state
 
 
 def end_distributed() -> None:

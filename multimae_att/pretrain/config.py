@@ -244,16 +244,8 @@ RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers"
 RESUME_FREE_SECTIONS = ("init.", "log.")
 # The run length sets AttG's tau schedule (a half cosine over the run's steps).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")
-
-
-def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not (prefix == "masking." and k == "params") and k != "weights":
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v  # strategy params and loss weights compare as a whole
-    return out
+# Strategy params and loss weights compare as a whole.
+_RESUME_WHOLE = ("masking.params", "loss.weights")
 
 
 def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], list[str]]:
@@ -262,42 +254,22 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
     Returns ``(blocking, notes)``: lines ``key: old -> new`` for keys that change the results,
     and for keys that may change freely (``RESUME_FREE_KEYS``, ``init.*``, ``log.*``; the run
     length only without AttG) or that exist on one side only (an older or newer schema).
+    Built on :func:`multimae_att.config.resume_config_changes`.
     """
-    from multimae_att.config import config_to_dict
+    from multimae_att.config import config_to_dict, resume_config_changes as changes
 
-    old, new = _flat_config(saved), _flat_config(config_to_dict(cfg))
-    free = set(RESUME_FREE_KEYS) - (set(RESUME_LENGTH_KEYS) if cfg.loss.attg.enabled else set())
-    blocking, notes = [], []
-    for key in sorted(set(old) | set(new)):
-        if key not in old or key not in new:
-            if key.startswith(RESUME_FREE_SECTIONS):
-                continue
-            side = "the saved state" if key not in old else "this version's schema"
-            notes.append(f"{key}: not in {side}")
-        elif old[key] != new[key]:
-            line = f"{key}: {old[key]!r} -> {new[key]!r}"
-            harmless = key in free or key.startswith(RESUME_FREE_SECTIONS)
-            (notes if harmless else blocking).append(line)
-    return blocking, notes
+    sections = tuple(f"{s}*" for s in RESUME_FREE_SECTIONS)
+    return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS + sections,
+                   blocking=RESUME_LENGTH_KEYS if cfg.loss.attg.enabled else (),
+                   quiet_missing=sections, whole=_RESUME_WHOLE)
 
 
 def check_resume_config(saved: dict, cfg: PretrainConfig, state_file: str, print_fn=print) -> None:
     """Stop a resume whose config changes the results (unless ``init.allow_config_change``)."""
-    blocking, notes = resume_config_changes(saved, cfg)
-    for line in notes:
-        print_fn(f"note: resuming from {state_file} with a changed config key: {line}")
-    if not blocking:
-        return
-    listed = "\n  ".join(blocking)
-    if cfg.init.allow_config_change:
-        print_fn(f"warning: init.allow_config_change=true: resuming from {state_file} with new values "
-                 f"for keys that change the results:\n  {listed}")
-        return
-    raise ConfigError(
-        f"output_dir={cfg.output_dir!r} holds the training state {state_file}, made with a "
-        f"different config; these keys change the results (saved -> now):\n  {listed}\n"
-        "Use the saved values, or start over with init.resume=false (or another output_dir), or "
-        "resume with the new values anyway with init.allow_config_change=true.")
+    from multimae_att.config import check_resume_config as check
+
+    check(resume_config_changes(saved, cfg), state_file, cfg.output_dir, cfg.init.allow_config_change,
+          print_fn)
 
 
 def load_pretrain_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
