@@ -174,11 +174,10 @@ def _rewrite_shard(src: Path, dst: Path, maps: Mapping[str, bytes]) -> int:
     tmp = dst.with_name(dst.name + ".tmp")
     written = 0
     with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
-        members = [m for m in tin.getmembers() if m.isfile()]
+        # Maps of an earlier export are dropped (and replaced) so that a re-run stays idempotent.
+        members = [m for m in tin.getmembers() if m.isfile() and not m.name.endswith(".att_map.png")]
         for i, member in enumerate(members):
             key = member.name.split(".", 1)[0]
-            if member.name.split(".", 1)[-1] == "att_map.png":
-                continue  # replaced below
             tout.addfile(member, tin.extractfile(member))
             last = i + 1 == len(members) or members[i + 1].name.split(".", 1)[0] != key
             if last:

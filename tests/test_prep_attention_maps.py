@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,16 @@ def test_shard_maps_equal_attention_scores(setup):
     _run(str(SCRIPT), "--data", str(tmp / "data"), "--checkpoint", str(tmp / "ck.pth"),
          "--image-size", str(SIZE), "--format", "shards", "--out", str(out), "--model-size", "tiny")
     assert (out / "shards" / "train.json").is_file() and (out / "shards" / "train.keys.txt").is_file()
-    check_equal(delivered_maps(out, "shards"), reference_maps(model, tmp / "data", "shards"))
+    want = reference_maps(model, tmp / "data", "shards")
+    check_equal(delivered_maps(out, "shards"), want)
+    # A re-run in place (default --out = the data) replaces the maps instead of adding copies.
+    _run(str(SCRIPT), "--data", str(out), "--checkpoint", str(tmp / "ck.pth"), "--image-size", str(SIZE))
+    names = []
+    for path in (out / "shards").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            names += tar.getnames()
+    assert sum(n.endswith(".att_map.png") for n in names) == 8
+    check_equal(delivered_maps(out, "shards"), want)
 
 
 def test_pretrain_runs_on_exported_maps(setup, tmp_path):
