@@ -79,17 +79,23 @@ def infer_model_options(state: Mapping[str, torch.Tensor], stored: Mapping[str, 
     return opts
 
 
-def load_model(path: str, modalities: Sequence[str], image_size: int,
-               overrides: Mapping[str, Any]) -> tuple[torch.nn.Module, int]:
+def load_model(path: str, modalities: Sequence[str], image_size: int | None,
+               overrides: Mapping[str, Any]) -> tuple[torch.nn.Module, int, int]:
     """Encoder + the input adapters of ``modalities`` (decoders left out), weights loaded checked.
 
-    Returns ``(model in eval mode, patch size)``. ``overrides``: options given on the command line
-    (None = not given).
+    Returns ``(model in eval mode, patch size, image size)``. ``overrides``: options given on the
+    command line (None = not given). ``image_size`` None: the stored ``config.data.image_size``,
+    else 224.
     """
     checkpoint = load_checkpoint(path)
     state = to_layout(model_state(checkpoint, source=path), "multimae")
-    stored = checkpoint.get("config", {}).get("model", {}) if isinstance(checkpoint, Mapping) else {}
-    opts = infer_model_options(state, stored if isinstance(stored, Mapping) else {})
+    config = checkpoint.get("config", {}) if isinstance(checkpoint, Mapping) else {}
+    config = config if isinstance(config, Mapping) else {}
+    stored = config.get("model", {}) if isinstance(config.get("model"), Mapping) else {}
+    if image_size is None:
+        data = config.get("data", {}) if isinstance(config.get("data"), Mapping) else {}
+        image_size = int(data.get("image_size", 224))
+    opts = infer_model_options(state, stored)
     opts.update({k: v for k, v in overrides.items() if v is not None})
     if "size" not in opts:
         raise SystemExit(f"{path}: cannot tell the model size; pass --model-size")
@@ -101,7 +107,7 @@ def load_model(path: str, modalities: Sequence[str], image_size: int,
                                   semseg_num_classes=opts.get("semseg_num_classes", 133))
     unused = ["output_adapters.*"] + [f"input_adapters.{m}.*" for m in MODALITIES if m not in modalities]
     load_weights(model, state, expected_unexpected=unused)
-    return model.eval(), int(opts["patch_size"])
+    return model.eval(), int(opts["patch_size"]), image_size
 
 
 # ---------------------------------------------------------------------------- maps
@@ -216,7 +222,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output root (default: --data itself, beside the data)")
     p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES,
                    help="model inputs whose scores are averaged into the map")
-    p.add_argument("--image-size", type=int, default=224, help="side the full image is resized to")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side the full image is resized to (default: the checkpoint's data.image_size, else 224)")
     p.add_argument("--layer", type=int, default=-1, help="readout block (Python index)")
     p.add_argument("--query", choices=("global", "mean"), default="global")
     p.add_argument("--batch-size", type=int, default=16)
@@ -236,13 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     overrides = {"size": args.model_size, "patch_size": args.patch_size,
                  "num_global_tokens": args.num_global_tokens, "semseg_num_classes": args.semseg_num_classes}
-    model, patch = load_model(args.checkpoint, args.modalities, args.image_size, overrides)
+    model, patch, size = load_model(args.checkpoint, args.modalities, args.image_size, overrides)
     model.to(device)
-    if args.image_size % patch:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the patch size {patch}")
-    grid = (args.image_size // patch, args.image_size // patch)
+    if size % patch:
+        raise SystemExit(f"--image-size {size} is not a multiple of the patch size {patch}")
+    grid = (size // patch, size // patch)
     loader = build_loader(args.data, list(args.modalities), batch_size=args.batch_size,
-                          num_workers=args.num_workers, split=args.split, image_size=args.image_size,
+                          num_workers=args.num_workers, split=args.split, image_size=size,
                           train=False, eval_full_image=True, drop_last=False, semseg_scale=4,
                           att_map_stride=patch, layout=args.format or "auto")
     from multimae_att.data import FolderDataset

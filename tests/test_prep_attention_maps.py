@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from multimae_att.checkpoint import export_weights
 from multimae_att.data import build_loader, robust_standardize_depth
@@ -125,3 +126,8 @@ def test_pretrain_runs_on_exported_maps(setup, tmp_path):
          "loss.attg.source=data", "train.max_steps=2", f"output_dir={run}", "log.progress=false",
          "log.pictures_every=0", "log.every=1")
     assert (run / "final.pth").is_file() and (run / "metrics.jsonl").is_file()
+    # Our export stores its config: model options and the image size (96 -> 6 x 6 maps) come from it.
+    _run(str(SCRIPT), "--data", str(root), "--checkpoint", str(run / "final.pth"), "--out", str(tmp_path / "m"))
+    files = sorted((tmp_path / "m" / "train" / "att_map").glob("*/*.png"))
+    assert len(files) == 8 and all(Image.open(f).size == (6, 6) and Image.open(f).mode.startswith("I;16")
+                                   for f in files)
