@@ -9,6 +9,14 @@ Refresh windows (:func:`refresh_point`): epoch ``e`` belongs to the window that 
 ``K * (e // K) + A * ((e % K) // A)`` (K = ``refresh_every``, A = ``max_age``; a missing one
 drops its term), so a window never outlives either limit and every cell read is fresh.
 
+Skipped windows: a window where nothing reads the cache gets no refresh pass (and no state save
+before it): no step of it needs scores for masking (``masking.strategy=random``, the whole window
+inside ``masking.warmup_epochs``, ``masking.prob=0``, or a per-head strategy, whose scores never
+come from the cache), and AttG does not take this step's scores (``loss.attg.source=scores``).
+Pictures read scores too, but only of a few samples: they get them from a scoring pass on a
+cache miss (:meth:`AttentionCache.fill`), which is why they do not need a refresh. The decision
+depends on the config and the window only, so a resumed run takes the same one.
+
 Exact resume: a refresh is a deterministic function of the weights at the step where it runs
 (no grad, eval mode, fixed loader order and batches). The runner therefore saves a training
 state at that step *before* refreshing (unless one was just saved), and records the finished
@@ -20,6 +28,7 @@ those of the window's start, because the newest state is never older than the ne
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +36,8 @@ from typing import Any, Optional
 from multimae_att.pretrain.config import PretrainConfig
 from multimae_att.runstate import write_text_atomic
 
-__all__ = ["build_cache", "refresh_point", "CacheRefresher", "REFRESH_RECORD"]
+__all__ = ["build_cache", "refresh_point", "window_end", "window_reads_cache", "CacheRefresher",
+           "REFRESH_RECORD"]
 
 REFRESH_RECORD = "refresh.json"
 
@@ -61,16 +71,44 @@ def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[in
     return base
 
 
+def window_end(point: int, refresh_every: Optional[int], max_age: Optional[int]) -> float:
+    """First epoch after the window that starts at ``point`` (``inf`` without either limit)."""
+    ends = [math.inf]
+    if refresh_every is not None:
+        ends.append(refresh_every * (point // refresh_every + 1))
+    if max_age is not None:
+        ends.append(point + max_age)
+    return min(ends)
+
+
+def window_reads_cache(policy: Any, start: float, end: float, attg_scores: bool) -> bool:
+    """Whether any step with epoch in ``[start, end)`` reads the cache for masking or AttG.
+
+    ``policy``: the run's :class:`multimae_att.masking.MaskingPolicy`; its ``needs_scores`` only
+    changes over the run at ``warmup_epochs`` (guided from then on), so checking ``start`` and
+    the end of the warm-up covers every epoch of the window. Per-head strategies score afresh.
+    """
+    if policy.per_head:
+        return False
+    if attg_scores:
+        return True
+    return any(policy.needs_scores(e) for e in (start, max(start, policy.warmup_epochs)) if e < end)
+
+
 class CacheRefresher:
     """Runs the full-image refresh at the start of each window (``masking.cache.refresh=full``).
 
     ``maybe_refresh(step, epoch, save_fn)`` is called by every process before each step;
     ``save_fn()`` saves the training state of ``step`` (all processes call it together).
+    ``policy`` (the run's masking policy) and ``last_epoch`` (the epoch of the run's last step)
+    let it skip windows that nothing reads (see the module docstring); without ``policy`` every
+    window is refreshed.
     """
 
     def __init__(self, cfg: PretrainConfig, cache: Any, model: Any, accelerator: Any,
-                 resumed_step: Optional[int]) -> None:
+                 resumed_step: Optional[int], policy: Any = None, last_epoch: float = math.inf) -> None:
         self.cfg, self.cache, self.model, self.accelerator = cfg, cache, model, accelerator
+        self.policy, self.last_epoch = policy, last_epoch
         self.c = cfg.masking.cache
         self.record_file = Path(cache.path) / REFRESH_RECORD
         self.done: Optional[int] = None   # window refreshed (or verified) in this process
@@ -88,6 +126,11 @@ class CacheRefresher:
         point = refresh_point(int(epoch), self.c.refresh_every, self.c.max_age)
         if point == self.done:
             return False
+        if not self._window_reads_cache(point):
+            self.done = point  # same decision in every process and after a resume: no barrier
+            self.accelerator.print(f"attention cache: no refresh at step {step} (epoch {int(epoch)}): "
+                                   "no step of this window reads the cache")
+            return False
         if self.done is None and self.resumed_step is not None:
             rec = self._record()  # every process reads the same file: same decision
             # No process may touch the record (a refresh unlinks it) before all have read it.
@@ -101,6 +144,13 @@ class CacheRefresher:
         self._refresh(step, int(epoch), point)
         self.done = point
         return True
+
+    def _window_reads_cache(self, point: int) -> bool:
+        if self.policy is None:
+            return True
+        end = min(window_end(point, self.c.refresh_every, self.c.max_age), self.last_epoch + 1e-9)
+        attg = self.cfg.loss.attg.enabled and self.cfg.loss.attg.source == "scores"
+        return window_reads_cache(self.policy, point, end, attg)
 
     def _refresh(self, step: int, epoch: int, point: int) -> None:
         import torch

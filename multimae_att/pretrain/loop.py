@@ -145,7 +145,8 @@ def train(cfg: PretrainConfig) -> Path:
     refresher = None
     if cache is not None and cfg.masking.cache.refresh == "full":
         refresher = CacheRefresher(cfg, cache, accelerator.unwrap_model(module).model, accelerator,
-                                   resumed_step=step if state is not None else None)
+                                   resumed_step=step if state is not None else None, policy=policy,
+                                   last_epoch=(run.total_steps - 1) / run.steps_per_epoch)
     elif cache is not None and state is not None:
         accelerator.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
                           f"the state of step {step}; this resumed run is not bit-exact")
