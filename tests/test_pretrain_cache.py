@@ -11,15 +11,10 @@ import torch
 
 from multimae_att.attention_cache import MISSING, AttentionCache
 from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point
-from test_pretrain import make_synthetic, tiny_config
+from test_pretrain import data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
 from test_resume import ENV, comparable_metrics, kill_once_logged, pretrain_command
 
 STEPS = 12  # 16 samples, 2 per micro-batch, 2 micro-batches per step: 4 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
 
 
 @pytest.mark.parametrize("every, age", [(40, None), (None, 15), (40, 15), (None, None), (3, 2)])

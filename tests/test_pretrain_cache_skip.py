@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,8 @@ import torch
 
 from multimae_att.masking import MaskingPolicy
 from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point, window_end, window_reads_cache
-from test_pretrain import REPO, make_synthetic, run_cli, tiny_config
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401  (shared fixtures)
+from test_pretrain import run_cli, tiny_config
 
 
 @pytest.mark.parametrize("every, age", [(40, None), (None, 15), (40, 15), (None, None), (3, 2)])
@@ -31,25 +30,6 @@ def test_which_windows_read_the_cache():
     assert not reads(warmup_epochs=4) and not reads(warmup_epochs=10) and reads(start=4, end=8, warmup_epochs=4)
     assert not reads("heads")                                  # per-head scores never come from the cache
     assert reads("random", attg=True) and reads(warmup_epochs=10, attg=True)    # AttG reads scores
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _importable_entry_point():
-    sys.path.insert(0, str(REPO))
-    yield
-    sys.path.remove(str(REPO))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
 
 
 def test_warmup_window_gets_no_refresh_the_next_one_does(tmp_path, data_root, monkeypatch, capsys):

@@ -1,34 +1,14 @@
 """Resume checks the config: result-changing keys must match the saved state (or be allowed)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from multimae_att.config import config_to_dict
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.runstate import MetricsLogger, TrainStateStore
-from test_pretrain import REPO, make_synthetic, run_cli, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _importable_entry_point():
-    sys.path.insert(0, str(REPO))
-    yield
-    sys.path.remove(str(REPO))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(True)
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401  (shared fixtures)
+from test_pretrain import run_cli, tiny_config
 
 
 def _changed(**sections) -> PretrainConfig:

@@ -8,19 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from multimae_att.runstate import MetricsLogger
-from test_pretrain import REPO, make_synthetic, tiny_config
+from test_pretrain import REPO, data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("synthetic") / "data")
 
 
 def pretrain_command(cfg: Path, out: Path) -> list[str]:
