@@ -3,11 +3,16 @@ import subprocess
 import sys
 
 
-def test_import_timm_in_fresh_process():
-    code = "import multimae_att, timm, torchvision.transforms.v2; import timm.layers; print('ok')"
+def run_fresh(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (the guard acts at first import); its stdout, stripped."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().endswith("ok")
+    return out.stdout.strip()
+
+
+def test_import_timm_in_fresh_process():
+    code = "import multimae_att, timm, torchvision.transforms.v2; import timm.layers; print('ok')"
+    assert run_fresh(code).endswith("ok")
 
 
 def test_guard_is_idempotent():
@@ -27,9 +32,7 @@ def test_guard_does_nothing_where_the_extension_loads():
         "assert g.install() is False and g._LIBRARY is None\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert run_fresh(code) == "ok"
 
 
 def test_guard_registers_both_schemas_when_the_extension_cannot_load():
@@ -46,6 +49,4 @@ def test_guard_registers_both_schemas_when_the_extension_cannot_load():
         "except (NotImplementedError, RuntimeError):\n"
         "    print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() in ("ok", "extension loads natively")
+    assert run_fresh(code) in ("ok", "extension loads natively")

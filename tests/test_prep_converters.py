@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from PIL import Image
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
 
-from test_data import load_prep
+from test_data import _write_tar as _tar, load_prep
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -52,14 +50,6 @@ def test_ade20k_pairs_by_stem_and_keeps_labels(tmp_path, capsys):
         for s in samples:
             raw = torch.from_numpy(labels[s["sample_id"]]).long()
             assert torch.equal(s["semseg"], torch.where(raw == 0, 255, raw - 1))
-
-
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_imagenet_to_shards_pairs_folders_and_tars(tmp_path, capsys):
