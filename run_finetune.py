@@ -15,12 +15,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from multimae_att.config import ConfigError, cli_config
     from multimae_att.finetune.config import FinetuneConfig
     from multimae_att.finetune.engine import end_distributed, run
+    from multimae_att.run.lifecycle import RUNNER_FLAGS, RunFolderError
 
-    cfg = cli_config(FinetuneConfig, argv, description=__doc__)
+    cfg = cli_config(FinetuneConfig, argv, description=__doc__, flags=RUNNER_FLAGS)
     try:
         return run(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except RunFolderError as e:
+        sys.exit(f"error: {e}")
     finally:
         end_distributed()
 
