@@ -218,3 +218,18 @@ def test_a_run_missing_a_listed_output_is_not_finished(tmp_path, data_root):
     assert run_status(out).finished
     again = torch.load(out / "final.pth", weights_only=True)["model"]
     assert all(torch.equal(again[k], v) for k, v in reference.items())
+
+
+def test_init_checkpoint_identity_of_a_url_is_its_cached_copy(tmp_path, monkeypatch):
+    from multimae_att.hub import cached_path, resolve_checkpoint
+    from multimae_att.run.provenance import checkpoint_identity
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    source = tmp_path / "weights.pth"
+    _export_tiny(source, 1)
+    url = source.as_uri()
+    assert checkpoint_identity(url) == {"path": url, "file": None, "sha256": None}   # nothing downloaded
+    assert not cached_path(url).exists()
+    resolve_checkpoint(url, progress=False)                                          # the runner's load
+    assert checkpoint_identity(url) == {"path": url, "file": str(cached_path(url).resolve()),
+                                        "sha256": file_sha256(source)}

@@ -20,7 +20,8 @@ comes before any work and nothing is written before the decision:
    ``init.checkpoint`` is identified by its file (absolute path) and SHA-256, recorded in every
    training state and in ``metrics.json``: a different file behind the same path is a changed key.
 
-2. ``begin(total_steps)`` (once the runner knows how many steps this config asks for): a finished
+2. ``begin(total_steps)`` (once the runner knows how many steps this config asks for and has
+   loaded the init checkpoint, so a fresh start hashes the file it used): a finished
    run of that length prints where its results are and returns False (nothing is touched); a
    finished run asked for more steps continues from its newest state; fewer steps than a saved
    state or result already has is an error. Otherwise the folder is prepared (old contents moved
@@ -110,7 +111,6 @@ class RunFolder:
         """Decide fresh / resume / finished and stop on a conflict, before any work."""
         cfg, st = self.cfg, self.status
         self._checked = True
-        self.init = checkpoint_identity(cfg.init.checkpoint)
         if cfg.init.overwrite:
             self._move_old = self.out.is_dir() and any(
                 not e.name.startswith(PREVIOUS_PREFIX) for e in self.out.iterdir())
@@ -126,6 +126,7 @@ class RunFolder:
                 f"contents move to {self.out / (PREVIOUS_PREFIX + '<time>')}/ and nothing is deleted. "
                 "Or drop init.resume=false to keep the run, or choose another output_dir.")
         self.fresh = False
+        self.init = checkpoint_identity(cfg.init.checkpoint)   # compared with the run's below
         if st.finished:
             self._check_finished()
         else:
@@ -251,6 +252,8 @@ class RunFolder:
                 f"{self.state.step}, beyond the {total_steps} steps this config asks for "
                 "(train.max_steps / train.epochs). Ask for at least as many steps, use another "
                 "output_dir, or --overwrite to start over (the old run moves to previous-<time>/).")
+        if self.fresh:   # hashed now: the runner has loaded (and perhaps downloaded) it by now
+            self.init = checkpoint_identity(self.cfg.init.checkpoint)
         self.acc.wait_for_everyone()      # every process has read the folder
         if self.acc.is_main_process:
             for p in remove_temp_files(self.out):

@@ -2,7 +2,7 @@
 
 Recorded in every training state (the init checkpoint's identity, so a resume can check it),
 in ``metrics.json`` and in the exported weights (``final.pth``, ``checkpoint-*.pth``) under
-``provenance``. Torch-free.
+``provenance``. Nothing here loads a checkpoint.
 """
 from __future__ import annotations
 
@@ -13,29 +13,37 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["file_sha256", "checkpoint_identity", "config_hash", "code_version", "provenance",
+__all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version", "provenance",
            "describe_identity"]
-
-_CHUNK = 1 << 22
-
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; ~1 s per GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+    from multimae_att.hub import sha256_file
+
+    return sha256_file(Path(path))
+
+
+def local_checkpoint(spec: str) -> Path | None:
+    """The local file ``init.checkpoint`` stands for, without downloading anything: a path as
+    is, a published name or URL its copy in the hub cache (:mod:`multimae_att.hub`); None when
+    that file is not there."""
+    from urllib.parse import urlparse
+
+    from multimae_att.hub import PUBLISHED, URL_SCHEMES, cached_path
+
+    p = cached_path(spec) if spec in PUBLISHED or urlparse(spec).scheme in URL_SCHEMES \
+        else Path(spec).expanduser()
+    return p if p.is_file() else None
 
 
 def checkpoint_identity(spec: str | None) -> dict[str, Any] | None:
     """``init.checkpoint`` as ``{'path': as given, 'file': absolute path, 'sha256': hex}``;
-    None without one. A path that is not a file gets ``file``/``sha256`` None (the runner's own
-    check reports a missing file where it needs it)."""
+    None without one. When the file is not on disk (yet) ``file``/``sha256`` are None (the
+    runner's own loading reports a missing file where it needs it)."""
     if not spec:
         return None
-    p = Path(spec).expanduser()
-    if not p.is_file():
+    p = local_checkpoint(spec)
+    if p is None:
         return {"path": spec, "file": None, "sha256": None}
     return {"path": spec, "file": str(p.resolve()), "sha256": file_sha256(p)}
 
