@@ -49,6 +49,7 @@ __all__ = [
     "LSJ_SCALE",
     "NYU_JITTER",
     "PAD_RGB",
+    "RECIPES",
     "SEMSEG_JITTER",
     "Jitter",
     "MultiMAERecipe",
@@ -56,9 +57,14 @@ __all__ = [
     "eval_sample_indices",
     "make_recipe",
     "multimae_depth_input",
+    "nearest_index",
+    "plane_size",
     "resize",
+    "resize_planes",
     "select_eval_samples",
+    "side_resize_size",
     "to_gray",
+    "to_planes",
     "trimmed_standardize_depth",
 ]
 
@@ -90,7 +96,7 @@ Planes = dict[str, torch.Tensor]   # modality -> [C, H, W]; 'padding' bool [1, H
 
 # ------------------------------------------------------------------------------ geometry
 
-def _size(planes: Planes) -> tuple[int, int]:
+def plane_size(planes: Planes) -> tuple[int, int]:
     return tuple(planes["padding"].shape[-2:])
 
 
@@ -135,7 +141,7 @@ def hflip(planes: Planes) -> Planes:
 def pad_to(planes: Planes, target: int) -> Planes:
     """``PadIfNeeded(target, target, position=TOP_LEFT)``: pad bottom/right to at least ``target``.
     RGB gets 128, ``padding`` True, every other plane 0 (made ignore / invalid when finished)."""
-    h, w = _size(planes)
+    h, w = plane_size(planes)
     bottom, right = max(target - h, 0), max(target - w, 0)
     if not (bottom or right):
         return planes
@@ -149,13 +155,13 @@ def crop(planes: Planes, top: int, left: int, height: int, width: int) -> Planes
 
 def random_crop(planes: Planes, target: int, rng: np.random.Generator) -> Planes:
     """albumentations ``RandomCrop``: offsets int((H - target) * u), u ~ U[0, 1)."""
-    h, w = _size(planes)
+    h, w = plane_size(planes)
     top, left = int((h - target) * rng.random()), int((w - target) * rng.random())
     return crop(planes, top, left, target, target)
 
 
 def center_crop(planes: Planes, target: int) -> Planes:
-    h, w = _size(planes)
+    h, w = plane_size(planes)
     return crop(planes, (h - target) // 2, (w - target) // 2, target, target)
 
 
@@ -269,22 +275,22 @@ def _maybe_jitter(planes: Planes, jitter: Jitter, rng: np.random.Generator) -> P
 def _lsj(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
     if rng.random() < 0.5:
         planes = hflip(planes)
-    planes = resize_planes(planes, side_resize_size(_size(planes), size, longest=True))
+    planes = resize_planes(planes, side_resize_size(plane_size(planes), size, longest=True))
     planes = _maybe_jitter(planes, SEMSEG_JITTER, rng)
     s = rng.uniform(*LSJ_SCALE)
-    h, w = _size(planes)
+    h, w = plane_size(planes)
     # int() as albumentations' scale(); at least 1 px (OpenCV would refuse an empty image)
     planes = resize_planes(planes, (max(int(h * s), 1), max(int(w * s), 1)))
     return random_crop(pad_to(planes, size), size, rng)
 
 
 def _letterbox(planes: Planes, size: int, rng: np.random.Generator | None) -> Planes:
-    planes = resize_planes(planes, side_resize_size(_size(planes), size, longest=True))
+    planes = resize_planes(planes, side_resize_size(plane_size(planes), size, longest=True))
     return pad_to(planes, size)
 
 
 def _nyu(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
-    planes = resize_planes(planes, side_resize_size(_size(planes), size, longest=False))
+    planes = resize_planes(planes, side_resize_size(plane_size(planes), size, longest=False))
     if rng.random() < 0.5:
         planes = hflip(planes)
     planes = _maybe_jitter(planes, NYU_JITTER, rng)
@@ -294,7 +300,7 @@ def _nyu(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
 
 
 def _center_crop(planes: Planes, size: int, rng: np.random.Generator | None) -> Planes:
-    planes = resize_planes(planes, side_resize_size(_size(planes), size, longest=False))
+    planes = resize_planes(planes, side_resize_size(plane_size(planes), size, longest=False))
     return center_crop(planes, size)
 
 
@@ -302,7 +308,7 @@ RECIPES = {"lsj": _lsj, "nyu": _nyu, "letterbox": _letterbox, "center_crop": _ce
 TRAINING = ("lsj", "nyu")
 
 
-def _to_planes(images: Mapping[str, Image.Image]) -> Planes:
+def to_planes(images: Mapping[str, Image.Image]) -> Planes:
     """PIL images -> ``[C, H, W]`` tensors: rgb float 0..255, the rest in integer dtypes; plus
     ``padding`` (all False) at the reference (rgb, else first) modality's size."""
     planes: Planes = {}
@@ -339,7 +345,7 @@ class MultiMAERecipe:
 
     def __call__(self, images: Mapping[str, Image.Image], sample_id: str, epoch: int) -> dict[str, Any]:
         rng = sample_rng(self.seed, epoch, sample_id) if self.kind in TRAINING else None
-        planes = RECIPES[self.kind](_to_planes(images), self.image_size, rng)
+        planes = RECIPES[self.kind](to_planes(images), self.image_size, rng)
         padding = planes.pop("padding")
         arrays = {}
         for m, x in planes.items():
