@@ -95,6 +95,12 @@ class DataConfig:
     # at image_size, targets resized with it (nearest); auto: full for semseg/depth, else center_crop
     eval_mode: Literal["auto", "full", "center_crop"] = "auto"
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
+    # low-data training: a stratified, seeded (train.seed) subset of this share of each class
+    train_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass
