@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from multimae_att.study.plan import DIAGNOSE, FINETUNE, PRETRAIN, Cell, entry_path
 
-__all__ = ["run_cell_here", "entry_main", "fresh_state", "preload"]
+__all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload"]
 
 _MAINS: dict[str, Callable] = {}
 
@@ -161,4 +161,29 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
     record["peak_cuda_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                               if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     record["load_after"] = os.getloadavg()[0]
+    return record
+
+
+def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
+                cwd: str | None = None) -> dict[str, Any]:
+    """Run a cell as a child process (an Accelerate launch of its runner), output appended to
+    ``log_path``; the attempt's record as :func:`run_cell_here`'s (CPU seconds and peak memory of
+    the reaped children: the launcher and every process it started)."""
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record: dict[str, Any] = {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                              "load_before": os.getloadavg()[0], "job_id": os.environ.get("SLURM_JOB_ID")}
+    t0 = time.perf_counter()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"=== {cell_id}: {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    record.update(ok=code == 0, error=None if code == 0 else f"exit code {code}",
+                  wall_s=round(time.perf_counter() - t0, 3),
+                  cpu_s=round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
+                  peak_rss_mb=round(after.ru_maxrss / 1024, 1), peak_cuda_mb=None,
+                  load_after=os.getloadavg()[0])
     return record

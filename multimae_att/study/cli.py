@@ -27,18 +27,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_plan(cells, states, study, prepare, threads) -> None:
-    from multimae_att.study.plan import shell
+    from multimae_att.study.plan import cell_job_command, shell
+
+    launched = study.launcher == "submitit" or study.gpus_per_cell >= 2
 
     todo = sum(1 for c in cells if states[c.id].state != "finished")
     where = (f"local, {study.jobs} at once x {threads} threads" if study.launcher == "local"
-             else f"submitit ({study.submitit.cluster or 'auto'}), {study.submitit.gpus_per_cell} GPU(s) per cell")
+             else f"submitit ({study.submitit.cluster or 'auto'})") + f", {study.gpus_per_cell} GPU(s) per cell"
     print(f"study {study.study_dir}: {len(cells)} cells, {todo} to run ({where})")
     for step in prepare:
         print(f"prepare (unless {step.creates} exists): {shell(step.command)}")
     for i, c in enumerate(cells, 1):
         deps = f"  after {', '.join(c.deps)}" if c.deps else ""
         print(f"{i:4d}. {c.id}  [{states[c.id]}]{deps}")
-        print(f"      {shell(c.command())}")
+        cmd = cell_job_command(c, study.gpus_per_cell, "python", display=True) if launched else c.command()
+        print(f"      {shell(cmd)}")
 
 
 def _prepare(steps) -> None:
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from multimae_att.study.config import load_study_config
     from multimae_att.study.local import default_threads, record_path, run_local
     from multimae_att.study.plan import build_plan
-    from multimae_att.study.records import append_invocation, append_record
+    from multimae_att.study.records import append_invocation, append_record, update_invocation
     from multimae_att.study.report import write_report
     from multimae_att.study.status import cell_status
 
@@ -93,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in cells if states[c.id].state != "finished"]
     print(f"study {study.study_dir}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
           f"{len(todo)} to run", flush=True)
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t0 = time.perf_counter()
+    run_index = append_invocation(study.study_dir, {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "ended": None, "launcher": study.launcher,
+        "jobs": study.jobs, "threads": threads, "cores": os.cpu_count(), "load_before": os.getloadavg()[0],
+        "cells_to_run": len(todo)})
 
     def on_record(cell, attempt):
         append_record(record_path(study.study_dir, cell), cell.id, attempt)
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome: dict[str, str] = {}
     try:
         if study.launcher == "local":
-            outcome = run_local(cells, todo, study.study_dir, study.jobs, threads, on_record, log)
+            outcome = run_local(cells, todo, study.study_dir, study.jobs, threads, on_record, log,
+                                study.gpus_per_cell)
         else:
             from multimae_att.study.slurm import run_submitit
 
@@ -114,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_submitit(study, todo, report_cmd, log)
     finally:
         usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        append_invocation(study.study_dir, {
-            "started": started, "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 1), "launcher": study.launcher,
-            "jobs": study.jobs, "threads": threads, "cores": os.cpu_count(), "load_before": load0,
+        update_invocation(study.study_dir, run_index, {
+            "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 1),
             "load_after": os.getloadavg()[0], "cells_run": len(outcome),
             "failed": sum(1 for v in outcome.values() if v == "failed")})
     if any(v == "submitted" for v in outcome.values()):

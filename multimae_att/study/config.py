@@ -96,7 +96,6 @@ class SubmititConfig:
     cluster: Optional[str] = None       # None = slurm when available; local/debug for testing
     partition: Optional[str] = None
     account: Optional[str] = None
-    gpus_per_cell: int = 1              # processes of each cell's Accelerate launch (0 = CPU)
     cpus_per_cell: int = 10
     mem_gb: Optional[int] = None
     time_min: int = 4320                # per cell; a requeued (timed-out) cell resumes
@@ -118,6 +117,9 @@ class StudyConfig:
     prepare: list[PrepareStep] = field(default_factory=list)
     launcher: Literal["local", "submitit"] = "local"
     jobs: int = 1                       # local: cells at once
+    # GPUs (processes) per cell: >= 2 makes each cell an Accelerate launch over that many GPUs
+    # (locally and on Slurm); 0 / 1: one process (local: in a worker, on its own GPU if any)
+    gpus_per_cell: int = 1
     threads_per_cell: Optional[int] = None   # local: torch threads per cell; None = cores // jobs
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
@@ -146,6 +148,8 @@ class StudyConfig:
             _check_overrides(f"evals.{name}.overrides", ev.overrides)
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        if self.gpus_per_cell < 0:
+            raise ValueError(f"gpus_per_cell must be >= 0, got {self.gpus_per_cell}")
         if self.threads_per_cell is not None and self.threads_per_cell < 1:
             raise ValueError(f"threads_per_cell must be >= 1, got {self.threads_per_cell}")
 

@@ -1,7 +1,9 @@
 """The local launcher: up to ``jobs`` cells at once, each in one of ``jobs`` long-lived worker
 processes (spawned once, so Python + torch start once per worker, not once per cell; see
 :mod:`multimae_att.study.cellrun`). Each worker gets ``threads`` torch threads (default: the cores
-divided by ``jobs``) and, on a machine with GPUs, one GPU (worker i: GPU i mod count).
+divided by ``jobs``) and, on a machine with GPUs, one GPU (worker i: GPU i mod count). With
+``gpus_per_cell >= 2`` a worker instead starts each run as an Accelerate launch over its own
+``gpus_per_cell`` GPUs (the diagnostics stay in-process).
 
 A cell starts when the cells it depends on are finished; among the ready cells the first in plan
 order goes first. A failed cell is reported (its log in ``<study_dir>/logs/``) and the cells that
@@ -51,15 +53,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, threads: int, gpu: int | None, parent: int) -> None:
+def _worker_main(conn, threads: int, devices: str | None, launch: tuple[int, int] | None, parent: int) -> None:
+    """``devices``: CUDA_VISIBLE_DEVICES of this worker; ``launch``: (GPUs, rendezvous port) to
+    run each cell as an Accelerate launch, None to run it in this process."""
     _die_with_parent()
     if os.getppid() != parent:      # the launcher died before the signal was armed
         os._exit(1)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the launcher decides what Ctrl-C stops
-    from multimae_att.study.cellrun import preload, run_cell_here
+    from multimae_att.study.cellrun import preload, run_cell_here, run_command
+    from multimae_att.study.plan import DIAGNOSE, cell_job_command
 
     preload()   # imports once per worker, not inside the first cell's measurement
     while True:
@@ -67,17 +72,22 @@ def _worker_main(conn, threads: int, gpu: int | None, parent: int) -> None:
         if msg is None:
             return
         cell, log = msg
-        conn.send(run_cell_here(cell, log, threads))
+        if launch is not None and cell.entry != DIAGNOSE:
+            record = run_command(cell.id, cell_job_command(cell, launch[0], port=launch[1]), log)
+            record["threads"] = threads
+        else:
+            record = run_cell_here(cell, log, threads)
+        conn.send(record)
 
 
 class _Worker:
-    def __init__(self, ctx, threads: int, gpu: int | None) -> None:
+    def __init__(self, ctx, threads: int, devices: str | None, launch: tuple[int, int] | None) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, threads, gpu, os.getpid()),
+        self.proc = ctx.Process(target=_worker_main, args=(child, threads, devices, launch, os.getpid()),
                                 name="study-worker")
         self.proc.start()
         child.close()
-        self.threads, self.gpu = threads, gpu
+        self.args = threads, devices, launch
         self.cell: Cell | None = None
 
     def stop(self) -> None:
@@ -93,8 +103,26 @@ class _Worker:
         self.conn.close()
 
 
+def _devices(jobs: int, gpus_per_cell: int) -> list[tuple[str | None, tuple[int, int] | None]]:
+    """Per worker: (CUDA_VISIBLE_DEVICES, Accelerate launch (GPUs, port) or None)."""
+    try:
+        import torch
+        count = torch.cuda.device_count()
+    except Exception:   # noqa: BLE001 -- no usable CUDA
+        count = 0
+    if gpus_per_cell >= 2:
+        if count < jobs * gpus_per_cell:
+            from multimae_att.config import ConfigError
+            raise ConfigError(f"gpus_per_cell={gpus_per_cell} x jobs={jobs} needs {jobs * gpus_per_cell} "
+                              f"GPUs; this machine has {count}")
+        return [(",".join(str(i * gpus_per_cell + k) for k in range(gpus_per_cell)), (gpus_per_cell, 29500 + i))
+                for i in range(jobs)]
+    return [(str(i % count) if count else None, None) for i in range(jobs)]
+
+
 def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, threads: int,
-              on_record: Callable[[Cell, dict[str, Any]], None], print_fn=print) -> dict[str, str]:
+              on_record: Callable[[Cell, dict[str, Any]], None], print_fn=print,
+              gpus_per_cell: int = 1) -> dict[str, str]:
     """Run ``todo`` (a subset of ``cells`` in plan order) respecting dependencies.
 
     ``on_record(cell, record)`` is called in this process after each attempt. Returns
@@ -106,13 +134,8 @@ def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, th
     queue = list(todo)
     if not queue:
         return outcome
-    try:
-        import torch
-        gpus = torch.cuda.device_count()
-    except Exception:   # noqa: BLE001 -- no usable CUDA
-        gpus = 0
     ctx = mp.get_context("spawn")
-    workers = [_Worker(ctx, threads, i % gpus if gpus else None) for i in range(min(jobs, len(queue)))]
+    workers = [_Worker(ctx, threads, *d) for d in _devices(min(jobs, len(queue)), gpus_per_cell)]
     total, count = len(queue), 0
     try:
         while queue or any(w.cell for w in workers):
@@ -145,7 +168,7 @@ def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, th
                     record = w.conn.recv()
                 elif not w.proc.is_alive():
                     record = {"ok": False, "error": f"worker process died (exit code {w.proc.exitcode})"}
-                    workers[i] = _Worker(ctx, w.threads, w.gpu)
+                    workers[i] = _Worker(ctx, *w.args)
                 else:
                     continue
                 cell, w.cell = w.cell, None

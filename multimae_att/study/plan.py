@@ -17,6 +17,7 @@ work, so a typo in any variant stops the study at once, naming the cell.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from typing import Any
 from multimae_att.config import ConfigError, load_config
 from multimae_att.study.config import StudyConfig
 
-__all__ = ["Cell", "build_plan", "PRETRAIN", "FINETUNE", "DIAGNOSE", "entry_command", "entry_path"]
+__all__ = ["Cell", "build_plan", "PRETRAIN", "FINETUNE", "DIAGNOSE", "entry_command", "entry_path",
+           "launch_args", "cell_job_command"]
 
 PRETRAIN, FINETUNE, DIAGNOSE = "run_pretrain.py", "run_finetune.py", "multimae_att.diagnose"
 OUTPUT = {PRETRAIN: "final.pth", FINETUNE: "metrics.json", DIAGNOSE: "diagnose.json"}
@@ -69,6 +71,31 @@ def entry_command(entry: str, python: str = "python") -> list[str]:
     if entry == DIAGNOSE:
         return [python, "-m", entry]
     return [python, entry]
+
+
+def launch_args(gpus: int, port: int | None = None) -> list[str]:
+    """``accelerate launch`` options for one cell on one node with ``gpus`` processes
+    (``port``: the rendezvous port, distinct for cells sharing a machine)."""
+    common = ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if gpus >= 2:
+        return ["--multi_gpu", "--num_processes", str(gpus), *common] + (
+            ["--main_process_port", str(port)] if port else [])
+    if gpus == 1:
+        return ["--num_processes", "1", *common]
+    return ["--cpu", "--num_processes", "1", *common]
+
+
+def cell_job_command(cell: Cell, gpus: int, python: str | None = None, port: int | None = None,
+                     display: bool = False) -> list[str]:
+    """What a job runs: ``python -m multimae_att.launch [options] run_*.py ARGS`` (the
+    diagnostics, a single process, run as a plain module). ``--mixed_precision no`` only silences
+    the launcher's defaults warning: the runner's own ``train.mixed_precision`` is what applies.
+    ``display``: the script's bare name (as typed at the repository root) instead of its path."""
+    python = python or sys.executable or "python"
+    if cell.entry == DIAGNOSE:
+        return [python, "-m", DIAGNOSE, *cell.argv]
+    script = cell.entry if display else str(entry_path(cell.entry))
+    return [python, "-m", "multimae_att.launch", *launch_args(gpus, port), script, *cell.argv]
 
 
 def shell(cmd: list[str]) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from multimae_att.runstate import write_text_atomic
 
-__all__ = ["append_record", "read_record", "append_invocation", "read_invocations"]
+__all__ = ["append_record", "read_record", "append_invocation", "update_invocation", "read_invocations"]
 
 
 def append_record(path: str | os.PathLike, cell_id: str, attempt: dict[str, Any]) -> None:
@@ -45,11 +45,22 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
             "threads": attempts[-1].get("threads") if attempts else None}
 
 
-def append_invocation(study_dir: str | os.PathLike, entry: dict[str, Any]) -> None:
+def append_invocation(study_dir: str | os.PathLike, entry: dict[str, Any]) -> int:
+    """Append an invocation line (written at the start, so a killed run leaves its line);
+    returns its index for :func:`update_invocation`."""
+    runs = read_invocations(study_dir)
     p = Path(study_dir) / "invocations.jsonl"
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "a") as f:
         f.write(json.dumps(entry) + "\n")
+    return len(runs)
+
+
+def update_invocation(study_dir: str | os.PathLike, index: int, entry: dict[str, Any]) -> None:
+    """Complete line ``index`` with ``entry`` (at the end of the invocation)."""
+    runs = read_invocations(study_dir)
+    runs[index].update(entry)
+    write_text_atomic(Path(study_dir) / "invocations.jsonl", "".join(json.dumps(r) + "\n" for r in runs))
 
 
 def read_invocations(study_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -222,12 +222,17 @@ def _invocations_section(study_dir: str) -> list[str]:
         return []
     body = []
     for r in runs:
-        body.append([r.get("started", "?"), f"{r.get('wall_s', 0) / 60:.1f}", f"{r.get('cpu_s', 0) / 60:.1f}",
-                     f"{r.get('launcher', '?')}, {r.get('jobs', '?')} x {r.get('threads', '?')} threads",
-                     f"{r.get('load_before', float('nan')):.1f} → {r.get('load_after', float('nan')):.1f}",
-                     f"{r.get('cells_run', 0)} ({r.get('failed', 0)} failed)"])
+        where = f"{r.get('launcher', '?')}, {r.get('jobs', '?')} x {r.get('threads', '?')} threads"
+        if r.get("ended") is None:    # killed: only its start is known
+            body.append([r.get("started", "?"), "killed", "?", where, f"{r.get('load_before', math.nan):.1f} → ?",
+                         f"? of {r.get('cells_to_run', '?')}"])
+            continue
+        body.append([r["started"], f"{r['wall_s'] / 60:.1f}", f"{r['cpu_s'] / 60:.1f}", where,
+                     f"{r['load_before']:.1f} → {r['load_after']:.1f}",
+                     f"{r['cells_run']} of {r['cells_to_run']} ({r['failed']} failed)"])
     return ["", "## Runs of this study", "",
             "Each `run_study.py` invocation: wall and CPU minutes (this process and its workers, "
             f"start-up included) on {runs[-1].get('cores', '?')} cores, and the machine's 1-minute load "
-            "average at start and end (other users' work included).", ""] + _table(
+            "average at start and end (other users' work included). A killed invocation's time is "
+            "unknown; its finished cells are kept, its interrupted cell resumed.", ""] + _table(
         ["started", "wall min", "CPU min", "launcher", "load", "cells run"], body)

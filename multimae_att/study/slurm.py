@@ -1,8 +1,8 @@
 """``--launcher submitit``: one job per cell (as MAE's and DINOv2's submitit launchers), each an
 Accelerate launch of the cell's runner, with the cells' dependencies as Slurm dependencies.
 
-Parameters come from the study's ``submitit`` section: ``partition``, ``account``,
-``gpus_per_cell`` (the processes of each cell's ``accelerate launch``; 0 = one CPU process),
+Parameters: the study's ``gpus_per_cell`` (the processes of each cell's ``accelerate launch``;
+0 = one CPU process) and its ``submitit`` section: ``partition``, ``account``,
 ``cpus_per_cell``, ``mem_gb``, ``time_min``, ``slurm_args`` (further sbatch options). A job that
 times out or is preempted is requeued (submitit's checkpoint hook) and its run resumes from its
 latest training state. On Slurm the launcher submits every unfinished cell at once
@@ -16,41 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
+from multimae_att.study.cellrun import run_command
 from multimae_att.study.config import StudyConfig
 from multimae_att.study.local import log_path, record_path
-from multimae_att.study.plan import DIAGNOSE, Cell, entry_path
+from multimae_att.study.plan import Cell, cell_job_command
 from multimae_att.study.records import append_record
 
 __all__ = ["CellJob", "cell_job_command", "run_submitit"]
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
-
-
-def launch_args(gpus: int) -> list[str]:
-    """``accelerate launch`` options for one cell on one node with ``gpus`` processes."""
-    common = ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    if gpus >= 2:
-        return ["--multi_gpu", "--num_processes", str(gpus), *common]
-    if gpus == 1:
-        return ["--num_processes", "1", *common]
-    return ["--cpu", "--num_processes", "1", *common]
-
-
-def cell_job_command(cell: Cell, gpus: int, python: str | None = None) -> list[str]:
-    """What a job runs: ``python -m multimae_att.launch [options] run_*.py ARGS`` (the
-    diagnostics, a single process, run as a plain module). ``--mixed_precision no`` only silences
-    the launcher's defaults warning: the runner's own ``train.mixed_precision`` is what applies."""
-    python = python or sys.executable
-    if cell.entry == DIAGNOSE:
-        return [python, "-m", DIAGNOSE, *cell.argv]
-    return [python, "-m", "multimae_att.launch", *launch_args(gpus), str(entry_path(cell.entry)), *cell.argv]
 
 
 class CellJob:
@@ -60,23 +37,10 @@ class CellJob:
         self.cell_id, self.command, self.log, self.record, self.cwd = cell_id, command, log, record, cwd
 
     def __call__(self) -> dict[str, Any]:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        Path(self.log).parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "a") as log:
-            log.write(f"=== {self.cell_id}: {' '.join(self.command)}\n")
-            log.flush()
-            code = subprocess.run(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT).returncode
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        attempt = {"ok": code == 0, "error": None if code == 0 else f"exit code {code}",
-                   "wall_s": round(time.perf_counter() - t0, 3),
-                   "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
-                   "peak_rss_mb": round(after.ru_maxrss / 1024, 1), "peak_cuda_mb": None,
-                   "host": os.uname().nodename, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "load_after": os.getloadavg()[0], "job_id": os.environ.get("SLURM_JOB_ID")}
+        attempt = run_command(self.cell_id, self.command, self.log, self.cwd)
         append_record(self.record, self.cell_id, attempt)
-        if code != 0:
-            raise RuntimeError(f"cell {self.cell_id} failed with exit code {code}; log: {self.log}")
+        if not attempt["ok"]:
+            raise RuntimeError(f"cell {self.cell_id} failed ({attempt['error']}); log: {self.log}")
         return attempt
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -92,7 +56,7 @@ def _executor(study: StudyConfig):
     s = study.submitit
     folder = s.folder or str(Path(study.study_dir) / "submitit" / "%j")
     ex = submitit.AutoExecutor(folder=folder, cluster=s.cluster)
-    params: dict[str, Any] = dict(timeout_min=s.time_min, gpus_per_node=s.gpus_per_cell, tasks_per_node=1,
+    params: dict[str, Any] = dict(timeout_min=s.time_min, gpus_per_node=study.gpus_per_cell, tasks_per_node=1,
                                   cpus_per_task=s.cpus_per_cell, nodes=1, mem_gb=s.mem_gb,
                                   slurm_partition=s.partition, slurm_account=s.account)
     ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
@@ -152,7 +116,7 @@ def run_submitit(study: StudyConfig, todo: list[Cell], report_command: list[str]
                 print_fn(f"skipped {cell.id} (needs {failed[0]}, which failed)")
                 continue
         ex.update_parameters(name=f"study:{cell.id}")
-        job = ex.submit(CellJob(cell.id, cell_job_command(cell, study.submitit.gpus_per_cell),
+        job = ex.submit(CellJob(cell.id, cell_job_command(cell, study.gpus_per_cell),
                                 str(log_path(study.study_dir, cell)), str(record_path(study.study_dir, cell)),
                                 os.getcwd()))
         jobs[cell.id] = job
