@@ -95,7 +95,8 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
                           native_modalities=native, recipe=make_recipe(cfg, train=False),
                           collate_fn=make_native_collate(cfg.task.ignore_index) if native else collate,
                           **_loader_kwargs(cfg))
-    loader = select_eval_samples(loader, d.max_eval_samples, f"{d.root} split {split!r}")
+    if split == d.val_split:   # not k-NN's training bank
+        loader = select_eval_samples(loader, d.max_eval_samples, f"{d.root} split {split!r}")
     return accelerator.prepare_data_loader(loader)
 
 
