@@ -73,6 +73,7 @@ class AugmentConfig:
     att_map_stride: int = 16
     native_modalities: tuple[str, ...] = ()
     seed: int = 0
+    label_ranges: tuple[tuple[str, int, int | None], ...] = ()   # checked on load, see data.sample
 
     def __post_init__(self) -> None:
         h, w = self.image_size
