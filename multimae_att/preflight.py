@@ -19,12 +19,12 @@ Each failure is a :class:`~multimae_att.config.ConfigError` naming the key.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from multimae_att.config import ConfigError
 
-__all__ = ["check_pretrain", "check_finetune", "check_data_root", "check_checkpoint"]
+__all__ = ["check_checkpoint", "check_data_root", "check_finetune", "check_pretrain"]
 
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://")
 
@@ -49,14 +49,28 @@ def check_data_root(root: str, splits: Mapping[str, str], layout: str, key: str 
             raise ConfigError(f"{key}={root!r} has no {split_key}={split!r} split: expected {wanted}")
 
 
-def check_checkpoint(path: str, key: str = "init.checkpoint") -> None:
-    """``path`` exists and is structurally a checkpoint (cheap: no tensor is read)."""
-    from multimae_att.checkpoint import UnreadableCheckpointError, check_checkpoint_file
+def _layout(root: str, split: str, layout: str) -> str:
+    """The layout the loader will use for ``split`` of ``root`` (after :func:`check_data_root`)."""
+    if layout != "auto":
+        return layout
+    return "folder" if (Path(root) / split).is_dir() else "shards"
 
+
+def check_checkpoint(spec: str, key: str = "init.checkpoint") -> None:
+    """``spec`` (a published name, a URL or a path: :func:`multimae_att.hub.resolve_checkpoint`,
+    which downloads once into the hub cache) names a file that is structurally a checkpoint
+    (cheap: no tensor is read)."""
+    from multimae_att.checkpoint import UnreadableCheckpointError, check_checkpoint_file
+    from multimae_att.hub import CheckpointHashError, resolve_checkpoint
+
+    try:
+        path = os.fspath(resolve_checkpoint(spec))
+    except (FileNotFoundError, CheckpointHashError, ValueError) as e:
+        raise ConfigError(f"{key}={spec!r}: {e}") from None
     try:
         check_checkpoint_file(path)
     except FileNotFoundError:
-        raise ConfigError(f"{key}={path!r} does not exist") from None
+        raise ConfigError(f"{key}={spec!r}: {path} does not exist") from None
     except UnreadableCheckpointError as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -135,11 +149,15 @@ def check_finetune(cfg) -> None:
                                     "data.val_split": cfg.data.val_split}, cfg.data.layout)
     if cfg.init.checkpoint:
         check_checkpoint(cfg.init.checkpoint)
+    if cfg.data.max_eval_samples is not None and _layout(cfg.data.root, cfg.data.val_split,
+                                                         cfg.data.layout) == "shards":
+        raise ConfigError(f"data.max_eval_samples={cfg.data.max_eval_samples} needs the folder layout "
+                          f"(sorted file stems); data.root={cfg.data.root!r} is read from shards")
     if cfg.task.name == "cls" and cfg.task.randaug:
         from multimae_att.finetune.augment import RandAugmentRGB
 
         try:
             RandAugmentRGB(cfg.task.randaug)
-        except Exception as e:  # timm asserts, int() fails, unknown transform names: all mean "bad spec"
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:  # timm's ways of saying "bad spec"
             raise ConfigError(f"task.randaug={cfg.task.randaug!r} is not a timm RandAugment spec "
                               f"such as 'rand-m9-mstd0.5-inc1' ({type(e).__name__}: {e})") from None

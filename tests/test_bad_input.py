@@ -110,7 +110,7 @@ def _copy_data(data: Path, to: Path) -> Path:
 
 
 def _first(folder: Path) -> Path:
-    return sorted(folder.rglob("*.png"))[0]
+    return min(folder.rglob("*.png"))
 
 
 def _poke_label(png: Path, value: int) -> None:
@@ -182,6 +182,35 @@ def test_skipped_evaluation_samples_are_listed_never_substituted(tmp_path, corru
         assert skipped[key] == reference[key], key
     accepted = _finetune(root, tmp_path / "ok", "data.eval_on_corrupt=skip_ok")   # exit status 0
     assert accepted["skipped_eval_samples"] == ids and accepted["miou"] == reference["miou"]
+
+
+@pytest.mark.parametrize("protocol", ["ours", "multimae"])
+def test_placeholders_batch_with_readable_samples(corrupt_val, protocol):
+    """A corrupt sample's placeholder has the keys, shapes and dtypes of a readable one under
+    every evaluation transform (MultiMAE's letterbox recipe included), so batches collate."""
+    from multimae_att.data import build_dataset
+    from multimae_att.finetune.config import load_finetune_config
+    from multimae_att.finetune.native import native_collate
+    from multimae_att.finetune.protocols import make_recipe
+
+    root, _, ids = corrupt_val
+    cfg = load_finetune_config(str(REPO / "configs/finetune/synthetic_semseg.yaml"),
+                               [f"data.root={root}", f"data.protocol={protocol}", "data.image_size=32"])
+    native = ["semseg"] if cfg.eval_mode() == "full" else []
+    ds = build_dataset(root, ["rgb", "semseg"], split="val", train=False, image_size=32, semseg_scale=1,
+                       native_modalities=native, recipe=make_recipe(cfg, train=False),
+                       label_ranges=cfg.label_ranges(), on_corrupt="mark")
+    samples = [ds[i] for i in range(len(ds))]
+    assert [s["sample_id"] for s in samples if not s["valid"]] == ids
+    assert [s["sample_id"] for s in samples] == ds.sample_ids()         # nothing substituted
+    good = next(s for s in samples if s["valid"])
+    for bad in (s for s in samples if not s["valid"]):
+        assert bad.keys() == good.keys() and bad["skip_reason"]
+        for key, value in good.items():
+            if torch.is_tensor(value) and not key.endswith("_native"):
+                assert (bad[key].shape, bad[key].dtype) == (value.shape, value.dtype), key
+    batch = native_collate(samples, cfg.task.ignore_index)
+    assert batch["valid"].tolist() == [s["sample_id"] not in ids for s in samples]
 
 
 def _cut_shard(shards: Path, keep: int, mid_member: bool) -> None:

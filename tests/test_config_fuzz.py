@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import types
 import typing
 from pathlib import Path
 
@@ -38,11 +39,11 @@ def _leaves(schema, prefix=""):
 
 
 def _base(tp):
-    """The annotation without Optional: (type, allows None)."""
+    """The annotation without Optional: (type, allows None); a union of several types stays whole."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return (rest[0] if len(rest) == 1 else tp), True
     return tp, False
 
 

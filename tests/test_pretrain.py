@@ -127,7 +127,7 @@ def _error_text(excinfo, capsys) -> str:
     ("masking.strategy=higher", "unknown masking strategy 'higher' (did you mean 'high'?)"),
     ("train.max_steps=two", "'train.max_steps' expects an integer"),
     ("data.root=/nonexistent/multimae_data", "data.root='/nonexistent/multimae_data' does not exist"),
-    ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth' does not exist"),
+    ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth': /nonexistent/x.pth does not exist"),
     ("masking.strategy=heads masking.params.k=4",                     # the tiny model has 3 heads
      "masking.params.k=4: model.size='tiny' has 3 attention heads; choose masking.params.k in [1, 3]"),
     ("masking.score_layer=3", "masking.score_layer=3 is not a block of the 3-block encoder"),

@@ -2,6 +2,7 @@
 evaluation placeholders for corrupt samples; batch collation."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -99,6 +100,12 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
         if abs(w - h * src_w / src_h) > max(1.0, 0.01 * w):
             raise CorruptSample(f"{sample_id}: {modality} is {w}x{h} but {ref} is {src_w}x{src_h} "
                                 "(different aspect ratio)")
+    if cfg.recipe is not None:   # a finetuning recipe does geometry and conversion itself
+        sample = dict(cfg.recipe(images, sample_id, epoch))
+        if cls is not None:
+            sample["cls"] = torch.tensor(cls, dtype=torch.int64)
+        sample["sample_id"] = sample_id
+        return sample
     geom = make_geometry(cfg, (src_h, src_w), sample_id, epoch)
     arrays = apply_geometry(images, geom, cfg.semseg_scale, cfg.att_map_stride)
     sample: dict[str, Any] = to_tensors(arrays, cfg.reduce_zero_label)
@@ -114,26 +121,19 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     return sample
 
 
+_BLANK_MODES = {"rgb": "RGB", "depth": "I;16", "semseg": "L", "mask_valid": "L", "att_map": "L"}
+
+
 def placeholder_sample(modalities: Sequence[str], cfg: AugmentConfig, sample_id: str,
                        reason: str) -> dict[str, Any]:
-    """Stand-in for a corrupt *evaluation* sample: zeros of the right shapes and dtypes, marked
-    ``valid = False`` with the ``skip_reason``, so that a batch keeps its place in the order
-    (no other sample is substituted) and the metrics leave it out (docs/INTERFACES.md)."""
+    """Stand-in for a corrupt *evaluation* sample: blank images through the same
+    :func:`build_sample` (so keys, shapes and dtypes match the readable samples, whatever the
+    transform or recipe), marked ``valid = False`` with the ``skip_reason``. The batch keeps its
+    order (no other sample is substituted) and the metrics leave the row out (docs/INTERFACES.md)."""
     h, w = cfg.image_size
-    shapes = {"rgb": ((h, w, 3), np.uint8), "depth": ((h, w), np.uint16),
-              "semseg": ((h // cfg.semseg_scale, w // cfg.semseg_scale), np.uint8),
-              "mask_valid": ((h, w), np.uint8),
-              "att_map": ((max(h // cfg.att_map_stride, 1), max(w // cfg.att_map_stride, 1)), np.uint8)}
-    images = [m for m in modalities if m != "cls"]
-    sample: dict[str, Any] = to_tensors({m: np.zeros(*shapes[m]) for m in images})
-    native = {m: np.zeros((1, 1), shapes[m][1]) for m in cfg.native_modalities if m in images}
-    sample.update({f"{m}_native": t for m, t in to_tensors(native).items()})
-    if "cls" in modalities:
-        sample["cls"] = torch.tensor(0, dtype=torch.int64)
-    sample["crop_box"] = torch.zeros(4, dtype=torch.float32)
-    sample["flip"] = torch.tensor(False)
-    sample["source_size"] = torch.tensor((h, w), dtype=torch.int64)
-    sample["sample_id"] = sample_id
+    images = {m: Image.new(_BLANK_MODES[m], (w, h)) for m in modalities if m != "cls"}
+    blank = dataclasses.replace(cfg, label_ranges=())   # zeros need not be valid labels
+    sample = build_sample(images, 0 if "cls" in modalities else None, sample_id, blank, epoch=0)
     sample["valid"] = torch.tensor(False)
     sample["skip_reason"] = reason
     return sample

@@ -11,7 +11,7 @@ collects the reasons and applies ``data.eval_on_corrupt`` at the end: ``error`` 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
@@ -28,23 +28,23 @@ class EvalSkips:
     """Reasons of the corrupt samples met in one evaluation (on this process)."""
 
     def __init__(self) -> None:
-        self.reasons: Dict[str, str] = {}   # sample id -> reason
+        self.reasons: dict[str, str] = {}   # sample id -> reason
 
     @staticmethod
-    def valid(batch: Dict[str, Any], size: int, device: torch.device) -> torch.Tensor:
+    def valid(batch: dict[str, Any], size: int, device: torch.device) -> torch.Tensor:
         """uint8 ``[B]``: 1 for real samples (all of them when the loader does not mark)."""
         flags = batch.get("valid")
         if flags is None:
             return torch.ones(size, dtype=torch.uint8, device=device)
         return torch.as_tensor(flags, device=device).to(torch.uint8)
 
-    def add(self, batch: Dict[str, Any]) -> None:
+    def add(self, batch: dict[str, Any]) -> None:
         """Remember the placeholders of ``batch`` (id and reason)."""
         for sample_id, reason in zip(batch.get("sample_id", []), batch.get("skip_reason", [])):
             if reason:
                 self.reasons[str(sample_id)] = reason
 
-    def finish(self, accelerator, policy: str) -> List[str]:
+    def finish(self, accelerator, policy: str) -> list[str]:
         """Sorted ids of every process's skipped samples (a padded duplicate counts once);
         raise :class:`CorruptEvalData` when there are any and ``policy`` is ``error``."""
         from accelerate.utils import gather_object
