@@ -114,6 +114,8 @@ class DataConfig:
     # stop naming the file; skip = leave it out of the metrics, list it in metrics.json
     # (skipped_eval_samples) and exit non-zero after writing them; skip_ok = the same, exit 0.
     eval_on_corrupt: Literal["error", "skip", "skip_ok"] = "error"
+    # low-data training: a stratified, seeded (train.seed) subset of this share of each class
+    train_fraction: float = setting(1.0, gt=0, le=1)
 
     def __post_init__(self) -> None:
         if self.crop_scale[0] > self.crop_scale[1]:

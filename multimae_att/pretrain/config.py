@@ -71,6 +71,9 @@ class DataConfig:
     hflip: float = setting(0.5, ge=0, le=1)         # flip probability
     standardize_depth: bool = True   # robust per-sample standardisation before the model
     samples_per_epoch: Optional[int] = setting(None, ge=1)  # shards: per rank; None = from the shard index
+    # semseg labels that are background for the masking diagnostics (foreground = the others;
+    # synthetic scenes: [0, 1] = wall, floor); None = no foreground diagnostics
+    background_classes: Optional[list[int]] = setting(None, ge=0)
 
     def __post_init__(self) -> None:
         if self.crop_scale[0] > self.crop_scale[1]:
@@ -249,7 +252,8 @@ class PretrainConfig:
 # Keys a resumed run may change freely (a note is printed): where things are, how often to log or
 # save, how long to run. Everything else (model.*, the rest of data.*, masking.*, loss.*, optim.*,
 # schedule.*, train.seed, train.mixed_precision, train.cpu, ...) changes the results.
-RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "masking.cache.path",
+RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
+                    "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
                     "train.final_export", "train.find_unused_parameters")
 RESUME_FREE_SECTIONS = ("init.", "log.")
