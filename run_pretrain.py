@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     from multimae_att.config import ConfigError, cli_config
     from multimae_att.pretrain.config import PretrainConfig
     from multimae_att.pretrain.loop import train
-    from multimae_att.run.lifecycle import RUNNER_FLAGS, RunFolderError
+    from multimae_att.run.lifecycle import RunFolderError, runner_parser
 
-    cfg = cli_config(PretrainConfig, argv, description=__doc__.splitlines()[0], flags=RUNNER_FLAGS)
+    cfg = cli_config(PretrainConfig, argv, parser=runner_parser(__doc__.splitlines()[0]))
     try:
         train(cfg)
     except ConfigError as e:

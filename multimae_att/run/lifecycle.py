@@ -42,7 +42,7 @@ from multimae_att.run.folder import (CONFIG_FILE, PREVIOUS_PREFIX, STATES_DIR, R
 from multimae_att.run.provenance import checkpoint_identity, describe_identity
 from multimae_att.runstate import LoadedState, TrainStateStore
 
-__all__ = ["RunFolder", "RunFolderError", "init_checkpoint_changes", "LENGTH_KEYS", "RUNNER_FLAGS"]
+__all__ = ["RunFolder", "RunFolderError", "init_checkpoint_changes", "LENGTH_KEYS", "runner_parser"]
 
 # Keys that set how many steps a run has (besides the data): a finished run re-invoked with the
 # same values is done without looking at the data.
@@ -270,6 +270,14 @@ class RunFolder:
         return True
 
 
-# Command-line switches of both runners (``config.cli_config(..., flags=RUNNER_FLAGS)``).
-RUNNER_FLAGS = {"--overwrite": ("init.overwrite=true", "start over in a used output_dir; its contents "
-                                "move to output_dir/previous-<time>/, nothing is deleted")}
+def runner_parser(description: str | None = None):
+    """The command-line parser both runners start from (``config.cli_config(..., parser=...)``):
+    ``--overwrite`` stands for ``init.overwrite=true``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--overwrite", action="append_const", dest="config_overrides",
+                        const="init.overwrite=true",
+                        help="start over in a used output_dir: its contents move to "
+                             "output_dir/previous-<time>/, nothing is deleted (= init.overwrite=true)")
+    return parser
