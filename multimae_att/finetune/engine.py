@@ -347,6 +347,7 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched and its
     ``metrics.json`` returned.
     """
+    check_finetune(cfg)                         # data root, init checkpoint, ...: before any work
     torch.manual_seed(cfg.train.seed)           # same head initialisation on every process
     task = make_task(cfg)
     accelerator = make_accelerator(cfg, task)
@@ -356,7 +357,6 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     if folder.done:
         folder.report_finished()
         return read_results(out)
-    check_finetune(cfg)                         # data root, init checkpoint, ...: before any work
     accelerator.print(protocol_line(cfg, task.best_key() if task.trains else "", task.trains))
     if task.trains:
         line, warning = global_batch_line(cfg, accelerator.num_processes)

@@ -94,6 +94,7 @@ def train(cfg: PretrainConfig) -> Path:
     The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is
     :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched.
     """
+    check_pretrain(cfg)  # data root, init checkpoint, model-dependent masking: before any work
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -102,7 +103,6 @@ def train(cfg: PretrainConfig) -> Path:
     if folder.done:
         folder.report_finished()
         return out
-    check_pretrain(cfg)  # data root, init checkpoint, model-dependent masking: before any work
     loader = build_pretrain_loader(cfg, rank, world)
     run = plan_run(cfg, len(loader), world)
     torch.manual_seed(step_seed(cfg.train.seed, "init"))  # same initial weights in every run
