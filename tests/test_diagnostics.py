@@ -72,3 +72,22 @@ def test_token_foreground_is_the_majority_of_each_cell(size, grid):
                 cell = labels[b, i * ch:(i + 1) * ch, j * cw:(j + 1) * cw].flatten().tolist()
                 share = sum(1 for v in cell if v not in (0, 1)) / len(cell)
                 assert fg[b, i * grid[1] + j].item() == (share > 0.5)
+
+
+def test_step_diagnostics_combine_the_pieces():
+    from multimae_att.diagnostics import step_diagnostics
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (5, 8, 8), generator=g)
+    grids = {"rgb": (4, 4), "depth": (2, 2)}
+    hidden = {"rgb": torch.rand(5, 16, generator=g) < 0.5, "depth": torch.rand(5, 4, generator=g) < 0.5}
+    scores = {"rgb": torch.rand(5, 16, generator=g)}
+    out = step_diagnostics(labels, grids, hidden, scores, [0])
+    fg = {m: token_foreground(labels, grids[m], [0]) for m in grids}
+    pairs = [(h, f) for m in grids for hr, fr in zip(hidden[m].tolist(), fg[m].tolist()) for h, f in zip(hr, fr)]
+    assert out["mask/hidden_fg_share"].item() == pytest.approx(
+        sum(h and f for h, f in pairs) / sum(h for h, _ in pairs))
+    ok = [a for a in (_auroc_pairs(scores["rgb"][b].tolist(), fg["rgb"][b].tolist()) for b in range(5))
+          if not math.isnan(a)]
+    assert out["attn/fg_auroc.rgb"].item() == pytest.approx(sum(ok) / len(ok))
+    assert set(out) == {"mask/hidden_fg_share", "attn/fg_auroc.rgb"}

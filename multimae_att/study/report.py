@@ -195,6 +195,10 @@ def _diagnostics_section(study: StudyConfig, rows, variants, head) -> list[str]:
     if share:
         lines += [f"Share of foreground tokens in the data: {sum(share) / len(share):.3f} (what random "
                   "masking hides on average)."]
+    warm = next((r for r in diag if r["variant"] is None), None)
+    if warm is not None:
+        lines += ["Warm start, before any variant: " + ", ".join(
+            f"fg AUROC {m} {warm[f'fg_auroc.{m}']:.3f}" for m in _modalities([warm], "fg_auroc.")) + "."]
     return lines + [""] + _table(["diagnostic"] + head, body)
 
 
