@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from multimae_att.diagnostics import fg_auroc, fg_share, hidden_fg_share, mean_fg_auroc, token_foreground
+from test_pretrain import data_root  # noqa: F401  (shared fixture: a tiny synthetic set)
 
 
 def _auroc_pairs(scores: list[float], fg: list[bool]) -> float:
@@ -91,3 +92,36 @@ def test_step_diagnostics_combine_the_pieces():
           if not math.isnan(a)]
     assert out["attn/fg_auroc.rgb"].item() == pytest.approx(sum(ok) / len(ok))
     assert set(out) == {"mask/hidden_fg_share", "attn/fg_auroc.rgb"}
+
+
+@pytest.mark.parametrize("strategy", ["random", "high"])
+def test_pretraining_logs_masking_diagnostics_on_log_steps(tmp_path, data_root, strategy):
+    import json
+
+    from test_pretrain import REPO, tiny_config
+
+    cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"background_classes": [0, 1]},
+                      masking={"strategy": strategy}, train={"max_steps": 4}, log={"every": 2})
+    import sys
+    sys.path.insert(0, str(REPO))
+    try:
+        from run_pretrain import main
+        main(["--config", str(cfg), f"output_dir={tmp_path / 'run'}"])
+    finally:
+        sys.path.remove(str(REPO))
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(True)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        share = r["mask/hidden_fg_share"]
+        assert share is None or 0.0 <= share <= 1.0
+        aurocs = {k: v for k, v in r.items() if k.startswith("attn/fg_auroc.")}
+        if strategy == "random":
+            assert not aurocs                  # no scoring pass, no scores to judge
+        else:
+            assert set(aurocs) == {"attn/fg_auroc.rgb", "attn/fg_auroc.depth", "attn/fg_auroc.semseg"}
+            assert all(v is None or 0.0 <= v <= 1.0 for v in aurocs.values())
+    assert any(r["mask/hidden_fg_share"] is not None for r in recs)
+    if strategy == "high":
+        assert any(r[k] is not None for r in recs for k in r if k.startswith("attn/"))
