@@ -55,47 +55,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from multimae_att.config import setting
-from multimae_att.runstate import write_text_atomic
+from multimae_att.atomic import write_text_atomic
 
 MISSING = -32768  # stamp of a cell that was never written (int16 minimum)
 _FORMAT_VERSION = 1
 _DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass
-class AttentionCacheConfig:
-    """Settings the runner exposes as ``masking.cache.*`` (defaults off).
-
-    ``grid``: G, cells per side of the canonical source grid (memory = R*M*G*G*bytes(dtype) +
-    R*G*G*2 bytes; ImageNet-1K at G=32, float16, 3 modalities: ~7.9 GB + 2.6 GB on disk, paged
-    on demand).
-    ``refresh_every``: K, all maps expire at multiples of K epochs (None: never).
-    ``max_age``: a cell older than this many epochs is stale (None: never).
-    ``refresh``: where the runner's maps come from. ``full`` (default): a full-image scoring
-    pass over the training split (:func:`refresh_cache`) at the start of each refresh window
-    (every ``refresh_every`` epochs and, with ``max_age``, every ``max_age`` epochs within it),
-    so every lookup hits and nothing is written during training (resume stays bit-exact).
-    ``crops``: no refresh pass; each step's crop pass writes its misses back (fewer hits, no
-    extra pass; a resumed run may see writes made after its saved state, so it is not bit-exact).
-    """
-
-    enabled: bool = False
-    path: str = ""
-    grid: int = setting(32, ge=1)
-    dtype: Literal["float16", "float32"] = "float16"
-    normalize: bool = True
-    refresh_every: int | None = setting(40, ge=1)
-    max_age: int | None = setting(None, ge=1)
-    refresh: Literal["full", "crops"] = "full"
 
 
 def _norm_flip(flip: torch.Tensor | Sequence[bool], batch: int, device: torch.device) -> torch.Tensor:

@@ -18,13 +18,14 @@ import fnmatch
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from multimae_att.atomic import save_atomic  # also this module's public name (README)
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
@@ -45,26 +46,6 @@ class CheckpointKeyError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0])
-
-
-# ---------------------------------------------------------------------------- saving
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: readers
-    see either the old file or the complete new one, never a partial write."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- loading

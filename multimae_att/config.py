@@ -51,19 +51,21 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import fnmatch
 import inspect
 import math
 import os
 import re
 import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+# The resume policy (which saved-vs-new config differences block a resume) is the run folder's;
+# re-exported here for existing imports.
+from multimae_att.run.resume import flatten_config, resume_config_changes
 
 T = TypeVar("T")
 
@@ -445,7 +447,7 @@ def load_config(schema_cls: type[T], path: str | os.PathLike | Sequence[str | os
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), loadable again by :func:`load_config`."""
-    from multimae_att.runstate import write_text_atomic  # torch-free at import, as the rest of this module
+    from multimae_att.atomic import write_text_atomic
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -544,47 +546,3 @@ def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None, descripti
                parser: argparse.ArgumentParser | None = None) -> T:
     """:func:`cli_args` without the parsed arguments: the config only."""
     return cli_args(schema_cls, argv, description, parser)[0]
-
-
-# --------------------------------------------------------------------------- resume checks
-
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
-def flatten_config(d: Mapping[str, Any], whole: Sequence[str] = (), prefix: str = "") -> dict[str, Any]:
-    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; mapping values whose dotted key matches a glob in
-    ``whole`` stay one value (e.g. a free-form params dict compares as a whole)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not _matches(key, whole):
-            out.update(flatten_config(v, whole, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def resume_config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], harmless: Sequence[str],
-                          blocking: Sequence[str] = (), quiet_missing: Sequence[str] = (),
-                          whole: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Compare a saved run's config dict with the resuming run's (both from :func:`config_to_dict`).
-
-    A differing key is harmless when it matches a glob of ``harmless`` and none of ``blocking``
-    (``blocking`` carves exceptions out of ``harmless``); every other differing key blocks, so a
-    key nobody classified errs on the safe side. A key on one side only (an older or newer
-    schema) is a note, or nothing when it matches ``quiet_missing``. Returns ``(blocking, notes)``,
-    sorted lines ``key: old -> new`` (``key: not in ...`` for one-sided keys).
-    """
-    old, new = flatten_config(saved, whole), flatten_config(now, whole)
-    stop, notes = [], []
-    for key in sorted(set(old) | set(new)):
-        if key not in old or key not in new:
-            if not _matches(key, quiet_missing):
-                side = "the saved state" if key not in old else "this version's schema"
-                notes.append(f"{key}: not in {side}")
-        elif old[key] != new[key]:
-            line = f"{key}: {old[key]!r} -> {new[key]!r}"
-            free = _matches(key, harmless) and not _matches(key, blocking)
-            (notes if free else stop).append(line)
-    return stop, notes

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 from test_finetune_cli import SMALL, run_finetune
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli  # noqa: F401
 

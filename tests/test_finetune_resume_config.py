@@ -5,7 +5,8 @@ import pytest
 
 from multimae_att.config import config_to_dict
 from multimae_att.finetune.config import FinetuneConfig, resume_config_changes
-from multimae_att.runstate import MetricsLogger, TrainStateStore
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 from test_finetune_cli import _run, synthetic_root  # noqa: F401  (session fixture)
 
 

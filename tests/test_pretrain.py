@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from multimae_att.config import load_config
-from multimae_att.runstate import MetricsLogger, TrainStateStore
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_PARAMS = {"heads": ["masking.params.k=2"]}  # the tiny model has 3 heads

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 from test_pretrain import REPO, make_synthetic, tiny_config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

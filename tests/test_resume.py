@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 from test_pretrain import REPO, data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

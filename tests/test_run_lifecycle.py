@@ -11,7 +11,8 @@ import yaml
 
 from multimae_att.run import run_status
 from multimae_att.run.provenance import config_hash, file_sha256
-from multimae_att.runstate import MetricsLogger, TrainStateStore
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 from test_finetune_cli import _run as finetune, synthetic_root  # noqa: F401  (session fixture)
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401
 from test_pretrain import run_cli, tiny_config

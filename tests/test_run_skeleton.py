@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 from test_finetune_cli import REPO, _run as finetune, synthetic_root  # noqa: F401  (session fixture)
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401
 from test_pretrain import run_cli, tiny_config

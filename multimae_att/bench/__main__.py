@@ -10,7 +10,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import multimae_att  # noqa: E402,F401  (torchvision guard before timm)
-from multimae_att.runstate import write_text_atomic  # noqa: E402
+from multimae_att.atomic import write_text_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD
-from multimae_att.runstate import step_seed
+from multimae_att.seeds import step_seed
 
 __all__ = ["RandAugmentRGB", "TransformedDataset", "TransformedIterable", "with_sample_transform",
            "seeded_global_rngs"]

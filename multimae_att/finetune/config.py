@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from multimae_att.config import ConfigError, load_config, setting
+from multimae_att.modalities import MODEL_MODALITIES
 from multimae_att.model import ENCODER_SIZES
 
 __all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes"]
 
 TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
-MODALITIES = ("rgb", "depth", "semseg")
+MODALITIES = MODEL_MODALITIES   # the modality table's model modalities (rgb, depth, semseg)
 
 
 @dataclass
@@ -295,7 +296,7 @@ RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers"
 
 def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     """``(blocking, notes)`` for a finetune resume from a state saved with config dict ``saved``
-    (see :func:`multimae_att.config.resume_config_changes`)."""
+    (see :func:`multimae_att.run.resume.resume_config_changes`)."""
     from multimae_att.config import config_to_dict, resume_config_changes as changes
 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))

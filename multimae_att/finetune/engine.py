@@ -40,7 +40,8 @@ from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.preflight import check_finetune
 from multimae_att.run.trainer import Job, Run, end_distributed, run_length
 from multimae_att.run.trainer import make_accelerator as _make_accelerator
-from multimae_att.runstate import save_atomic, step_seed
+from multimae_att.atomic import save_atomic
+from multimae_att.seeds import step_seed
 from multimae_att.schedules import cosine_lr, scaled_lr
 
 __all__ = ["run", "FinetuneJob", "evaluate", "extract_features", "build_optimizer", "make_accelerator",

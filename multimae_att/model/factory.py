@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from torch import nn
 
+from multimae_att.modalities import MODALITIES, MODEL_MODALITIES, SEMSEG_NUM_CLASSES, get_output
 from multimae_att.model.input_adapters import PatchedInputAdapter, SemSegInputAdapter
 from multimae_att.model.multimae import MultiMAE, MultiViT
 from multimae_att.model.output_adapters import SpatialOutputAdapter
@@ -29,34 +30,44 @@ DECODER_SIZES: Dict[str, Dict[str, int]] = {
     "large": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
 }
 Adapters = Dict[str, nn.Module]
-SEMSEG_NUM_CLASSES = 133  # COCO panoptic classes of MultiMAE's pseudo labels
-STRIDE = {"rgb": 1, "depth": 1, "semseg": 4}
-CHANNELS = {"rgb": 3, "depth": 1, "norm_rgb": 3}
+STRIDE = {m: MODALITIES[m].stride for m in MODEL_MODALITIES}   # stride levels, from the modality table
 
 
 def make_adapters(in_domains: Sequence[str] = ("rgb", "depth", "semseg"),
                   out_domains: Sequence[str] = ("rgb", "depth", "semseg"), extra_norm_rgb: bool = True,
                   patch_size: int = 16, image_size: int = 224, decoder_dim: int = 256,
                   decoder_depth: int = 2, decoder_heads: int = 8,
-                  semseg_num_classes: int = SEMSEG_NUM_CLASSES, dim_class_emb: int = 64,
+                  semseg_num_classes: int = SEMSEG_NUM_CLASSES,
+                  dim_class_emb: int = MODALITIES["semseg"].class_dim,
                   use_task_queries: bool = True, use_xattn: bool = True
                   ) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
-    """Input and output adapters of MultiMAE's pretraining script for the given modalities."""
+    """Input and output adapters of MultiMAE's pretraining script for the given modalities.
+
+    Channels, stride levels and the class embedding come from the modality table
+    (:mod:`multimae_att.modalities`); ``semseg_num_classes`` and ``dim_class_emb`` override the
+    table's class count and embedding width of the label modality.
+    """
     unknown = [d for d in (*in_domains, *out_domains) if d not in STRIDE]
     if unknown:
         raise ValueError(f"unknown modalities {unknown}; supported: {sorted(STRIDE)}")
+
+    def channels(modality: str) -> int:
+        m = MODALITIES[modality]
+        return semseg_num_classes if m.labels else m.channels
+
     inputs: Dict[str, nn.Module] = {}
     for d in in_domains:
-        if d == "semseg":
+        if MODALITIES[d].labels:
             inputs[d] = SemSegInputAdapter(semseg_num_classes, STRIDE[d], patch_size, image_size=image_size,
                                            dim_class_emb=dim_class_emb)
         else:
-            inputs[d] = PatchedInputAdapter(CHANNELS[d], STRIDE[d], patch_size, image_size=image_size)
+            inputs[d] = PatchedInputAdapter(channels(d), STRIDE[d], patch_size, image_size=image_size)
     outputs: Dict[str, nn.Module] = {}
-    targets = [(d, d) for d in out_domains] + ([("norm_rgb", "rgb")] if extra_norm_rgb else [])
-    for name, task in targets:
+    names = list(out_domains) + (["norm_rgb"] if extra_norm_rgb else [])
+    for name in names:
+        task = get_output(name).target
         outputs[name] = SpatialOutputAdapter(
-            semseg_num_classes if task == "semseg" else CHANNELS[name], STRIDE[task], patch_size,
+            channels(task), STRIDE[task], patch_size,
             dim_tokens=decoder_dim, depth=decoder_depth, num_heads=decoder_heads, image_size=image_size,
             use_task_queries=use_task_queries, task=task, context_tasks=list(in_domains), use_xattn=use_xattn)
     return inputs, outputs

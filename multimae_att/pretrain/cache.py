@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from multimae_att.pretrain.config import PretrainConfig
-from multimae_att.runstate import write_text_atomic
+from multimae_att.atomic import write_text_atomic
 
 __all__ = ["build_cache", "refresh_point", "window_end", "window_reads_cache", "CacheRefresher",
            "REFRESH_RECORD"]

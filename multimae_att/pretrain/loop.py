@@ -30,7 +30,7 @@ from multimae_att.pretrain.setup import (build_model, build_policy, build_pretra
                                          load_init_checkpoint, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
 from multimae_att.run.trainer import DataStream, Job, Run, run_length
-from multimae_att.runstate import step_seed
+from multimae_att.seeds import step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 
 __all__ = ["train", "DataStream", "RunPlan", "plan_run", "PretrainJob"]

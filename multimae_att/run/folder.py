@@ -39,8 +39,8 @@ PREVIOUS_PREFIX = "previous-"
 STATE_PREFIX = "state"
 FINAL_OUTPUTS = ("final.pth", "checkpoint-best.pth", "checkpoint-last.pth")
 _STATE_NAME = re.compile(rf"^{STATE_PREFIX}_(\d+)\.pth$")
-# Temporary files of an interrupted atomic write: checkpoint.save_atomic (".tmp_<name>.<random>")
-# and runstate.write_text_atomic (".<name>.tmp<pid>").
+# Temporary files of an interrupted atomic write: multimae_att.atomic (".<name>.tmp<pid>"), and
+# ".tmp_<name>.<random>" of earlier versions' checkpoint.save_atomic.
 _TEMP_NAME = re.compile(r"^\.tmp_.+|^\..+\.tmp\d+$")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from multimae_att.config import ConfigError
 from multimae_att.run.folder import LOG_FILE
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 
 __all__ = ["TRACKERS", "check_trackers", "RunLogger", "flat_scalars"]
 

@@ -166,7 +166,7 @@ def write_report(study: StudyConfig, cells: list[Cell], states: dict[str, str],
                     [[v, " ".join(f"`{o}`" for o in study.variants[v]) or "(none)"] for v in variants])
     lines += _invocations_section(study.study_dir)
     out = root / "REPORT.md"
-    from multimae_att.runstate import write_text_atomic
+    from multimae_att.atomic import write_text_atomic
 
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out

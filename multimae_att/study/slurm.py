@@ -122,7 +122,7 @@ def run_submitit(study: StudyConfig, todo: list[Cell], report_command: list[str]
         jobs[cell.id] = job
         job_ids[cell.id] = job.job_id
         print_fn(f"submitted {cell.id}: job {job.job_id}")
-    from multimae_att.runstate import write_text_atomic
+    from multimae_att.atomic import write_text_atomic
 
     write_text_atomic(jobs_file, json.dumps(job_ids, indent=1) + "\n")
     if not wait:
