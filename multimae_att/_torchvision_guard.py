@@ -80,7 +80,7 @@ class _BeforeTorchvision(importlib.abc.MetaPathFinder):
     """Runs :func:`install` when ``torchvision`` is first looked up, then steps aside (it finds
     nothing itself: the normal finders import torchvision afterwards)."""
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001 -- the finder protocol
+    def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
             _disarm()
             install()

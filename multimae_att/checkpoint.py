@@ -1,7 +1,7 @@
 """Checkpoint IO: safe loading, MultiMAE <-> timm-ViT layout conversion, checked loading with
 declared key differences, pos-emb / class-embedding adaptation, export, atomic saving.
 
-Layouts (DESIGN.md §3):
+Layouts:
 * **MultiMAE** — ``global_tokens [1, G, D]``, ``input_adapters.<m>.pos_emb [1, D, h, w]``,
   ``input_adapters.<m>.proj.*``, ``encoder.<i>.*``, ``output_adapters.<m>.*``.
 * **timm ViT** — ``cls_token [1, 1, D]``, ``pos_embed [1, 1 + h*w, D]`` (first row: the class

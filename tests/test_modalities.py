@@ -6,8 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from multimae_att.modalities import (MODALITIES, MODEL_MODALITIES, OUTPUTS, SEMSEG_NUM_CLASSES, get_modality,
-                                     get_output, output_names, target_of)
+from multimae_att.modalities import (
+    MODALITIES,
+    MODEL_MODALITIES,
+    OUTPUTS,
+    SEMSEG_NUM_CLASSES,
+    get_modality,
+    get_output,
+    output_names,
+    target_of,
+)
 
 
 def test_table_entries_are_consistent():
@@ -20,7 +28,8 @@ def test_table_entries_are_consistent():
     for name, o in OUTPUTS.items():
         assert o.name == name and MODALITIES[o.target].model
     assert {o.target for o in OUTPUTS.values()} == set(MODEL_MODALITIES)   # every model modality decodes
-    assert MODALITIES["semseg"].classes == SEMSEG_NUM_CLASSES == 133
+    assert MODALITIES["semseg"].classes == SEMSEG_NUM_CLASSES
+    assert SEMSEG_NUM_CLASSES == 133
     with pytest.raises(dataclasses.FrozenInstanceError):
         MODALITIES["rgb"].stride = 2
     with pytest.raises(TypeError):
@@ -64,7 +73,7 @@ def test_model_adapters_follow_the_table():
     for name in MODEL_MODALITIES:
         m = MODALITIES[name]
         assert ins[name].stride_level == m.stride
-        assert (ins[name].P_H, ins[name].P_W) == (16 // m.stride, 16 // m.stride)
+        assert (16 // m.stride, 16 // m.stride) == (ins[name].P_H, ins[name].P_W)
     assert ins["rgb"].num_channels == 3 and ins["depth"].num_channels == 1
     assert ins["semseg"].num_classes == 133 and ins["semseg"].dim_class_emb == MODALITIES["semseg"].class_dim
     for name, adapter in outs.items():

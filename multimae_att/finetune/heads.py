@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
 
 from multimae_att.model.pos_emb import pair
@@ -90,7 +91,7 @@ class ConvNeXtAdapter(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int = 6144, preds_per_patch: int = 16,
                  main_tasks: Iterable[str] = ("rgb",), patch_size: int = 16, depth: int = 4,
                  interpolate_mode: str = "bilinear", drop_path_rate: float = 0.0,
-                 dim_tokens_enc: Optional[int] = None, **_ignored) -> None:
+                 dim_tokens_enc: Optional[int] = None) -> None:
         super().__init__()
         side = int(round(preds_per_patch ** 0.5))
         if side * side != preds_per_patch or embed_dim % preds_per_patch:
@@ -126,9 +127,8 @@ class ConvNeXtAdapter(nn.Module):
         h, w = input_info["image_size"]
         nh, nw = h // self.patch_size, w // self.patch_size
         x = self.proj_dec(select_task_tokens(encoder_tokens, input_info, self.main_tasks))
-        b, s, c = x.shape[0], self.side, self.class_dim
-        # [B, nh*nw, (s*s*c)] -> [B, c, nh*s, nw*s]; channel layout (p c) as MultiMAE's weights
-        x = x.view(b, nh, nw, s, s, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, nh * s, nw * s)
+        # each token's features unfold into an s x s block of class_dim-d features (MultiMAE's layout)
+        x = rearrange(x, "b (nh nw) (ph pw c) -> b c (nh ph) (nw pw)", nh=nh, nw=nw, ph=self.side, pw=self.side)
         x = self.final_layer(self.blocks(x))
         return F.interpolate(x, size=(h, w), mode=self.interpolate_mode)
 
@@ -193,7 +193,7 @@ class DPTOutputAdapter(nn.Module):
                  patch_size: Union[int, Tuple[int, int]] = 16, main_tasks: Iterable[str] = ("rgb",),
                  hooks: Sequence[int] = (2, 5, 8, 11), layer_dims: Sequence[int] = (96, 192, 384, 768),
                  feature_dim: int = 256, use_bn: bool = False, dim_tokens_enc: Optional[int] = None,
-                 head_type: str = "regression", **_ignored) -> None:
+                 head_type: str = "regression") -> None:
         super().__init__()
         if len(hooks) != 4 or len(layer_dims) != 4:
             raise ValueError(f"DPTOutputAdapter: need 4 hooks and 4 layer_dims, got {hooks}, {layer_dims}")
@@ -256,7 +256,7 @@ class DPTOutputAdapter(nn.Module):
         layers = []
         for i, hook in enumerate(self.hooks):
             x = select_task_tokens(encoder_tokens[hook], input_info, self.main_tasks)  # [B, N, D]
-            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], nh, nw)
+            x = rearrange(x, "b (nh nw) d -> b d nh nw", nh=nh, nw=nw)
             layers.append(self.scratch.layer_rn[i](self.act_postprocess[i](x)))
         path = self.scratch.refinenet4(layers[3])
         path = self.scratch.refinenet3(path, layers[2])
@@ -299,8 +299,7 @@ class LinearOutputAdapter(nn.Module):
     """
 
     def __init__(self, num_classes: int, dim_tokens_enc: Optional[int] = None,
-                 use_mean_pooling: bool = True, init_scale: float = 1.0, norm: str = "layer",
-                 **_ignored) -> None:
+                 use_mean_pooling: bool = True, init_scale: float = 1.0, norm: str = "layer") -> None:
         super().__init__()
         if norm not in ("layer", "batch"):
             raise ValueError(f"LinearOutputAdapter: norm must be 'layer' or 'batch', got {norm!r}")
@@ -329,8 +328,7 @@ class LinearOutputAdapter(nn.Module):
         """``[B, N, D]`` -> ``[B, D]`` (mean over all tokens, or the last = global token)."""
         return encoder_tokens.mean(1) if self.use_mean_pooling else encoder_tokens[:, -1]
 
-    def forward(self, encoder_tokens: torch.Tensor, input_info: Optional[Dict] = None,
-                **_ignored) -> torch.Tensor:
+    def forward(self, encoder_tokens: torch.Tensor, input_info: Optional[Dict] = None) -> torch.Tensor:
         if isinstance(encoder_tokens, (list, tuple)):
             encoder_tokens = encoder_tokens[-1]
         return self.head(self.norm(self.pool(encoder_tokens)))

@@ -1,6 +1,6 @@
 """Token masking: Dirichlet budgets over modalities and attention-guided strategies.
 
-Public API (DESIGN.md §4, docs/INTERFACES.md):
+Public API (docs/INTERFACES.md):
 
 - :func:`sample_budgets` -> int64 ``[B, M]`` visible counts, exactly ``K`` per sample;
 - :data:`STRATEGIES`, :func:`make_masks` -> :class:`Masks` (``.hidden``, ``.thrown``; 1 = hidden);

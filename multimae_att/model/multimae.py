@@ -1,6 +1,6 @@
 """MultiMAE and MultiViT: shared ViT encoder over the tokens of several input modalities.
 
-Drop-in surface (DESIGN.md §3): classes, constructor keywords, state-dict names and
+Drop-in surface (README "Model API"): classes, constructor keywords, state-dict names and
 ``forward`` semantics are MultiMAE's. On top of it, the fast internal API used by the
 pretraining runner (docs/INTERFACES.md):
 

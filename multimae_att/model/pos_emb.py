@@ -1,6 +1,6 @@
 """Fixed 2-D sine-cosine positional embeddings and their resizing.
 
-Layout (contract, DESIGN.md §3): a ``[1, D, h, w]`` grid whose channels are four equal blocks
+Layout (checkpoints store these tables: a contract): a ``[1, D, h, w]`` grid whose channels are four equal blocks
 ``sin(row·ω), cos(row·ω), sin(col·ω), cos(col·ω)`` with ``ω_k = 1 / T^(k / (D/4))``,
 ``k = 0 .. D/4 - 1`` and ``T = 10000``. This equals MultiMAE's (MoCo-v3 style) tables for the
 square grids it is used with; for non-square grids MultiMAE's construction scrambles rows and

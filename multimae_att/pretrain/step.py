@@ -1,4 +1,4 @@
-"""One pretraining step (DESIGN.md §2): embed once -> scores -> budgets -> masks -> masked pass -> loss.
+"""One pretraining step: embed once -> scores -> budgets -> masks -> masked pass -> loss.
 
 The pieces, each usable on its own (the benchmark calls :func:`forward_loss` directly):
 

@@ -40,7 +40,7 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise RuntimeError(f"cannot load training state {p} with weights_only=True: {e}") from e
-    except Exception as e:  # noqa: BLE001 -- truncated zip, bad magic, ...: re-raised with the file name
+    except Exception as e:  # truncated zip, bad magic, ...: re-raised with the file name
         raise RuntimeError(f"cannot read training state {p} (truncated or corrupt?): "
                            f"{type(e).__name__}: {e}") from e
     return state

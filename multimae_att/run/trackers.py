@@ -107,7 +107,7 @@ class RunLogger:
             accelerator.init_trackers(PROJECT, config=_hparams(config), init_kwargs=kwargs)
         self.bar = None
         if progress and self.main and total_steps > 0:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
 
     def advance(self) -> None:
