@@ -22,43 +22,29 @@ fold in per-patch weights naturally. AttG (based on "attention-guided loss weigh
 modality, normalised by the number of hidden patches (not by ``sum w``), so emphasising
 attended patches raises their share of the gradient without rescaling the others.
 
-The map output modality -> masked input modality is by name, with ``norm_rgb`` -> ``rgb``.
+Which loss each output gets and which input modality's mask it reads (``norm_rgb`` -> ``rgb``)
+come from the modality table (multimae_att/modalities.py).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from multimae_att.modalities import OUTPUTS, LossSpec, target_of
+
 __all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
            "attg_weights", "masked_loss", "multimodal_loss", "input_modality_of"]
 
-LossKind = Literal["mse", "l1", "ce"]
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """How one output modality is scored."""
-
-    kind: LossKind
-    norm_pix: bool = False
-    ignore_index: int = -100
-
-
-DEFAULT_SPECS: dict[str, LossSpec] = {
-    "rgb": LossSpec("mse"),
-    "norm_rgb": LossSpec("mse", norm_pix=True),
-    "depth": LossSpec("l1"),
-    "semseg": LossSpec("ce"),
-}
+#: output -> how it is scored: the modality table's loss spec of each output (a run may override
+#: entries, ``multimodal_loss(specs=...)``)
+DEFAULT_SPECS: dict[str, LossSpec] = {name: output.loss for name, output in OUTPUTS.items()}
 
 
 def input_modality_of(output: str) -> str:
-    """The input modality whose mask (and scores) an output modality uses."""
-    return "rgb" if output == "norm_rgb" else output
+    """The input modality whose mask (and scores) an output uses (the table's ``target``)."""
+    return target_of(output)
 
 
 def _patch_grid(pred: torch.Tensor, num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int]:
