@@ -25,7 +25,7 @@ from multimae_att.config import config_to_dict, save_config
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, check_resume_config
-from multimae_att.pretrain.pictures import save_pictures
+from multimae_att.pretrain.pictures import picture_info, save_pictures
 from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
                                          make_accelerator, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
@@ -177,6 +177,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
     bar = tqdm(total=run.total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
                disable=not (accelerator.is_main_process and cfg.log.progress))
     device = accelerator.device
+    info = picture_info(cfg) if accelerator.is_main_process else None
     while step < run.total_steps:
         if refresher is not None:  # full-image cache refresh at the start of a window
             refresher.maybe_refresh(step, step / run.steps_per_epoch, lambda: _save(
@@ -200,7 +201,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                                    in_modalities=list(cfg.model.in_modalities),
                                    standardize_depth=cfg.data.standardize_depth,
                                    loss_weights=cfg.loss.weights, specs=specs, attg=attg, tau=tau,
-                                   want_scores=pictures and j == accum - 1, device=device)
+                                   device=device)
                 accelerator.backward(res.loss / accum)
             _accumulate(totals, res, accum)
         if cfg.optim.clip_grad is not None:
@@ -222,7 +223,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
             save_pictures(Path(cfg.output_dir) / "pictures", step, res.inputs, res.preds,
                           res.plan.hidden, res.plan.thrown, res.plan.scores,
                           input_grids(accelerator.unwrap_model(module).model, res.inputs),
-                          cfg.log.pictures_samples)
+                          cfg.log.pictures_samples, info=info, guided=res.plan.guided)
         if step % cfg.train.save_every == 0 or step == run.total_steps:
             _save(store, step, stream, module, optimizer, policy, cfg, accelerator)
             if refresher is not None:
