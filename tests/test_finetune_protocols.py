@@ -250,6 +250,20 @@ def test_select_eval_samples_takes_permutation_of_sorted_stems(tmp_path):
     assert P.select_eval_samples(loader, None) is loader
 
 
+def test_max_eval_samples_limits_the_evaluation_split_only(tmp_path):
+    """k-NN reads its training bank through the evaluation loader too: that split stays whole."""
+    from multimae_att.finetune.engine import build_eval_loader, make_accelerator
+    from multimae_att.finetune.tasks import make_task
+    _write_folder(tmp_path, "train", [f"t{i}" for i in range(5)])
+    _write_folder(tmp_path, "val", [f"v{i}" for i in range(6)])
+    cfg = load_finetune_config(None, ["task.name=knn", f"data.root={tmp_path}", "data.image_size=16",
+                                      "data.max_eval_samples=2", "data.num_workers=0", "train.cpu=true"])
+    spec = make_task(cfg)
+    acc = make_accelerator(cfg, spec)
+    assert len(build_eval_loader(cfg, spec, "train", acc).dataset) == 5
+    assert len(build_eval_loader(cfg, spec, "val", acc).dataset) == 2
+
+
 def test_recipe_through_the_data_package(tmp_path):
     """``build_dataset(recipe=...)``: the recipe's tensors plus sample_id (and cls) per sample."""
     _write_folder(tmp_path, "val", ["a", "b"], shape=(6, 8))

@@ -104,6 +104,12 @@ class DataConfig:
     eval_mode: Literal["auto", "full", "center_crop", "letterbox"] = "auto"
     max_eval_samples: Optional[int] = None    # evaluate on a seed-0 permutation's first N (folder layout)
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
+    # low-data training: a stratified, seeded (train.seed) subset of this share of each class
+    train_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass

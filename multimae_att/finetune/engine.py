@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from multimae_att.config import config_to_dict, save_config
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
+from multimae_att.data.subset import stratified_subset, training_subset
 from multimae_att.finetune.augment import with_sample_transform
 from multimae_att.finetune.config import FinetuneConfig, check_resume_config
 from multimae_att.finetune.knn import knn_evaluate
@@ -66,6 +67,7 @@ def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: in
     ds = build_dataset(d.root, task.data_modalities(), split=d.train_split, train=True, rank=rank,
                        world_size=world, batch_size=d.batch_size, scale=tuple(d.crop_scale),
                        hflip=d.hflip, recipe=make_recipe(cfg, train=True), **_loader_kwargs(cfg))
+    ds = training_subset(ds, d.train_fraction, cfg.train.seed)
     transform = getattr(task, "sample_transform", lambda: None)()
     ds = with_sample_transform(ds, transform)
     common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate, drop_last=True)
@@ -93,7 +95,8 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
                           native_modalities=native, recipe=make_recipe(cfg, train=False),
                           collate_fn=make_native_collate(cfg.task.ignore_index) if native else collate,
                           **_loader_kwargs(cfg))
-    loader = select_eval_samples(loader, d.max_eval_samples, f"{d.root} split {split!r}")
+    if split == d.val_split:   # not k-NN's training bank
+        loader = select_eval_samples(loader, d.max_eval_samples, f"{d.root} split {split!r}")
     return accelerator.prepare_data_loader(loader)
 
 
@@ -380,6 +383,9 @@ def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, A
     t, mb = cfg.task, cfg.train.max_eval_batches
     train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
                              task, accelerator, mb)
+    if cfg.data.train_fraction < 1.0:   # low-data k-NN: the same stratified share of the labelled set
+        keep = torch.as_tensor(stratified_subset(train[1].tolist(), cfg.data.train_fraction, cfg.train.seed))
+        train = (train[0][keep], train[1][keep])
     val = extract_features(model, build_eval_loader(cfg, task, cfg.data.val_split, accelerator),
                            task, accelerator, mb)
     return knn_evaluate(*train, *val, num_classes=t.num_classes, k=t.knn_k,

@@ -66,6 +66,9 @@ class DataConfig:
     hflip: float = 0.5
     standardize_depth: bool = True   # robust per-sample standardisation before the model
     samples_per_epoch: Optional[int] = None  # shards: per rank; None = from the shard index
+    # semseg labels that are background for the masking diagnostics (foreground = the others;
+    # synthetic scenes: [0, 1] = wall, floor); None = no foreground diagnostics
+    background_classes: Optional[list[int]] = None
 
 
 @dataclass
@@ -238,7 +241,8 @@ class PretrainConfig:
 # Keys a resumed run may change freely (a note is printed): where things are, how often to log or
 # save, how long to run. Everything else (model.*, the rest of data.*, masking.*, loss.*, optim.*,
 # schedule.*, train.seed, train.mixed_precision, train.cpu, ...) changes the results.
-RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "masking.cache.path",
+RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
+                    "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
                     "train.final_export", "train.find_unused_parameters")
 RESUME_FREE_SECTIONS = ("init.", "log.")
