@@ -228,3 +228,22 @@ def test_inspect_and_the_module_command_line(published, cache, capsys):
     run = subprocess.run([sys.executable, "-m", "multimae_att.checkpoint", "download", "mae-b"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "put it at" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, monkeypatch):
+    """python -m multimae_att.diagnose --checkpoint accepts names / URLs like the runners; its
+    default output does not land in the torch hub cache."""
+    from multimae_att.checkpoint import export_weights
+    from multimae_att.diagnose import main as diagnose_main
+    from multimae_att.model import create_pretrain_model
+    from test_pretrain import make_synthetic, tiny_config
+
+    data = make_synthetic(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "c.yaml", data)
+    src = tmp_path / "release" / "tiny.pth"
+    export_weights(create_pretrain_model("tiny", image_size=32, semseg_num_classes=10), src)
+    monkeypatch.chdir(tmp_path)
+    result = diagnose_main(["--checkpoint", src.as_uri(), "--data", str(data), "--split", "train",
+                            "--config", str(cfg), "--background-classes", "0", "1", "--max-images", "2"])
+    assert result["checkpoint"] == str(cache / "tiny.pth") and result["images"] == 2
+    assert (tmp_path / "diagnose-train.json").is_file() and _cache_files(cache) == ["tiny.pth"]
