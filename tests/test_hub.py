@@ -78,6 +78,23 @@ def test_file_url_is_copied_into_the_cache_and_checked(tmp_path, cache):
     assert resolve_checkpoint(src.as_uri(), progress=False) == got
 
 
+def test_urls_without_a_hash(tmp_path, cache, monkeypatch):
+    """file://: the file itself; http(s): cached per URL, so equal file names never collide."""
+    local = tmp_path / "run" / "final.pth"
+    local.parent.mkdir()
+    local.write_bytes(b"weights")
+    assert resolve_checkpoint(local.as_uri()) == local and _cache_files(cache) == []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        assert hash_prefix is None
+        Path(dst).write_text(url)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    a, b = (resolve_checkpoint(f"https://example.invalid/{run}/final.pth") for run in ("a", "b"))
+    assert a != b and a.name == b.name == "final.pth" and a.is_relative_to(cache / "by-url")
+    assert a.read_text().endswith("/a/final.pth") and b.read_text().endswith("/b/final.pth")
+
+
 def test_wrong_hash_is_refused_and_nothing_is_cached(tmp_path, cache):
     src, digest = _weights_file(tmp_path / "remote", "tiny")
     wrong = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
@@ -245,5 +262,5 @@ def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, mon
     monkeypatch.chdir(tmp_path)
     result = diagnose_main(["--checkpoint", src.as_uri(), "--data", str(data), "--split", "train",
                             "--config", str(cfg), "--background-classes", "0", "1", "--max-images", "2"])
-    assert result["checkpoint"] == str(cache / "tiny.pth") and result["images"] == 2
-    assert (tmp_path / "diagnose-train.json").is_file() and _cache_files(cache) == ["tiny.pth"]
+    assert result["checkpoint"] == str(src) and result["images"] == 2      # file:// without a hash: the file
+    assert (tmp_path / "diagnose-train.json").is_file() and not (src.parent / "diagnose-train.json").exists()
