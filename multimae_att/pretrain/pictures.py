@@ -58,15 +58,23 @@ class PictureInfo:
     class_names: Mapping[int, str] | None = None
 
 
+# The first 20 classes get matplotlib's qualitative tab10 colours, then their light tab20 partners
+# (written out: no matplotlib import for the palette): the classes of small label sets, such as
+# the synthetic scenes', are told apart at a glance.
+_QUALITATIVE = ("1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf "
+                "aec7e8 ffbb78 98df8a ff9896 c5b0d5 c49c94 f7b6d2 c7c7c7 dbdb8d 9edae5").split()
+
+
 def semseg_palette(n: int = 256) -> np.ndarray:
-    """Fixed colours ``[n, 3]`` in [0, 1]: hues spaced by the golden angle, so neighbouring class
-    indices differ clearly; the same class has the same colour in every picture and run."""
+    """Fixed colours ``[n, 3]`` in [0, 1]: tab10 then light tab20 for classes 0-19, then hues
+    spaced by the golden angle; the same class has the same colour in every picture and run."""
     out = np.empty((n, 3))
     for k in range(n):
+        if k < len(_QUALITATIVE):
+            out[k] = [int(_QUALITATIVE[k][i:i + 2], 16) / 255 for i in (0, 2, 4)]
+            continue
         hue = (k * 0.618033988749895 + 0.08) % 1.0
-        sat = (0.55, 0.85, 0.7)[k % 3]
-        val = (0.95, 0.75)[(k // 3) % 2]
-        out[k] = colorsys.hsv_to_rgb(hue, sat, val)
+        out[k] = colorsys.hsv_to_rgb(hue, (0.55, 0.85, 0.7)[k % 3], (0.95, 0.75)[(k // 3) % 2])
     return out
 
 
