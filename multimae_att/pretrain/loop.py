@@ -177,6 +177,9 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                                    device=device)
                 accelerator.backward(res.loss / accum)
             _accumulate(totals, res, accum)
+        if (step + 1) % cfg.log.every == 0 or step + 1 == run.total_steps:
+            totals.update(_masking_diagnostics(cfg, res, accelerator.unwrap_model(module).model, policy,
+                                               epoch, attg))
         if cfg.optim.clip_grad is not None:
             accelerator.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
         optimizer.step()
@@ -218,6 +221,21 @@ def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
     totals["guided"] = totals.get("guided", 0.0) + res.plan.guided.float().mean() / accum
 
 
+def _masking_diagnostics(cfg, res, model, policy, epoch, attg) -> dict[str, Any]:
+    """Log-step masking diagnostics of the last micro-batch (:func:`multimae_att.diagnostics.
+    step_diagnostics`): ``mask/hidden_fg_share`` and, when this step's masks came from scores,
+    ``attn/fg_auroc.<modality>``; nothing without ``data.background_classes`` or semseg labels.
+    Every process computes the same keys (scores drawn only for pictures on the main process are
+    left out), so the values reduce like the losses."""
+    bg = cfg.data.background_classes
+    if not bg or "semseg" not in res.inputs:
+        return {}
+    from multimae_att.diagnostics import step_diagnostics
+
+    scores = res.plan.scores if (policy.needs_scores(epoch) or attg == "scores") else None
+    return step_diagnostics(res.inputs["semseg"], input_grids(model, res.inputs), res.plan.hidden, scores, bg)
+
+
 def _reduce(totals: dict[str, Any], accelerator: Any) -> dict[str, float]:
     """Mean over processes (one collective for all values); python floats."""
     keys = sorted(totals)
@@ -243,6 +261,8 @@ def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[
         rec["thrown"] = thrown
     if policy.adaptive is not None:
         rec["alphas"] = [float(a) for a in policy.current_alphas()]
+    # masking diagnostics (log steps with data.background_classes); NaN (nothing to measure) -> null
+    rec.update({k: (v if v == v else None) for k, v in losses.items() if k.startswith(("mask/", "attn/"))})
     return rec
 
 
