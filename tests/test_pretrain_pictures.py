@@ -1,5 +1,6 @@
 """Training pictures: titled panels per case (scores / thrown / semseg), the pixels of the mask
 and reconstruction panels, files and tracker logging, and what a run draws."""
+import importlib.util
 import json
 
 import numpy as np
@@ -155,6 +156,10 @@ def test_a_run_draws_score_panels_only_when_masks_came_from_scores(tmp_path, dat
     cfg = tiny_config(tmp_path / "c.yaml", data_root, log={"pictures_every": 1}, train={"max_steps": 1})
     run_cli("--config", str(cfg), f"output_dir={tmp_path / 'run'}", f"masking.strategy={strategy}")
     assert sorted(m for m, *_ in seen) == ["depth", "rgb", "semseg"]
+    if strategy == "high" and importlib.util.find_spec("tensorboard") is not None:  # sent to the tracker too
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+        assert sorted(events.Tags()["images"]) == ["pictures/depth", "pictures/rgb", "pictures/semseg"]
     for _, has_scores, info, guided in seen:
         assert has_scores == (strategy == "high")                   # random: no scoring pass, no panel
         assert info.strategy == strategy and info.class_names[0] == "wall"   # names from data.root

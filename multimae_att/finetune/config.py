@@ -14,8 +14,7 @@ from typing import Literal, Optional
 from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.model import ENCODER_SIZES
 
-__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes",
-           "check_resume_config"]
+__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes"]
 
 TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
 MODALITIES = ("rgb", "depth", "semseg")
@@ -160,6 +159,7 @@ class InitConfig:
     checkpoint: Optional[str] = None          # ours or MultiMAE's, MultiMAE or timm layout
     resume: bool = True                       # continue from output_dir's latest training state
     allow_config_change: bool = False         # resume even if result-changing keys differ (see below)
+    overwrite: bool = False                   # start over in a used output_dir (old contents -> previous-<time>/)
 
 
 @dataclass
@@ -297,14 +297,6 @@ def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], 
     from multimae_att.config import config_to_dict, resume_config_changes as changes
 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))
-
-
-def check_resume_config(saved: dict, cfg: FinetuneConfig, state_file: str, print_fn=print) -> None:
-    """Stop a resume whose config changes the results (unless ``init.allow_config_change``)."""
-    from multimae_att.config import check_resume_config as check
-
-    check(resume_config_changes(saved, cfg), state_file, cfg.output_dir, cfg.init.allow_config_change,
-          print_fn)
 
 
 def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
