@@ -52,7 +52,7 @@ from urllib.request import url2pathname
 import torch.hub
 
 __all__ = ["PublishedCheckpoint", "PUBLISHED", "RELEASE_URL", "CheckpointUnavailableError",
-           "CheckpointHashError", "resolve_checkpoint", "cache_dir", "cached_path", "hash_prefix_of",
+           "CheckpointHashError", "resolve_checkpoint", "local_path", "cache_dir", "cached_path", "hash_prefix_of",
            "is_offline", "main"]
 
 RELEASE_URL = "https://github.com/EPFL-VILAB/MultiMAE/releases/download/pretrained-weights/"
@@ -212,6 +212,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 # ----------------------------------------------------------------------------- resolving
+def local_path(spec: str | os.PathLike) -> Path:
+    """The local file ``spec`` stands for, without downloading or checking anything (it may not
+    exist): a path as is, a published name or URL its place in the cache, a ``file://`` URL
+    without a hash in its name the file itself. What :func:`resolve_checkpoint` returns once the
+    file is there (run provenance identifies ``init.checkpoint`` by this file's hash)."""
+    if isinstance(spec, os.PathLike):
+        return Path(spec)
+    spec = str(spec)
+    parsed = urlparse(spec)
+    if spec not in PUBLISHED and parsed.scheme == "file" and hash_prefix_of(_file_name(spec)) is None:
+        return Path(url2pathname(parsed.path))
+    if spec in PUBLISHED or parsed.scheme in URL_SCHEMES:
+        return cached_path(spec)
+    return Path(spec).expanduser()
+
+
 def resolve_checkpoint(spec: str | os.PathLike, progress: bool = True) -> Path:
     """A published name, a URL or a path -> the local file to load (see the module docstring).
 
@@ -229,7 +245,7 @@ def resolve_checkpoint(spec: str | os.PathLike, progress: bool = True) -> Path:
     if scheme in URL_SCHEMES:
         prefix = hash_prefix_of(_file_name(spec))
         if scheme == "file" and prefix is None:  # nothing to verify: the file itself, not a copy
-            return _local(Path(url2pathname(urlparse(spec).path)))
+            return _local(local_path(spec))
         return _fetch(spec, prefix, progress, label=spec)
     if "://" in spec:
         raise ValueError(f"checkpoint {spec!r}: unsupported URL scheme {scheme!r} "

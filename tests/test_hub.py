@@ -264,3 +264,16 @@ def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, mon
                             "--config", str(cfg), "--background-classes", "0", "1", "--max-images", "2"])
     assert result["checkpoint"] == str(src) and result["images"] == 2      # file:// without a hash: the file
     assert (tmp_path / "diagnose-train.json").is_file() and not (src.parent / "diagnose-train.json").exists()
+
+
+def test_local_path_is_where_resolve_puts_the_file(published, cache, tmp_path):
+    """Run provenance identifies init.checkpoint by hub.local_path without downloading: it must
+    name the file resolve_checkpoint returns."""
+    entry, src, _ = published
+    plain = tmp_path / "run" / "final.pth"
+    plain.parent.mkdir()
+    plain.write_bytes(b"w")
+    for spec in ("tiny-test", src.as_uri(), plain.as_uri(), str(plain), plain):
+        assert hub.local_path(spec) == resolve_checkpoint(spec, progress=False)
+    assert hub.local_path("https://example.invalid/a/final.pth") == \
+        hub.cached_path("https://example.invalid/a/final.pth")
