@@ -1,5 +1,5 @@
 """Training pictures: titled panels per case (scores / thrown / semseg), the pixels of the mask
-and reconstruction panels, files and tracker logging, and what a run draws."""
+and reconstruction panels, files, and what a run draws and sends to the trackers."""
 import importlib.util
 import json
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from multimae_att.pretrain import pictures
-from multimae_att.pretrain.pictures import (PictureInfo, build_figure, log_pictures, read_semseg_class_names,
+from multimae_att.pretrain.pictures import (PictureInfo, build_figure, read_semseg_class_names,
                                             render_modality, save_pictures, semseg_palette)
 from test_pretrain import (_fresh_accelerate_state, _importable_entry_point, data_root,  # noqa: F401  (fixtures)
                            run_cli, tiny_config)
@@ -105,30 +105,6 @@ def test_save_pictures_writes_and_returns_one_picture_per_modality(tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"step_00000007_{m}.png")), img)
     assert render_modality("rgb", inputs["rgb"][:1], None, hidden["rgb"][:1], None, None, (2, 2),
                            (size, size)).shape[2] == 3                            # no decoder: still drawn
-
-
-def test_log_pictures_sends_images_to_trackers():
-    calls = []
-
-    class Writer:
-        def add_image(self, tag, img, global_step, dataformats):
-            calls.append(("tb", tag, img.shape, global_step, dataformats))
-
-    class TensorBoard:
-        name, writer = "tensorboard", Writer()
-
-    class Images:
-        name = "wandb"
-
-        def log_images(self, values, step):
-            calls.append(("images", sorted(values), step))
-
-    class NoImages:
-        name = "csv"
-
-    img = np.zeros((5, 7, 3), np.uint8)
-    log_pictures([TensorBoard(), Images(), NoImages()], {"rgb": img}, step=3)
-    assert calls == [("tb", "pictures/rgb", (5, 7, 3), 3, "HWC"), ("images", ["pictures/rgb"], 3)]
 
 
 def test_semseg_class_names_from_the_dataset_folder(tmp_path):

@@ -18,8 +18,8 @@ modality; each row says whether its sample was masked by the strategy or at rand
 (``masking.prob``, warm-up).
 
 matplotlib (Agg canvas, no pyplot state) draws the figure once; :func:`render_modality` returns
-it as a uint8 ``[H, W, 3]`` array that is written as PNG and can be sent to experiment
-trackers (:func:`log_pictures`). Cost: ~0.6 s of a CPU core per modality at 224 px, every
+it as a uint8 ``[H, W, 3]`` array that is written as PNG and sent to the experiment trackers
+(the run skeleton's ``log_image``). Cost: ~0.6 s of a CPU core per modality at 224 px, every
 ``log.pictures_every`` steps, on the main process only.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from PIL import Image
 
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["PictureInfo", "render_modality", "save_pictures", "log_pictures", "picture_info",
+__all__ = ["PictureInfo", "render_modality", "save_pictures", "picture_info",
            "read_semseg_class_names", "semseg_palette", "PANEL_TITLES"]
 
 PANEL_TITLES = ("input", "scores", "mask", "reconstruction")
@@ -278,7 +278,7 @@ def save_pictures(directory: str | Path, step: int, inputs: Mapping[str, torch.T
                   info: PictureInfo = PictureInfo(), guided: torch.Tensor | None = None
                   ) -> dict[str, np.ndarray]:
     """Write ``<directory>/step_<step>_<modality>.png`` for every input modality; returns the
-    pictures as ``{modality: uint8 [H, W, 3]}`` (for :func:`log_pictures`).
+    pictures as ``{modality: uint8 [H, W, 3]}`` (for the trackers).
 
     ``scores``: the scores the masks were drawn from, or None when they were random (no score
     panel). ``guided``: bool ``[B]``, which samples the strategy masked.
@@ -296,17 +296,3 @@ def save_pictures(directory: str | Path, step: int, inputs: Mapping[str, torch.T
         Image.fromarray(img).save(directory / f"step_{step:08d}_{m}.png")
         pictures[m] = img
     return pictures
-
-
-def log_pictures(trackers, pictures: Mapping[str, np.ndarray], step: int) -> None:
-    """Send pictures to experiment trackers (Accelerate's ``accelerator.trackers``) that take images:
-    TensorBoard as ``pictures/<modality>`` (HWC), others through ``log_images``."""
-    for tracker in trackers:
-        if getattr(tracker, "name", "") == "tensorboard":
-            for m, img in pictures.items():
-                tracker.writer.add_image(f"pictures/{m}", img, global_step=step, dataformats="HWC")
-        elif hasattr(type(tracker), "log_images"):
-            try:
-                tracker.log_images({f"pictures/{m}": [img] for m, img in pictures.items()}, step=step)
-            except NotImplementedError:
-                pass
