@@ -29,6 +29,7 @@ from multimae_att.attention_cache import AttentionCache, refresh_cache
 from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
 from multimae_att.bench.timing import median, synchronize
 from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
+from multimae_att.optim import build_adamw
 from multimae_att.pretrain.config import LossConfig
 from multimae_att.pretrain.setup import param_groups
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
@@ -59,7 +60,7 @@ class BenchCases:
         # (inference_forward) is always fused.
         self.model.set_fused_attn(attn == "fused")
         self.module = PretrainModule(self.model)
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        self.opt = build_adamw(param_groups(self.model, 0.05), device, lr=1e-4, betas=(0.9, 0.95))  # as the runners
         self.loss_weights = LossConfig().weights
         self.batch = synthetic_batch(p, device, seed)
         self.inputs = {m: self.batch[m] for m in MODALITIES}
@@ -85,8 +86,9 @@ class BenchCases:
         policy = MaskingPolicy(strategy, params, modalities=list(MODALITIES))
         return MaskPlanner(policy, self.p.num_encoded, cache=self.cache if cached else None)
 
-    def train_step(self, planner: MaskPlanner) -> float:
-        """One optimizer step through the runner's own :func:`forward_loss`; returns the loss."""
+    def train_step(self, planner: MaskPlanner) -> torch.Tensor:
+        """One optimizer step through the runner's own :func:`forward_loss`; returns the loss
+        (a detached tensor: the runner reads losses every ``log.every`` steps, not every step)."""
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             res = forward_loss(self.module, self.batch, planner, epoch=0.0, generator=self.gen,
@@ -94,7 +96,7 @@ class BenchCases:
                                loss_weights=self.loss_weights, device=self.device)
         res.loss.backward()
         self.opt.step()
-        return float(res.loss.detach())
+        return res.loss.detach()
 
     @torch.no_grad()
     def scoring_pass(self) -> dict[str, torch.Tensor]:

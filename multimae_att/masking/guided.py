@@ -6,6 +6,8 @@ counts, ``hide`` int64 ``[B, M]`` = ``N_m - visible``. Higher score = more atten
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -113,7 +115,8 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
 
 @register_strategy("amt", {"throw_ratio": 0.4, "eps": 1e-6}, origin="AMT (Attention-driven "
                    "Masking and Throwing)", summary="weighted order by attention: first hidden, "
-                   "then floor(t*N) thrown, last v visible")
+                   "then floor(t*N) thrown, last v visible",
+                   min_thrown=lambda n, k, p: min(math.floor(p["throw_ratio"] * n + 1e-9), max(n - k, 0)))
 def amt(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, throw_ratio: float = 0.4,
         eps: float = 1e-6):
     """Weighted permutation without replacement of each modality's tokens, weights ``w`` = the

@@ -89,6 +89,17 @@ class MaskingPolicy:
         return sample_budgets(num_tokens, K, batch_size, self.current_alphas(), generator,
                               sample_tasks_uniformly=self.sample_tasks_uniformly, device=device)
 
+    def max_kept(self, num_tokens: Mapping[str, int], K: int, epoch: float) -> dict[str, int]:
+        """modality -> most tokens any sample keeps (visible or hidden, i.e. not thrown) at this
+        epoch with ``K`` visible per sample, from the configuration alone (no mask is read): ``N_m``
+        minus the strategy's least thrown count when every sample uses it, else ``N_m``
+        (random masks throw nothing). The decoders and the losses size their tensors by it."""
+        least = self.strategy.min_thrown
+        if least is None or not self.guided_now(epoch) or self.prob < 1.0:
+            return {m: int(n) for m, n in num_tokens.items()}
+        return {m: int(n) - max(0, min(int(n), int(least(int(n), int(K), self.params))))
+                for m, n in num_tokens.items()}
+
     def update_losses(self, losses: Mapping[str, float | Tensor]) -> None:
         """Feed per-modality losses to adaptive alpha (no-op when it is off)."""
         if self.adaptive is not None:

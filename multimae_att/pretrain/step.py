@@ -60,8 +60,12 @@ class MaskPlan:
 
     ``hidden``/``thrown``: modality -> bool ``[B, N_m]`` (1 = hidden / thrown); ``scores``:
     modality -> float ``[B, N_m]`` head-averaged (None when no scoring pass ran); ``visible``:
-    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> (samples of the
-    global micro-batch with at least one hidden, non-thrown token) / number of processes.
+    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> scalar tensor on the
+    masks' device, (samples of the global micro-batch with at least one hidden, non-thrown
+    token) / number of processes. ``num_visible``: K, the visible tokens of every sample;
+    ``max_kept``: modality -> an upper bound on a sample's tokens that are not thrown, known
+    without reading the masks. Both are host ints, so the model and the losses need no host
+    sync to size their tensors (None: read from the masks).
     """
 
     hidden: TensorDict
@@ -69,7 +73,9 @@ class MaskPlan:
     scores: Optional[TensorDict]
     visible: torch.Tensor
     guided: torch.Tensor
-    denominators: dict[str, float]
+    denominators: dict[str, torch.Tensor]
+    num_visible: int | None = None
+    max_kept: dict[str, int] | None = None
 
 
 class MaskPlanner:
@@ -96,7 +102,14 @@ class MaskPlanner:
         if self.cache is None or per_head:
             return model.attention_scores(tokens, per_head=per_head, **kw)
         grids = token_grids(model, tokens)
-        cached, valid = self.cache.lookup(batch, grids, int(epoch), device=next(iter(tokens.values())).device)
+        # The cache lives on the host: keep `valid` there, so finding the misses reads no device
+        # value; the scores go up from pinned memory (a pageable copy would wait for the GPU).
+        cached, valid = self.cache.lookup(batch, grids, int(epoch))
+        dev = next(iter(tokens.values())).device
+        if dev.type == "cuda":
+            cached = {m: s.pin_memory().to(dev, non_blocking=True) for m, s in cached.items()}
+        elif dev.type != "cpu":
+            cached = {m: s.to(dev) for m, s in cached.items()}
 
         def score_fn(index: torch.Tensor) -> TensorDict:
             sub = Tokens({m: t[index.to(t.device)] for m, t in tokens.items()}, tokens.image_size)
@@ -121,7 +134,7 @@ class MaskPlanner:
         masks = self.policy(glob, visible, epoch, generator, num_tokens=sizes)
         counted = {m: masks.hidden[m] if masks.thrown is None else masks.hidden[m] & ~masks.thrown[m]
                    for m in masks.hidden}
-        denominators = {m: float(c.any(dim=1).sum()) / W for m, c in counted.items()}
+        denominators = {m: c.any(dim=1).sum() / W for m, c in counted.items()}  # on the device: no sync
         if scores is not None and self.policy.per_head:
             scores = {m: s.mean(dim=1) for m, s in scores.items()}
         return MaskPlan(hidden={m: h[rows] for m, h in masks.hidden.items()},
@@ -129,7 +142,8 @@ class MaskPlanner:
                         scores=scores, visible=visible[rows],
                         guided=(masks.guided[rows] if masks.guided is not None
                                 else torch.ones(B, dtype=torch.bool, device=dev)),
-                        denominators=denominators)
+                        denominators=denominators, num_visible=self.K,
+                        max_kept=self.policy.max_kept(sizes, self.K, epoch))
 
 
 def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
@@ -159,8 +173,8 @@ class PretrainModule(nn.Module):
                 ) -> tuple[TensorDict, MaskPlan]:
         tokens = self.model.embed(inputs)
         plan = plan_fn(self.model, tokens)
-        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown,
-                                          fp32_output_adapters=self.fp32_output_adapters)
+        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown, num_visible=plan.num_visible,
+                                          max_kept=plan.max_kept, fp32_output_adapters=self.fp32_output_adapters)
         return preds, plan
 
 
@@ -208,7 +222,8 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
         inner = module.module if hasattr(module, "module") else module
         attg_scores = attg_scores_from_data(batch, input_grids(inner.model, inputs), device)
     loss, parts = multimodal_loss(preds, inputs, plan.hidden, plan.thrown, loss_weights, specs,
-                                  attg_scores=attg_scores, tau=tau, denominators=plan.denominators)
+                                  attg_scores=attg_scores, tau=tau, denominators=plan.denominators,
+                                  max_counted=plan.max_kept)  # counted (hidden, not thrown) <= kept
     return StepResult(loss, {k: v.detach() for k, v in parts.items()}, plan, preds, inputs)
 
 
