@@ -180,6 +180,8 @@ class TrainConfig:
     save_every: int = 1000                   # optimizer steps between training states
     keep_last: int = 2
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
+    attention: Literal["auto", "fused", "explicit"] = "auto"  # attention kernel; auto: chosen per pass
+    compile: bool = False                    # torch.compile the encoder blocks and decoders
 
 
 @dataclass
@@ -240,7 +242,7 @@ class PretrainConfig:
 # schedule.*, train.seed, train.mixed_precision, train.cpu, ...) changes the results.
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-                    "train.final_export", "train.find_unused_parameters")
+                    "train.final_export", "train.find_unused_parameters", "train.attention", "train.compile")
 RESUME_FREE_SECTIONS = ("init.", "log.")
 # The run length sets AttG's tau schedule (a half cosine over the run's steps).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")
