@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["compile_model"]
+__all__ = ["compile_model", "apply_speed_options"]
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:
@@ -26,4 +26,12 @@ def compile_model(model: nn.Module, **options) -> nn.Module:
         block.compile(**options)
     for adapter in (getattr(model, "output_adapters", None) or {}).values():
         adapter.compile(**options)
+    return model
+
+
+def apply_speed_options(model: nn.Module, attention: str = "auto", compile: bool = False) -> nn.Module:
+    """``train.attention`` and ``train.compile`` on a freshly built model (both runners call it)."""
+    model.set_attention(attention)
+    if compile:
+        compile_model(model)
     return model
