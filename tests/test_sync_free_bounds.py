@@ -14,28 +14,33 @@ N = {"rgb": 16, "depth": 16, "semseg": 16}
 @pytest.mark.parametrize("ratio", [0.0, 0.25, 0.4, 0.9])
 def test_amt_bound_on_kept_tokens_holds_and_is_reached(K, ratio):
     policy = MaskingPolicy("amt", {"throw_ratio": ratio})
-    bound = policy.max_kept(N, K, epoch=1.0)
+    kept = policy.kept_range(N, K, epoch=1.0)
+    bound = {m: hi for m, (_, hi) in kept.items()}
     g = torch.Generator().manual_seed(K)
-    most = {m: 0 for m in N}
+    most, fewest = {m: 0 for m in N}, {m: 99 for m in N}
     for _ in range(20):
         visible = sample_budgets(list(N.values()), K, 16, alphas=0.3, generator=g)
         scores = {m: torch.rand(16, n, generator=g) for m, n in N.items()}
         masks = policy(scores, visible, 1.0, g)
         for m in N:
-            kept = (~masks.thrown[m]).sum(1)
-            assert int(kept.max()) <= bound[m]
+            n_kept = (~masks.thrown[m]).sum(1)
+            assert kept[m][0] <= int(n_kept.min()) and int(n_kept.max()) <= kept[m][1]
             counted = (masks.hidden[m] & ~masks.thrown[m]).sum(1)
-            assert int(counted.max()) <= bound[m]
-            most[m] = max(most[m], int(kept.max()))
+            assert int(counted.max()) <= kept[m][1]
+            most[m], fewest[m] = max(most[m], int(n_kept.max())), min(fewest[m], int(n_kept.min()))
     assert most == bound  # tight: some sample keeps exactly that many
+    assert fewest == {m: lo for m, (lo, _) in kept.items()}
 
 
-def test_bound_is_every_token_when_nothing_or_not_everything_is_thrown():
-    assert MaskingPolicy("random").max_kept(N, 9, 1.0) == N
-    assert MaskingPolicy("high").max_kept(N, 9, 1.0) == N
-    assert MaskingPolicy("amt", prob=0.5).max_kept(N, 9, 1.0) == N   # random samples throw nothing
-    assert MaskingPolicy("amt", warmup_epochs=2).max_kept(N, 9, 1.0) == N  # still random
-    assert MaskingPolicy("amt").max_kept(N, 9, 2.0) == {m: 16 - 6 for m in N}  # floor(0.4 * 16) thrown
+def test_kept_range_without_throwing_with_some_random_samples_and_exact():
+    every = {m: (16, 16) for m in N}
+    assert MaskingPolicy("random").kept_range(N, 9, 1.0) == every
+    assert MaskingPolicy("high").kept_range(N, 9, 1.0) == every
+    assert MaskingPolicy("amt", warmup_epochs=2).kept_range(N, 9, 1.0) == every  # still random
+    assert MaskingPolicy("amt", prob=0.5).kept_range(N, 9, 1.0) == {m: (10, 16) for m in N}  # random ones keep all
+    # floor(0.4 * 16) = 6 thrown whenever a sample has at most 16 - 6 visible: with K = 9, always
+    assert MaskingPolicy("amt").kept_range(N, 9, 2.0) == {m: (10, 10) for m in N}
+    assert MaskingPolicy("amt").kept_range(N, 12, 2.0) == {m: (10, 12) for m in N}  # 12 visible: 4 thrown
 
 
 @pytest.mark.parametrize("spec", [LossSpec("ce"), LossSpec("mse", norm_pix=True)])
@@ -67,10 +72,13 @@ def test_decoder_padded_to_a_bound_equals_decoder_sized_by_the_mask():
     hidden = {m: ~visible[m] & ~thrown[m] for m in N}
     with torch.no_grad():
         read = model.forward_masked(tokens, hidden, thrown)
-        bound = model.forward_masked(tokens, hidden, thrown, num_visible=9, max_kept={m: 13 for m in N})
+        padded = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: (0, 13) for m in N})
+        exact = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: (11, 11) for m in N})
     for k in read:
-        torch.testing.assert_close(bound[k], read[k], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="max_kept=10"):
-        model.forward_masked(tokens, hidden, thrown, num_visible=9, max_kept={m: 10 for m in N})
+        torch.testing.assert_close(padded[k], read[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exact[k], read[k], atol=1e-5, rtol=1e-5)
+    for bad in ((0, 10), (12, 13)):
+        with pytest.raises(ValueError, match="outside kept_range"):
+            model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: bad for m in N})
     with pytest.raises(ValueError, match="exactly 8 visible"):
         model.forward_masked(tokens, hidden, thrown, num_visible=8)

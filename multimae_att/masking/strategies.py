@@ -81,10 +81,10 @@ class Strategy:
     deterministic: bool = False  # True: the generator is not used (masks depend on scores only)
     origin: str = ""
     summary: str = ""
-    # (N_m, K, params) -> fewest tokens of a modality with N_m tokens that any sample with K
-    # visible in total gets thrown; None = 0 (the strategy throws nothing). Lets the decoders and
-    # the losses size their tensors without reading the masks.
-    min_thrown: Callable[[int, int, Mapping[str, Any]], int] | None = None
+    # (N_m, v_min, v_max, params) -> (fewest, most) tokens of a modality with N_m tokens that a
+    # sample with v_min..v_max of them visible gets thrown; None = (0, 0), the strategy throws
+    # nothing. Lets the decoders and the losses size their tensors without reading the masks.
+    thrown_range: Callable[[int, int, int, Mapping[str, Any]], tuple[int, int]] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -93,13 +93,13 @@ STRATEGIES: dict[str, Strategy] = {}
 def register_strategy(name: str, defaults: Mapping[str, Any] | None = None, *,
                       needs_scores: bool = True, per_head: bool = False,
                       deterministic: bool = False, origin: str = "",
-                      summary: str = "", min_thrown: Callable | None = None) -> Callable:
+                      summary: str = "", thrown_range: Callable | None = None) -> Callable:
     """Decorator adding ``fn`` to :data:`STRATEGIES` under ``name`` with its parameter defaults."""
     def deco(fn: Callable) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"masking strategy {name!r} is already registered")
         STRATEGIES[name] = Strategy(name, fn, dict(defaults or {}), needs_scores, per_head,
-                                    deterministic, origin, summary, min_thrown)
+                                    deterministic, origin, summary, thrown_range)
         return fn
     return deco
 

@@ -276,10 +276,11 @@ class MultiMAE(nn.Module):
     def decode(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any], ids_keep: torch.Tensor,
                thrown: Optional[Mapping[str, torch.Tensor]] = None,
                fp32_output_adapters: Iterable[str] = (),
-               max_kept: Mapping[str, int] | None = None) -> TensorDict:
+               kept_range: Mapping[str, tuple[int, int]] | None = None) -> TensorDict:
         """Run every output adapter; ``thrown[m]`` (bool ``[B, N_m]``) drops those query rows of
         the decoder whose ``task`` (or, without one, whose name) is ``m`` (predictions there are zero).
-        ``max_kept[m]``: most rows any sample keeps (host int), so no count is read from the mask."""
+        ``kept_range[m]``: (fewest, most) rows a sample keeps (host ints), so no count is read from
+        the mask."""
         fp32 = set(fp32_output_adapters)
         preds = {}
         for name, adapter in self.output_adapters.items():
@@ -289,8 +290,8 @@ class MultiMAE(nn.Module):
             kwargs = {"input_info": input_info, "ids_keep": ids_keep}
             if keep is not None:
                 kwargs["query_keep"] = keep
-                if max_kept is not None and task in max_kept:
-                    kwargs["max_kept"] = max_kept[task]
+                if kept_range is not None and task in kept_range:
+                    kwargs["kept_range"] = kept_range[task]
             if name in fp32:
                 with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
                     preds[name] = adapter(encoder_tokens.float(), **kwargs)
@@ -302,7 +303,8 @@ class MultiMAE(nn.Module):
                        thrown: Optional[Mapping[str, torch.Tensor]] = None, *,
                        fp32_output_adapters: Iterable[str] = (),
                        return_encoder: bool = False, num_visible: int | None = None,
-                       max_kept: Mapping[str, int] | None = None) -> Union[TensorDict, Tuple[TensorDict, torch.Tensor]]:
+                       kept_range: Mapping[str, tuple[int, int]] | None = None
+                       ) -> Union[TensorDict, Tuple[TensorDict, torch.Tensor]]:
         """Masked encoder + decoders over the cached ``tokens`` (no second adapter pass).
 
         ``hidden[m]`` bool/int ``[B, N_m]`` (1 = hidden) for every input modality; ``thrown[m]``
@@ -311,8 +313,9 @@ class MultiMAE(nn.Module):
         Visible tokens are gathered in canonical order (vectorised), the global tokens
         appended, the encoder run; each decoder cross-attends to the visible + global tokens.
         Decoder queries at thrown positions are dropped and their predictions are zero-filled.
-        ``num_visible``: K and ``max_kept`` (modality -> most tokens not thrown in any sample),
-        when known, spare reading counts from the masks (each a host sync on a GPU).
+        ``num_visible``: K and ``kept_range`` (modality -> fewest and most tokens a sample keeps,
+        i.e. does not throw), when known, spare reading counts from the masks (each a host sync
+        on a GPU).
         Returns preds: dict output name -> ``[B, C, H_m, W_m]`` (and the encoder output
         ``[B, K + G, D]`` with ``return_encoder``).
         """
@@ -321,7 +324,7 @@ class MultiMAE(nn.Module):
         ids_keep = self._visible_ids(tokens, hidden, thrown, num_visible)
         encoded = self.encode_visible(tokens, ids_keep)
         preds = {} if self.output_adapters is None else self.decode(
-            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters, max_kept)
+            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters, kept_range)
         return (preds, encoded) if return_encoder else preds
 
     # ------------------------------------------------------------------ MultiMAE's forward

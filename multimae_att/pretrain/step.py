@@ -63,7 +63,7 @@ class MaskPlan:
     int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> scalar tensor on the
     masks' device, (samples of the global micro-batch with at least one hidden, non-thrown
     token) / number of processes. ``num_visible``: K, the visible tokens of every sample;
-    ``max_kept``: modality -> an upper bound on a sample's tokens that are not thrown, known
+    ``kept_range``: modality -> (fewest, most) tokens a sample keeps (not thrown), known
     without reading the masks. Both are host ints, so the model and the losses need no host
     sync to size their tensors (None: read from the masks).
     """
@@ -75,7 +75,7 @@ class MaskPlan:
     guided: torch.Tensor
     denominators: dict[str, torch.Tensor]
     num_visible: int | None = None
-    max_kept: dict[str, int] | None = None
+    kept_range: dict[str, tuple[int, int]] | None = None
 
 
 class MaskPlanner:
@@ -143,7 +143,7 @@ class MaskPlanner:
                         guided=(masks.guided[rows] if masks.guided is not None
                                 else torch.ones(B, dtype=torch.bool, device=dev)),
                         denominators=denominators, num_visible=self.K,
-                        max_kept=self.policy.max_kept(sizes, self.K, epoch))
+                        kept_range=self.policy.kept_range(sizes, self.K, epoch))
 
 
 def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
@@ -174,7 +174,7 @@ class PretrainModule(nn.Module):
         tokens = self.model.embed(inputs)
         plan = plan_fn(self.model, tokens)
         preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown, num_visible=plan.num_visible,
-                                          max_kept=plan.max_kept, fp32_output_adapters=self.fp32_output_adapters)
+                                          kept_range=plan.kept_range, fp32_output_adapters=self.fp32_output_adapters)
         return preds, plan
 
 
@@ -223,7 +223,9 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
         attg_scores = attg_scores_from_data(batch, input_grids(inner.model, inputs), device)
     loss, parts = multimodal_loss(preds, inputs, plan.hidden, plan.thrown, loss_weights, specs,
                                   attg_scores=attg_scores, tau=tau, denominators=plan.denominators,
-                                  max_counted=plan.max_kept)  # counted (hidden, not thrown) <= kept
+                                  # counted (hidden, not thrown) <= kept
+                                  max_counted=None if plan.kept_range is None else
+                                  {m: hi for m, (_, hi) in plan.kept_range.items()})
     return StepResult(loss, {k: v.detach() for k, v in parts.items()}, plan, preds, inputs)
 
 
