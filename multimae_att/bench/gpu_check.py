@@ -76,8 +76,7 @@ def run_summary(run_dir: Path, steps: int, batch: int, wall: float) -> dict:
         raise RuntimeError(f"{run_dir}: expected {steps} logged steps, metrics.jsonl ends at "
                            f"{recs[-1]['step'] if recs else 'nothing'}")
     timed = recs[1:] if len(recs) > 1 else recs
-    per_step = [r["seconds_per_step"] for r in timed if "seconds_per_step" in r] or \
-               [r["step_time"] for r in timed if "step_time" in r]
+    per_step = [r["step_time"] for r in timed if "step_time" in r]  # mean s/step since the previous line
     s_step = statistics.median(per_step) if per_step else float("nan")
     peak = max((r["peak_memory_mib"] for r in recs if "peak_memory_mib" in r), default=None)
     return {"steps": steps, "wall_s": round(wall, 1), "s_per_step": s_step, "samples_per_s": batch / s_step,

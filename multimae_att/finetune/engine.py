@@ -27,6 +27,7 @@ from tqdm import tqdm
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
 from multimae_att.data.subset import stratified_subset, training_subset
+from multimae_att.device_checks import check
 from multimae_att.finetune.augment import with_sample_transform
 from multimae_att.finetune.config import FinetuneConfig, resume_config_changes
 from multimae_att.finetune.knn import knn_evaluate
@@ -35,6 +36,7 @@ from multimae_att.finetune.protocols import make_recipe, select_eval_samples
 from multimae_att.finetune.report import global_batch_line, protocol_line, reported_metrics
 from multimae_att.finetune.skips import EvalSkips
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
+from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.preflight import check_finetune
 from multimae_att.run.folder import LOG_FILE, RESULTS_FILE, read_results
 from multimae_att.run.lifecycle import RunFolder
@@ -153,8 +155,10 @@ def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Op
 
 # ----------------------------------------------------------------------------- optimiser
 
-def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: int):
-    """AdamW over timm's layer-decay parameter groups (each group carries ``lr_scale``)."""
+def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: int,
+                    device: torch.device | str = "cpu"):
+    """AdamW over timm's layer-decay parameter groups (each group carries ``lr_scale``), on the
+    fastest kernel of ``device`` (:func:`multimae_att.optim.build_adamw`)."""
     from timm.optim import param_groups_layer_decay
     o = cfg.optim
     base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, global_batch)
@@ -163,7 +167,7 @@ def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: i
                                       layer_decay=o.layer_decay)
     if not groups:
         raise ValueError("nothing to optimise: every parameter is frozen")
-    return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
+    return build_adamw(groups, device, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -194,7 +198,7 @@ class _Trainer:
                               f"optimizer step of data (data.batch_size={cfg.data.batch_size} x "
                               f"optim.accum_steps={cfg.optim.accum_steps} per process)")
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
-        optimizer, self.base_lr = build_optimizer(cfg, model, global_batch)
+        optimizer, self.base_lr = build_optimizer(cfg, model, global_batch, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         if cfg.train.max_steps is not None:
@@ -229,7 +233,7 @@ class _Trainer:
         """Continue from ``state``, the newest readable training state in ``output_dir/checkpoints``
         (loaded and config-checked by :class:`RunFolder`)."""
         self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # keeps our AdamW kernel
         if state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -264,8 +268,9 @@ class _Trainer:
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 loss = self.task.loss(self.task.forward(self.model, batch), batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+            # no host read per step on a GPU (a device-side assertion there)
+            check(torch.isfinite(loss), f"non-finite loss at step {self.step}", FloatingPointError,
+                  lambda: f"{loss.item()}")
             self.acc.backward(loss)
             if self.acc.sync_gradients and self.cfg.optim.clip_grad:
                 self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
@@ -288,9 +293,10 @@ class _Trainer:
                 continue
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=self.epoch)
             if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
+                # the loop's only host read, every log.every steps
                 mean_loss = self.acc.reduce(loss.reshape(1), reduction="mean").item()   # over processes
+                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=self.epoch)
                 self.logger.log({"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1),
                                  "loss": mean_loss, "step_time": (time.perf_counter() - t0) / self.cfg.log.every})
                 t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.losses import LossSpec
+from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.pretrain.pictures import save_pictures
@@ -111,8 +112,8 @@ def train(cfg: PretrainConfig) -> Path:
     if folder.fresh and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
     module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=0.0,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay), accelerator.device, lr=0.0,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)  # fused where the device has it
     if init_opt is not None and cfg.init.load_optimizer:
         _try_load_optimizer(optimizer, init_opt, accelerator)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -172,11 +173,13 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
     bar = tqdm(total=run.total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
                disable=not (accelerator.is_main_process and cfg.log.progress))
     device = accelerator.device
+    # Logged values are the log step's; reading them (and the step time since the last log) is
+    # the step's only host sync, every log.every steps (adaptive alphas read losses every step).
+    t_log, step_log = time.perf_counter(), step
     while step < run.total_steps:
         if refresher is not None:  # full-image cache refresh at the start of a window
             refresher.maybe_refresh(step, step / run.steps_per_epoch, lambda: _save(
                 store, step, stream, module, optimizer, policy, cfg, accelerator, init))
-        t0 = time.perf_counter()
         lr = run.schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -206,12 +209,18 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        losses = _reduce(totals, accelerator)
-        policy.update_losses({m: losses[m] for m in cfg.model.in_modalities if m in losses})
+        log_now = step % cfg.log.every == 0 or step == run.total_steps
+        if policy.adaptive is not None and not log_now:  # its per-step feedback needs the losses
+            losses = _reduce({m: totals[m] for m in cfg.model.in_modalities if m in totals}, accelerator)
+            policy.update_losses(losses)
         bar.update(1)
-        bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.log.every == 0 or step == run.total_steps:
-            rec = _record(step, epoch, lr, tau, losses, res, stream, time.perf_counter() - t0, policy)
+        if log_now:
+            losses = _reduce(totals, accelerator)
+            policy.update_losses({m: losses[m] for m in cfg.model.in_modalities if m in losses})
+            now = time.perf_counter()  # the read above waited for every queued kernel
+            seconds, t_log, step_log = (now - t_log) / max(step - step_log, 1), now, step
+            bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
+            rec = _record(step, epoch, lr, tau, losses, res, stream, seconds, policy, device)
             logger.log(rec)
             if accelerator.log_with:
                 accelerator.log({k: v for k, v in _flat(rec).items() if isinstance(v, (int, float))},
@@ -267,7 +276,9 @@ def _reduce(totals: dict[str, Any], accelerator: Any) -> dict[str, float]:
     return dict(zip(keys, vec.tolist()))
 
 
-def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[str, Any]:
+def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy, device=None) -> dict[str, Any]:
+    """One metrics.jsonl line: the log step's losses and masks; ``step_time``: mean seconds per step
+    since the previous log line; ``peak_memory_mib`` on a GPU (``max_memory_allocated``)."""
     rec: dict[str, Any] = {"step": step, "epoch": round(epoch, 6), "lr": lr,
                            "loss": losses["total"],
                            "losses": {k: v for k, v in losses.items()
@@ -282,6 +293,8 @@ def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[
         rec["thrown"] = thrown
     if policy.adaptive is not None:
         rec["alphas"] = [float(a) for a in policy.current_alphas()]
+    if device is not None and device.type == "cuda":
+        rec["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     # masking diagnostics (log steps with data.background_classes); NaN (nothing to measure) -> null
     rec.update({k: (v if v == v else None) for k, v in losses.items() if k.startswith(("mask/", "attn/"))})
     return rec
@@ -324,7 +337,7 @@ def _save(store, step, stream, module, optimizer, policy, cfg, accelerator, init
 def _restore(state, module, optimizer, policy, accelerator) -> int:
     """Load a training state into the prepared objects; returns its step."""
     accelerator.unwrap_model(module).model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])  # keeps our AdamW kernel
     if state.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     policy.load_state_dict(state["masking"])
@@ -340,7 +353,7 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
         accelerator.print(f"init.checkpoint: optimizer state not used (groups {theirs} vs {ours})")
         return
     try:
-        optimizer.load_state_dict(state)
+        load_optimizer_state(optimizer, state)
     except (ValueError, KeyError, RuntimeError) as e:
         accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
 
