@@ -1,4 +1,4 @@
-"""Checks on tensor values that do not stall an accelerator.
+"""Checks on tensor values, and host constants moved to the device, that do not stall an accelerator.
 
 ``if not bool(cond): raise ...`` copies ``cond`` to the host: on a GPU the Python thread waits
 until every queued kernel has run, and the GPU then idles until new work is queued. A training
@@ -6,6 +6,9 @@ step holds several such checks (mask counts, budgets, finite scores); each is a 
 :func:`check` raises the usual exception with its message on a CPU (where reading a value costs
 nothing) and queues a device-side assertion elsewhere: the step continues at full speed, and a
 failing check aborts the process with ``message`` in the device error.
+
+:func:`to_device` moves a small host tensor (token counts, Dirichlet concentrations) to a GPU
+from pinned memory without waiting: a blocking copy synchronises the stream, a stall too.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["check"]
+__all__ = ["check", "to_device"]
 
 
 def check(cond: torch.Tensor, message: str, error: type[Exception] = ValueError,
@@ -29,3 +32,13 @@ def check(cond: torch.Tensor, message: str, error: type[Exception] = ValueError,
             raise error(message + (f": {detail()}" if detail is not None else ""))
     else:
         torch._assert_async(cond.all(), message)
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x.to(device)``; a CPU tensor bound for a GPU goes from pinned memory, asynchronously."""
+    device = torch.device(device)
+    if x.device == device or device.type == "cpu":
+        return x.to(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from multimae_att.device_checks import check
+from multimae_att.device_checks import check, to_device
 
 __all__ = ["sample_budgets", "sample_shares", "shares_to_counts", "expected_shares",
            "AdaptiveAlpha"]
@@ -55,7 +55,7 @@ def sample_shares(batch_size: int, alphas: float | Sequence[float] | Tensor, num
     out_dev = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
     dev = generator.device if generator is not None else out_dev
-    alpha = _as_alpha(alphas, num_modalities).to(dev)
+    alpha = to_device(_as_alpha(alphas, num_modalities), dev)
     # torch.distributions.Dirichlet takes no generator; normalised Gamma(alpha, 1) draws are the
     # same distribution, and the (private but long-stable) _standard_gamma op does take one.
     gam = torch._standard_gamma(alpha.expand(batch_size, num_modalities).contiguous(),
@@ -82,7 +82,7 @@ def shares_to_counts(shares: Tensor, num_tokens: Sequence[int] | Tensor, K: int)
     B, M = shares.shape
     n = torch.as_tensor(num_tokens, dtype=torch.float64)  # where given (a list: CPU)
     total_n = int(sum(n.tolist()))  # read before the move: no host sync when shares live on a GPU
-    n = n.to(shares.device)
+    n = to_device(n, shares.device)
     if not 0 <= K <= total_n:
         raise ValueError(f"K={K} visible tokens is outside [0, {total_n}] (sum of num_tokens)")
     s = shares.to(torch.float64).clamp_min(0)

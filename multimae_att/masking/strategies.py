@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from multimae_att.device_checks import check
+from multimae_att.device_checks import check, to_device
 
 __all__ = ["Masks", "Strategy", "STRATEGIES", "register_strategy", "make_masks", "validate",
            "draw"]
@@ -196,7 +196,7 @@ def make_masks(name: str, scores: Mapping[str, Tensor], visible: Tensor,
             raise ValueError(f"strategy {name!r} needs scores[{m!r}] of shape {shape} with B={B}, "
                              f"got {tuple(scores[m].shape)}")
     device = scores[mods[0]].device
-    n = n.to(device)
+    n = to_device(n, device)
     key_input = _stack_padded([scores[m].float() for m in mods], 0.0)
     if strat.needs_scores:
         check(torch.isfinite(key_input), f"strategy {name!r} got non-finite attention scores")
@@ -212,7 +212,7 @@ def _check_visible(visible: Tensor, B: int, n: Tensor, mods: list[str]) -> None:
                          f"got {tuple(visible.shape)}")
     if visible.is_floating_point() or visible.dtype == torch.bool:
         raise ValueError(f"visible must be an integer tensor, got {visible.dtype}")
-    check((visible >= 0) & (visible <= n.to(visible.device)[None, :]),
+    check((visible >= 0) & (visible <= to_device(n, visible.device)[None, :]),
           f"visible counts must lie in [0, N_m] with N = {dict(zip(mods, n.tolist()))}")
 
 

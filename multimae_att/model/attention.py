@@ -6,10 +6,12 @@ the compute dtype (autocast's, else the tensors') and whether the pass builds a 
 training step and its no-grad scoring pass can use different kernels. ``train.attention``
 (``auto | fused | explicit``) forces one path everywhere.
 
-``auto``, measured on a CPU without AMX (AVX512-BF16; one encoder block of the ``small`` bench
-preset, batch 8, 1 thread, CPU time, explicit / fused): bf16 training at 99 tokens 0.58, bf16
-no-grad at 589 tokens 1.20, fp32 training at 99 tokens 0.99 and at 589 tokens 1.23, fp32 no-grad
-1.32. The CPU flash-attention *backward* in low precision is what is slow. So:
+``auto``, measured on a 2-vCPU Intel Xeon with AMX-BF16 (one encoder block of the ``small``
+bench preset, batch 8, 1 thread, CPU time, explicit / fused): bf16 training at 99 tokens 0.58,
+bf16 no-grad at 589 tokens 1.20, fp32 training at 99 tokens 0.99 and at 589 tokens 1.23, fp32
+no-grad 1.32; the decoders' attention cores (196 queries, 32-dim heads) 0.56-0.84 in bf16 and
+~2.0 in fp32 training. The CPU flash-attention kernels in bf16 are what is slow (slower than the
+same kernels in fp32). So:
 
 * CPU, with grad, bf16/fp16: explicit;
 * everything else (CPU fp32, every no-grad pass, CUDA): fused. On CUDA fused SDPA picks the

@@ -49,7 +49,7 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
         x = batch[m].to(device, non_blocking=True)
         if m == "depth" and standardize_depth:
             valid = batch.get("mask_valid")
-            x = robust_standardize_depth(x, None if valid is None else valid.to(device))
+            x = robust_standardize_depth(x, None if valid is None else valid.to(device, non_blocking=True))
         out[m] = x.long() if m == "semseg" else x.float()
     return out
 
@@ -192,7 +192,7 @@ def attg_scores_from_data(batch: Mapping[str, Any], grids: Mapping[str, tuple[in
     """``batch['att_map']`` ``[B, h, w]`` pooled to each modality's token grid -> ``[B, N_m]``."""
     if "att_map" not in batch:
         raise KeyError("loss.attg.source=data needs 'att_map' in the batch (precomputed maps)")
-    maps = batch["att_map"].to(device).float().unsqueeze(1)
+    maps = batch["att_map"].to(device, non_blocking=True).float().unsqueeze(1)
     return {m: F.adaptive_avg_pool2d(maps, hw).flatten(1) for m, hw in grids.items()}
 
 
