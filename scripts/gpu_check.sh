@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/BENCHMARKS.md in one run (~5 minutes on one modern GPU; must stay under 8):
+# The GPU figures of docs/BENCHMARKS.md in one run (budget: under 8 minutes on one modern GPU;
+# not yet timed on one):
 # the base bench preset in bf16, host syncs per step, three 200-step ViT-B pretraining runs at
 # 224 px on synthetic scenes (fresh scoring pass, attention cache, AMT) and, with two GPUs, the
 # 2-process equality check. Prints s/step, samples/s, efficiency, peak memory and the ratios;

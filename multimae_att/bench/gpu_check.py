@@ -1,6 +1,6 @@
 """``scripts/gpu_check.sh``: the GPU figures of docs/BENCHMARKS.md in one short run.
 
-On a CUDA machine (about 5 minutes on one modern GPU, well inside 8):
+On a CUDA machine (budget: under 8 minutes on one modern GPU; not yet timed on one):
 
 1. the ``base`` bench preset (ViT-B/16, 224 px, batch 64) in bf16, with the original MultiMAE's
    step too when ``--vs-upstream PATH`` (or ``$MULTIMAE_SRC``) points at its checkout;
