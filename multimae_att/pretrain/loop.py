@@ -25,7 +25,7 @@ from multimae_att.losses import LossSpec
 from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
-from multimae_att.pretrain.pictures import save_pictures
+from multimae_att.pretrain.pictures import picture_info, save_pictures
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
                                          load_init_checkpoint, param_groups)
@@ -130,6 +130,7 @@ class PretrainJob(Job):
         self.planner = None
         self.refresher = None
         self.pictures = False
+        self.picture_info = picture_info(cfg) if run.acc.is_main_process else None
         self.epoch, self.tau = 0.0, cfg.loss.attg.tau0
         self.last_res = None
 
@@ -169,8 +170,7 @@ class PretrainJob(Job):
         res = forward_loss(self.module, batch, self.planner, epoch=self.epoch, generator=gen,
                            in_modalities=list(cfg.model.in_modalities),
                            standardize_depth=cfg.data.standardize_depth, loss_weights=cfg.loss.weights,
-                           specs=self.specs, attg=self.attg, tau=self.tau,
-                           want_scores=self.pictures and last, device=self.device)
+                           specs=self.specs, attg=self.attg, tau=self.tau, device=self.device)
         if last:
             self.last_res = res
         scalars = {k: v.float() for k, v in res.parts.items()}
@@ -187,12 +187,13 @@ class PretrainJob(Job):
             losses = _mean_over_processes({m: values[m] for m in mods}, self.run.acc)
             self.policy.update_losses(losses)
         res = self.last_res
-        if self.pictures:
-            paths = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
+        if self.pictures:  # score panels only when the masks came from scores (no extra scoring pass)
+            drawn = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
                                   res.plan.hidden, res.plan.thrown, res.plan.scores,
-                                  input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples)
-            for p in paths:
-                self.run.log_image(f"pictures/{p.stem.rsplit('_', 1)[-1]}", p, step)
+                                  input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples,
+                                  info=self.picture_info, guided=res.plan.guided)
+            for m, image in drawn.items():
+                self.run.log_image(f"pictures/{m}", image, step)
 
     def log_values(self, step: int) -> dict[str, torch.Tensor]:
         """``mask/hidden_fg_share`` and, when this step's masks came from scores,
