@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from multimae_att.device_checks import check
 from multimae_att.modalities import OUTPUTS, LossSpec, target_of
 
 __all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
@@ -156,7 +157,7 @@ def _dense_patch_losses(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec
 
 def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                          spec: LossSpec, grid: tuple[int, int],
-                         gather_up_to: float | None = None) -> torch.Tensor:
+                         gather_up_to: float | None = None, max_count: int | None = None) -> torch.Tensor:
     """Per-patch losses ``[B, h * w]`` float32, computed only where ``mask`` (1 = counted) is set.
 
     ``pred``: ``[B, C, H, W]``; ``target``: ``[B, C, H, W]`` or int labels ``[B, H, W]``;
@@ -164,6 +165,11 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     equals the per-pixel loss map averaged per patch, on the counted patches. When more than
     ``gather_up_to`` (default: :data:`GATHER_UP_TO` of the spec's flavour, read at call time)
     of the patches count in the fullest sample, every pixel is scored instead (same values).
+
+    ``max_count``: an upper bound on the counted patches of any sample, known without reading
+    ``mask`` (the masking policy's :meth:`~multimae_att.masking.MaskingPolicy.max_counted`): it
+    replaces the fullest sample's count, which is a host sync on a GPU. A mask that exceeds it
+    fails a (sync-free) device check.
     """
     if target.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"{spec.kind} target {tuple(target.shape)} and prediction "
@@ -172,8 +178,14 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
         gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
     mask = mask.bool()
     B, N = mask.shape
-    # Flavours never gathered skip the count: it is a host sync on a GPU.
-    P = int(mask.sum(1).max()) if mask.numel() and gather_up_to > 0 else N
+    # Flavours never gathered skip the count: it is a host sync on a GPU (a given bound is not).
+    if gather_up_to <= 0 or not mask.numel():
+        P = N
+    elif max_count is not None:
+        P = max(0, min(int(max_count), N))
+        check(mask.sum(1) <= P, f"{spec.kind} loss: a sample has more than max_count={P} counted patches")
+    else:
+        P = int(mask.sum(1).max())
     if gather_up_to <= 0 or P > gather_up_to * N:
         per_patch = _dense_patch_losses(pred, target, spec, grid)
         return torch.where(mask, per_patch, torch.zeros_like(per_patch))
@@ -193,18 +205,19 @@ def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
     sum of the per-sample means by this instead of by the local count of valid samples (the
     runner passes the count over the whole global batch divided by the number of processes,
     so that averaging gradients over processes gives the global-batch mean exactly).
-    Returns a scalar (0 with a graph when nothing is masked, so backward still works).
+    Returns a scalar (0 with a graph when nothing is masked, so backward still works). Never
+    reads a value to the host (a tensor ``denominator`` stays on the device).
     """
     m = mask.to(per_patch.dtype)
     num = (per_patch * m if weights is None else per_patch * m * weights).sum(1)
     den = m.sum(1)
     valid = den > 0
     per_sample = torch.where(valid, num / den.clamp_min(1.0), torch.zeros_like(num))
-    if denominator is not None:
-        return per_sample.sum() / max(float(denominator), 1e-12)
-    if not bool(valid.any()):
-        return per_patch.sum() * 0.0
-    return per_sample.sum() / valid.sum()
+    if denominator is None:
+        denominator = valid.sum()
+    if torch.is_tensor(denominator):
+        return per_sample.sum() / denominator.to(per_sample.dtype).clamp_min(1e-12)
+    return per_sample.sum() / max(float(denominator), 1e-12)
 
 
 def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -222,15 +235,16 @@ def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, spec: LossSpec,
                 thrown: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None,
-                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                denominator: float | torch.Tensor | None = None,
+                max_count: int | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
     ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
-    ``denominator``: see :func:`masked_mean`.
+    ``denominator``: see :func:`masked_mean`; ``max_count``: see :func:`counted_patch_losses`.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
-    per_patch = counted_patch_losses(pred, target, mask, spec, grid)
+    per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
     return masked_mean(per_patch, mask, weights, denominator)
 
 
@@ -241,12 +255,14 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
                     specs: Mapping[str, LossSpec] | None = None,
                     attg_scores: Mapping[str, torch.Tensor] | None = None,
                     tau: float = 0.75,
-                    denominators: Mapping[str, float | torch.Tensor] | None = None
+                    denominators: Mapping[str, float | torch.Tensor] | None = None,
+                    max_counted: Mapping[str, int] | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-output-modality masked losses.
 
     ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks, AttG
-    scores and ``denominators`` (see :func:`masked_mean`) likewise. ``loss_weights`` defaults
+    scores, ``denominators`` (see :func:`masked_mean`) and ``max_counted`` (see
+    :func:`counted_patch_losses`) likewise. ``loss_weights`` defaults
     to 1 per output. Returns ``(total,
     {output: loss})`` with the unweighted per-modality losses (for logging and adaptive budgets).
     """
@@ -260,7 +276,8 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
         w = attg_weights(attg_scores[src], tau) if attg_scores is not None else None
         parts[out] = masked_loss(pred, targets[src], hidden[src], specs[out],
                                  thrown=None if thrown is None else thrown.get(src), weights=w,
-                                 denominator=None if denominators is None else denominators[src])
+                                 denominator=None if denominators is None else denominators[src],
+                                 max_count=None if max_counted is None else max_counted.get(src))
         term = parts[out] * (1.0 if loss_weights is None else loss_weights.get(out, 1.0))
         total = term if total is None else total + term
     if total is None:

@@ -221,6 +221,10 @@ class TrainConfig:
     save_every: int = setting(1000, ge=1)    # optimizer steps between training states
     keep_last: int = setting(2, ge=1)        # training states kept
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
+    # attention kernel: fused (SDPA) or explicit (softmax of the logits); auto: explicit only for
+    # bf16/fp16 training on a CPU, where the flash-attention backward is slow (docs/BENCHMARKS.md)
+    attention: Literal["auto", "fused", "explicit"] = "auto"
+    compile: bool = False                    # torch.compile the encoder blocks and decoders
 
 
 @dataclass
@@ -293,7 +297,7 @@ class PretrainConfig:
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
                     "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-                    "train.final_export", "train.find_unused_parameters")
+                    "train.final_export", "train.find_unused_parameters", "train.attention", "train.compile")
 RESUME_FREE_SECTIONS = ("init.", "log.")
 # The run length sets AttG's tau schedule (a half cosine over the run's steps).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")

@@ -41,6 +41,7 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
     when ``standardize_depth``, as MultiMAE's pretraining), semseg ``[B, H/4, W/4]`` int64.
     """
     from multimae_att.data import robust_standardize_depth
+    from multimae_att.modalities import get_modality
 
     out = {}
     for m in modalities:
@@ -49,8 +50,8 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
         x = batch[m].to(device, non_blocking=True)
         if m == "depth" and standardize_depth:
             valid = batch.get("mask_valid")
-            x = robust_standardize_depth(x, None if valid is None else valid.to(device))
-        out[m] = x.long() if m == "semseg" else x.float()
+            x = robust_standardize_depth(x, None if valid is None else valid.to(device, non_blocking=True))
+        out[m] = x.long() if get_modality(m).labels else x.float()   # class labels stay integers
     return out
 
 
@@ -60,8 +61,12 @@ class MaskPlan:
 
     ``hidden``/``thrown``: modality -> bool ``[B, N_m]`` (1 = hidden / thrown); ``scores``:
     modality -> float ``[B, N_m]`` head-averaged (None when no scoring pass ran); ``visible``:
-    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> (samples of the
-    global micro-batch with at least one hidden, non-thrown token) / number of processes.
+    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> scalar tensor on the
+    masks' device, (samples of the global micro-batch with at least one hidden, non-thrown
+    token) / number of processes. ``num_visible``: K, the visible tokens of every sample;
+    ``kept_range``: modality -> (fewest, most) tokens a sample keeps (not thrown), known
+    without reading the masks. Both are host ints, so the model and the losses need no host
+    sync to size their tensors (None: read from the masks).
     """
 
     hidden: TensorDict
@@ -69,7 +74,9 @@ class MaskPlan:
     scores: Optional[TensorDict]
     visible: torch.Tensor
     guided: torch.Tensor
-    denominators: dict[str, float]
+    denominators: dict[str, torch.Tensor]
+    num_visible: int | None = None
+    kept_range: dict[str, tuple[int, int]] | None = None
 
 
 class MaskPlanner:
@@ -96,7 +103,14 @@ class MaskPlanner:
         if self.cache is None or per_head:
             return model.attention_scores(tokens, per_head=per_head, **kw)
         grids = token_grids(model, tokens)
-        cached, valid = self.cache.lookup(batch, grids, int(epoch), device=next(iter(tokens.values())).device)
+        # The cache lives on the host: keep `valid` there, so finding the misses reads no device
+        # value; the scores go up from pinned memory (a pageable copy would wait for the GPU).
+        cached, valid = self.cache.lookup(batch, grids, int(epoch))
+        dev = next(iter(tokens.values())).device
+        if dev.type == "cuda":
+            cached = {m: s.pin_memory().to(dev, non_blocking=True) for m, s in cached.items()}
+        elif dev.type != "cpu":
+            cached = {m: s.to(dev) for m, s in cached.items()}
 
         def score_fn(index: torch.Tensor) -> TensorDict:
             sub = Tokens({m: t[index.to(t.device)] for m, t in tokens.items()}, tokens.image_size)
@@ -121,7 +135,7 @@ class MaskPlanner:
         masks = self.policy(glob, visible, epoch, generator, num_tokens=sizes)
         counted = {m: masks.hidden[m] if masks.thrown is None else masks.hidden[m] & ~masks.thrown[m]
                    for m in masks.hidden}
-        denominators = {m: float(c.any(dim=1).sum()) / W for m, c in counted.items()}
+        denominators = {m: c.any(dim=1).sum() / W for m, c in counted.items()}  # on the device: no sync
         if scores is not None and self.policy.per_head:
             scores = {m: s.mean(dim=1) for m, s in scores.items()}
         return MaskPlan(hidden={m: h[rows] for m, h in masks.hidden.items()},
@@ -129,7 +143,8 @@ class MaskPlanner:
                         scores=scores, visible=visible[rows],
                         guided=(masks.guided[rows] if masks.guided is not None
                                 else torch.ones(B, dtype=torch.bool, device=dev)),
-                        denominators=denominators)
+                        denominators=denominators, num_visible=self.K,
+                        kept_range=self.policy.kept_range(sizes, self.K, epoch))
 
 
 def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
@@ -159,8 +174,8 @@ class PretrainModule(nn.Module):
                 ) -> tuple[TensorDict, MaskPlan]:
         tokens = self.model.embed(inputs)
         plan = plan_fn(self.model, tokens)
-        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown,
-                                          fp32_output_adapters=self.fp32_output_adapters)
+        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown, num_visible=plan.num_visible,
+                                          kept_range=plan.kept_range, fp32_output_adapters=self.fp32_output_adapters)
         return preds, plan
 
 
@@ -178,7 +193,7 @@ def attg_scores_from_data(batch: Mapping[str, Any], grids: Mapping[str, tuple[in
     """``batch['att_map']`` ``[B, h, w]`` pooled to each modality's token grid -> ``[B, N_m]``."""
     if "att_map" not in batch:
         raise KeyError("loss.attg.source=data needs 'att_map' in the batch (precomputed maps)")
-    maps = batch["att_map"].to(device).float().unsqueeze(1)
+    maps = batch["att_map"].to(device, non_blocking=True).float().unsqueeze(1)
     return {m: F.adaptive_avg_pool2d(maps, hw).flatten(1) for m, hw in grids.items()}
 
 
@@ -208,7 +223,10 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
         inner = module.module if hasattr(module, "module") else module
         attg_scores = attg_scores_from_data(batch, input_grids(inner.model, inputs), device)
     loss, parts = multimodal_loss(preds, inputs, plan.hidden, plan.thrown, loss_weights, specs,
-                                  attg_scores=attg_scores, tau=tau, denominators=plan.denominators)
+                                  attg_scores=attg_scores, tau=tau, denominators=plan.denominators,
+                                  # counted (hidden, not thrown) <= kept
+                                  max_counted=None if plan.kept_range is None else
+                                  {m: hi for m, (_, hi) in plan.kept_range.items()})
     return StepResult(loss, {k: v.detach() for k, v in parts.items()}, plan, preds, inputs)
 
 
