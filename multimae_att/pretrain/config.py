@@ -81,6 +81,22 @@ class AdaptiveConfig:
 
 
 @dataclass
+class LossPredictorConfig:
+    """The loss-prediction head of ``masking.score_source=predicted_loss``
+    (:class:`multimae_att.loss_prediction.LossPredictor`)."""
+
+    hidden: int = 0                    # 0: LayerNorm + linear per modality; > 0: an MLP this wide
+    cached_train_share: float = 0.0625  # with masking.cache: share of samples that train the head
+
+    def __post_init__(self) -> None:
+        if self.hidden < 0:
+            raise ValueError(f"masking.loss_predictor.hidden must be >= 0, got {self.hidden}")
+        if not 0.0 <= self.cached_train_share <= 1.0:
+            raise ValueError("masking.loss_predictor.cached_train_share must lie in [0, 1], "
+                             f"got {self.cached_train_share}")
+
+
+@dataclass
 class MaskingConfig:
     """Budgets and strategy. ``params`` are the strategy's own parameters (checked by name)."""
 
@@ -89,8 +105,11 @@ class MaskingConfig:
     num_encoded_tokens: int = 98
     alphas: Union[float, list[float]] = 1.0
     sample_tasks_uniformly: bool = False
+    score_source: Literal["attention", "predicted_loss"] = "attention"
+    score_norm: Literal["none", "head_minmax"] = "none"   # attention: AMT's per-head min-max
     score_layer: int = -1
     score_query: Literal["global", "mean"] = "global"
+    loss_predictor: LossPredictorConfig = field(default_factory=LossPredictorConfig)
     warmup_epochs: float = 0.0         # random masking before this epoch (of this run)
     prob: float = 1.0                  # per sample: guided with this probability, else random
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
@@ -108,16 +127,31 @@ class MaskingConfig:
         if self.cache.enabled and STRATEGIES[self.strategy].per_head:
             raise ValueError(f"masking.cache stores head-averaged scores; strategy "
                              f"{self.strategy!r} needs per-head scores")
+        if self.score_source == "predicted_loss":
+            if STRATEGIES[self.strategy].per_head:
+                raise ValueError(f"masking.strategy={self.strategy!r} needs per-head attention "
+                                 "scores; masking.score_source=predicted_loss has no heads")
+            if self.score_norm != "none":
+                raise ValueError(f"masking.score_norm={self.score_norm!r} normalises attention "
+                                 "heads; use 'none' with masking.score_source=predicted_loss")
 
 
 @dataclass
 class AttGConfig:
-    """Attention-guided loss weights exp(M_norm / tau), tau: half-cosine tau0 -> tau_end."""
+    """Attention-guided loss weights exp(M_norm / tau), tau: half-cosine tau0 -> tau_end.
+
+    The AttG paper lets tau *increase* from 0.75 (guidance softens during training); it gives no
+    end value: 1.5 halves the log-range of the weights (largest / smallest weight e^(4/3) ~ 3.8
+    at the start, e^(2/3) ~ 1.9 at the end) without switching the guidance off. ``normalize``:
+    divide the weights by their mean over each sample's counted patches (loss scale of the
+    unweighted loss); false is the paper's ``L_rec * M_scaled``.
+    """
 
     enabled: bool = False
     tau0: float = 0.75
-    tau_end: float = 0.25
+    tau_end: float = 1.5
     source: Literal["scores", "data"] = "scores"   # this step's scoring pass, or batch['att_map']
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.tau0 <= 0 or self.tau_end <= 0:
@@ -130,6 +164,11 @@ class LossConfig:
         default_factory=lambda: {"rgb": 1.0, "norm_rgb": 1.0, "depth": 1.0, "semseg": 1.0})
     semseg_ignore_index: int = -100
     attg: AttGConfig = field(default_factory=AttGConfig)
+    loss_prediction_weight: float = 1.0   # ranking loss of the loss predictor (predicted_loss)
+
+    def __post_init__(self) -> None:
+        if self.loss_prediction_weight < 0:
+            raise ValueError(f"loss.loss_prediction_weight must be >= 0, got {self.loss_prediction_weight}")
 
 
 @dataclass
@@ -180,6 +219,7 @@ class TrainConfig:
     save_every: int = 1000                   # optimizer steps between training states
     keep_last: int = 2
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
+    export_loss_predictor: bool = False      # also store the loss predictor in final.pth
 
 
 @dataclass
@@ -230,6 +270,11 @@ class PretrainConfig:
         if self.masking.adaptive.enabled and not set(self.model.in_modalities) <= set(self.model.out_modalities):
             raise ValueError("masking.adaptive needs a reconstruction loss for every input modality "
                              f"(model.out_modalities must include {self.model.in_modalities})")
+        if (self.masking.score_source == "predicted_loss"
+                and not set(self.model.in_modalities) <= set(self.model.out_modalities)):
+            raise ValueError("masking.score_source=predicted_loss predicts each input modality's "
+                             "reconstruction loss: model.out_modalities must include "
+                             f"{self.model.in_modalities}")
         if isinstance(self.masking.alphas, list) and len(self.masking.alphas) != len(self.model.in_modalities):
             raise ValueError(f"masking.alphas has {len(self.masking.alphas)} values for "
                              f"{len(self.model.in_modalities)} input modalities")
@@ -240,9 +285,10 @@ class PretrainConfig:
 # schedule.*, train.seed, train.mixed_precision, train.cpu, ...) changes the results.
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-                    "train.final_export", "train.find_unused_parameters")
+                    "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters")
 RESUME_FREE_SECTIONS = ("init.", "log.")
-# The run length sets AttG's tau schedule (a half cosine over the run's steps).
+# The run length sets AttG's tau schedule (a half cosine over the run's steps) and the share of a
+# curriculum strategy (hpm).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")
 # Strategy params and loss weights compare as a whole.
 _RESUME_WHOLE = ("masking.params", "loss.weights")
@@ -253,14 +299,16 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
 
     Returns ``(blocking, notes)``: lines ``key: old -> new`` for keys that change the results,
     and for keys that may change freely (``RESUME_FREE_KEYS``, ``init.*``, ``log.*``; the run
-    length only without AttG) or that exist on one side only (an older or newer schema).
-    Built on :func:`multimae_att.config.resume_config_changes`.
+    length only without AttG and curriculum strategies) or that exist on one side only (an older
+    or newer schema). Built on :func:`multimae_att.config.resume_config_changes`.
     """
     from multimae_att.config import config_to_dict, resume_config_changes as changes
+    from multimae_att.masking import STRATEGIES
 
     sections = tuple(f"{s}*" for s in RESUME_FREE_SECTIONS)
+    by_length = cfg.loss.attg.enabled or STRATEGIES[cfg.masking.strategy].uses_progress
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS + sections,
-                   blocking=RESUME_LENGTH_KEYS if cfg.loss.attg.enabled else (),
+                   blocking=RESUME_LENGTH_KEYS if by_length else (),
                    quiet_missing=sections, whole=_RESUME_WHOLE)
 
 

@@ -31,6 +31,7 @@ from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, loa
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
 from multimae_att.runstate import MetricsLogger, TrainStateStore, capture_rng, step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
+from multimae_att.scoring import build_scoring
 
 __all__ = ["train", "DataStream", "RunPlan", "plan_run"]
 
@@ -105,7 +106,7 @@ def _check_masking(policy, model, cfg: PretrainConfig) -> None:
     scores = {m: torch.rand(shape) for m in cfg.model.in_modalities}
     try:
         visible = policy.budgets([n] * len(scores), cfg.masking.num_encoded_tokens, 1)
-        policy(scores, visible, float("inf"), num_tokens={m: n for m in scores})
+        policy(scores, visible, float("inf"), num_tokens={m: n for m in scores}, progress=1.0)
     except ValueError as e:
         raise ConfigError(f"masking.strategy={cfg.masking.strategy!r}, masking.params="
                           f"{cfg.masking.params}: {e}") from e
@@ -128,8 +129,9 @@ def train(cfg: PretrainConfig) -> Path:
     init_opt = None
     if state is None and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
-    module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=0.0,
+    source, predictor = build_scoring(cfg.masking, list(cfg.model.in_modalities), model.dim_tokens)
+    module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters), loss_predictor=predictor)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, extra=predictor), lr=0.0,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     if init_opt is not None and cfg.init.load_optimizer:
         _try_load_optimizer(optimizer, init_opt, accelerator)
@@ -137,8 +139,9 @@ def train(cfg: PretrainConfig) -> Path:
     policy = _policy(cfg)
     _check_masking(policy, model, cfg)
     cache = build_cache(cfg, loader, accelerator)
-    planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, cfg.masking.score_layer,
-                          cfg.masking.score_query, rank, world, cache)
+    planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, rank=rank, world_size=world,
+                          cache=cache, source=source, total_epochs=run.total_steps / run.steps_per_epoch,
+                          cached_train_share=cfg.masking.loss_predictor.cached_train_share)
     step = 0
     if state is not None:
         step = _restore(state, module, optimizer, policy, accelerator)
@@ -146,7 +149,7 @@ def train(cfg: PretrainConfig) -> Path:
     if cache is not None and cfg.masking.cache.refresh == "full":
         refresher = CacheRefresher(cfg, cache, accelerator.unwrap_model(module).model, accelerator,
                                    resumed_step=step if state is not None else None, policy=policy,
-                                   last_epoch=(run.total_steps - 1) / run.steps_per_epoch)
+                                   last_epoch=(run.total_steps - 1) / run.steps_per_epoch, source=source)
     elif cache is not None and state is not None:
         accelerator.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
                           f"the state of step {step}; this resumed run is not bit-exact")
@@ -163,7 +166,9 @@ def train(cfg: PretrainConfig) -> Path:
     _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
           refresher)
     if accelerator.is_main_process and cfg.train.final_export:
-        _export(accelerator.unwrap_model(module).model, cfg, run.total_steps, out / "final.pth")
+        inner = accelerator.unwrap_model(module)
+        _export(inner.model, cfg, run.total_steps, out / "final.pth",
+                inner.loss_predictor if cfg.train.export_loss_predictor else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -200,6 +205,8 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                                    in_modalities=list(cfg.model.in_modalities),
                                    standardize_depth=cfg.data.standardize_depth,
                                    loss_weights=cfg.loss.weights, specs=specs, attg=attg, tau=tau,
+                                   attg_normalize=cfg.loss.attg.normalize,
+                                   loss_prediction_weight=cfg.loss.loss_prediction_weight,
                                    want_scores=pictures and j == accum - 1, device=device)
                 accelerator.backward(res.loss / accum)
             _accumulate(totals, res, accum)
@@ -233,7 +240,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
 def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
     """Sum this micro-batch's losses (1/accum each) and token counts into ``totals``."""
     totals["total"] = totals.get("total", 0.0) + res.loss.detach().float() / accum
-    for k, v in res.parts.items():
+    for k, v in {**res.parts, **res.extras}.items():
         totals[k] = totals.get(k, 0.0) + v.float() / accum
     for i, m in enumerate(res.plan.hidden):
         key = f"visible/{m}"
@@ -269,6 +276,9 @@ def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[
         rec["thrown"] = thrown
     if policy.adaptive is not None:
         rec["alphas"] = [float(a) for a in policy.current_alphas()]
+    lossp = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("lossp/")}
+    if lossp:  # loss predictor: ranking loss and Spearman of its scores vs the actual losses
+        rec["lossp"] = lossp
     return rec
 
 
@@ -290,6 +300,7 @@ def _save(store, step, stream, module, optimizer, policy, cfg, accelerator) -> N
     if accelerator.is_main_process:
         state = {
             "model": accelerator.unwrap_model(module).model.state_dict(),
+            "loss_predictor": _predictor_state(accelerator.unwrap_model(module)),
             "optimizer": optimizer.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "step": step,
@@ -307,7 +318,13 @@ def _save(store, step, stream, module, optimizer, policy, cfg, accelerator) -> N
 
 def _restore(state, module, optimizer, policy, accelerator) -> int:
     """Load a training state into the prepared objects; returns its step."""
-    accelerator.unwrap_model(module).model.load_state_dict(state["model"], strict=True)
+    inner = accelerator.unwrap_model(module)
+    inner.model.load_state_dict(state["model"], strict=True)
+    if (state.get("loss_predictor") is None) != (inner.loss_predictor is None):
+        raise ValueError("training state and config disagree on the loss predictor "
+                         "(masking.score_source)")
+    if inner.loss_predictor is not None:
+        inner.loss_predictor.load_state_dict(state["loss_predictor"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -329,8 +346,16 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
         accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
 
 
-def _export(model, cfg: PretrainConfig, step: int, path: Path) -> None:
-    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config'}`` (atomic)."""
+def _predictor_state(inner) -> dict | None:
+    return None if inner.loss_predictor is None else inner.loss_predictor.state_dict()
+
+
+def _export(model, cfg: PretrainConfig, step: int, path: Path, loss_predictor=None) -> None:
+    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config'}`` (atomic), plus
+    ``'loss_predictor'`` (its own state dict, outside ``'model'``) when one is given."""
     from multimae_att.checkpoint import export_weights
 
-    export_weights(model, path, "multimae", extra={"step": step, "config": config_to_dict(cfg)})
+    extra = {"step": step, "config": config_to_dict(cfg)}
+    if loss_predictor is not None:
+        extra["loss_predictor"] = {k: v.detach().cpu() for k, v in loss_predictor.state_dict().items()}
+    export_weights(model, path, "multimae", extra=extra)
