@@ -1,10 +1,13 @@
 """Crop-aware attention cache: per-sample token scores kept on a canonical grid over the SOURCE image.
 
 Why: a scoring pass runs the encoder over all tokens (588 at 224 px) while the training pass sees
-98, so a fresh pass each step costs more than the step itself. AMT refreshes its maps every 40
-epochs but stores them in the token frame of one crop and reuses them for other crops, which puts
-high scores on the wrong tokens. Here the scores are stored in *source-image* coordinates and every
-read resamples them through the new crop box and flip, so a cached map follows the image content.
+98, so a fresh pass each step costs more than the step itself. AMT's code refreshes one map per
+image every 40 epochs from a pass over the whole image (resized to 224 x 224), but every training
+crop reads it by slicing the 14 x 14 map with pixel offsets divided by the image size, i.e. the
+top-left 2-3 cells whatever the crop (README: "Where AMT here differs"). Here the scores are
+stored in *source-image* coordinates and every read resamples them through the crop box and flip,
+so a cached map follows the image content. The maps hold whatever the run's score source gives
+(``masking.score_source``: attention or predicted losses; recorded as ``source`` in meta.json).
 
 Storage (one directory, created once by the main process with :meth:`AttentionCache.create`)::
 
