@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from multimae_att.checkpoint import load_checkpoint, load_weights, model_state, to_layout
 from multimae_att.data import build_loader, robust_standardize_depth
+from multimae_att.hub import resolve_checkpoint
 from multimae_att.model import create_pretrain_model
 from multimae_att.model.factory import ENCODER_SIZES
 
@@ -87,6 +88,7 @@ def load_model(path: str, modalities: Sequence[str], image_size: int | None,
     command line (None = not given). ``image_size`` None: the stored ``config.data.image_size``,
     else 224.
     """
+    path = os.fspath(resolve_checkpoint(path))  # a published name or a URL -> the cached file
     checkpoint = load_checkpoint(path)
     state = to_layout(model_state(checkpoint, source=path), "multimae")
     config = checkpoint.get("config", {}) if isinstance(checkpoint, Mapping) else {}
@@ -215,7 +217,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset root (folders ROOT/<split>/ or ROOT/shards/<split>.json)")
-    p.add_argument("--checkpoint", required=True, help="MultiMAE weights or our export (any layout the checkpoint module loads)")
+    p.add_argument("--checkpoint", required=True,
+                   help="MultiMAE weights or our export (any layout the checkpoint module loads): a path, "
+                        "a URL or a published name (python -m multimae_att.checkpoint list)")
     p.add_argument("--split", default="train")
     p.add_argument("--format", choices=("folder", "shards"), default=None,
                    help="output layout (default: the layout of --data)")

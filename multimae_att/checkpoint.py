@@ -284,3 +284,9 @@ def export_weights(model: nn.Module, path: PathLike, layout: str = "multimae",
     elif layout != "multimae":
         raise ValueError(f"unknown layout {layout!r}; expected 'multimae' or 'timm'")
     save_atomic({"model": state, **dict(extra or {})}, path)
+
+
+if __name__ == "__main__":  # python -m multimae_att.checkpoint list | download NAME | inspect SPEC
+    from multimae_att.hub import main
+
+    raise SystemExit(main())

@@ -127,7 +127,7 @@ def _error_text(excinfo, capsys) -> str:
     ("masking.strategy=higher", "unknown masking strategy 'higher' (did you mean 'high'?)"),
     ("train.max_steps=two", "'train.max_steps' expects an integer"),
     ("data.root=/nonexistent/multimae_data", "data.root='/nonexistent/multimae_data' does not exist"),
-    ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth' does not exist"),
+    ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth': /nonexistent/x.pth does not exist"),
     ("masking.strategy=heads", "k=4 must lie in [1, H=3]"),          # the tiny model has 3 heads
 ])
 def test_fail_fast_messages(tmp_path, data_root, capsys, override, needle):

@@ -24,6 +24,7 @@ from torch import nn
 
 from multimae_att.checkpoint import load_state_dict_file, load_weights
 from multimae_att.finetune.heads import fill_dpt_aliases
+from multimae_att.hub import resolve_checkpoint
 
 __all__ = ["LoadReport", "load_pretrained"]
 
@@ -54,9 +55,11 @@ def _adapter_names(keys, prefix: str) -> set:
 def load_pretrained(model: nn.Module, path: str | os.PathLike, task) -> LoadReport:
     """Load ``path`` into ``model`` (a task model from :class:`TaskSpec.build`) and report.
 
+    ``path``: a file, a URL or a published name (:func:`multimae_att.hub.resolve_checkpoint`).
     ``task.output`` names the head (``''`` when the model has none).
     """
     model = getattr(model, "module", model)
+    path = resolve_checkpoint(path)
     original = load_state_dict_file(path, layout="multimae")
     state = original
     target = model.state_dict()

@@ -123,18 +123,22 @@ def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_init_checkpoint(model: nn.Module, path: str) -> dict | None:
+def load_init_checkpoint(model: nn.Module, spec: str) -> dict | None:
     """Load ``init.checkpoint`` strictly into ``model``; return its optimizer state (or None).
 
+    ``spec``: a published name, a URL or a path (:func:`multimae_att.hub.resolve_checkpoint`).
     Safe loading, layout conversion and the strict key/shape check are
     :mod:`multimae_att.checkpoint`'s (positional grids are resized to ``data.image_size``). A
     file for another architecture raises :class:`ConfigError` listing the differences.
     """
     from multimae_att.checkpoint import (CheckpointKeyError, UnsafeCheckpointError,
                                          load_checkpoint, load_weights, model_state)
+    from multimae_att.hub import CheckpointHashError, resolve_checkpoint
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"init.checkpoint={path!r} does not exist")
+    try:
+        path = os.fspath(resolve_checkpoint(spec))
+    except (FileNotFoundError, CheckpointHashError, ValueError) as e:
+        raise ConfigError(f"init.checkpoint={spec!r}: {e}") from e
     try:
         ckpt = load_checkpoint(path)
         load_weights(model, model_state(ckpt, source=path))
