@@ -57,6 +57,10 @@ def test_defaults_agree_with_the_code_they_configure():
     assert AdaptiveConfig().relative_to_initial is True
     attg = AttGConfig()
     assert (attg.tau0, attg.tau_end, attg.normalize) == (0.75, 1.5, False)   # increasing, as the paper
+    from multimae_att.pretrain.config import LossPredictorConfig
+    from multimae_att.pretrain.step import MaskPlanner
+    share = inspect.signature(MaskPlanner).parameters["cached_train_share"].default
+    assert LossPredictorConfig().cached_train_share == share
     hp = inspect.signature(hpm).parameters
     from multimae_att.masking import STRATEGIES
     assert STRATEGIES["hpm"].defaults == {k: hp[k].default for k in ("share_start", "share_end")}
