@@ -48,11 +48,18 @@ def _run(task, root, out, *extra):
                               f"data.root={root}", f"output_dir={out}", *SMALL, *extra])
 
 
+@pytest.mark.parametrize("protocol", ["ours", "multimae"])
 @pytest.mark.parametrize("task", sorted(EXPECTED_KEYS))
-def test_synthetic_config_runs_end_to_end(task, synthetic_root, tmp_path):
-    result = _run(task, synthetic_root, tmp_path)
+def test_synthetic_config_runs_end_to_end(task, protocol, synthetic_root, tmp_path, capsys):
+    extra = [f"data.protocol={protocol}"]
+    if task == "semseg" and protocol == "multimae":   # also MultiMAE's depth-input handling
+        extra.append("model.in_modalities=[rgb,depth]")
+    result = _run(task, synthetic_root, tmp_path, *extra)
+    assert f"protocol {protocol}:" in capsys.readouterr().out
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["task"] == task and EXPECTED_KEYS[task] <= set(written)
+    if task != "knn":
+        assert written["report"] == ("best" if protocol == "multimae" else "last")
     assert written.keys() == result.keys()
     if task != "knn":
         assert (tmp_path / "checkpoint-best.pth").is_file() and (tmp_path / "checkpoint-last.pth").is_file()

@@ -103,7 +103,7 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
                   batch_size: int = 1, semseg_scale: int = 4, reduce_zero_label: bool = False,
                   scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                   hflip: float = 0.5, eval_crop_pct: float = 1.0, eval_full_image: bool = False,
-                  att_map_stride: int = 16, native_modalities: Sequence[str] = (),
+                  att_map_stride: int = 16, native_modalities: Sequence[str] = (), recipe: Any = None,
                   shuffle_buffer: int = 1000, resampled: bool | None = None,
                   samples_per_epoch: int | None = None) -> FolderDataset | ShardDataset:
     """A dataset yielding sample dicts (keys/dtypes of docs/INTERFACES.md, without the batch dim).
@@ -112,7 +112,8 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
     ``root/shards/<split>.json``) or a shard spec (brace pattern, ``.txt``/``.json`` list, list of
     URLs, ``pipe:`` URLs). ``modalities``: subset of rgb/depth/semseg/mask_valid/att_map/cls
     (att_map: a precomputed attention map, delivered at ``image_size // att_map_stride``).
-    ``train``: random-resized crop + flip; else deterministic centre crop. ``semseg_scale``: 4 for
+    ``train``: random-resized crop + flip; else deterministic centre crop (``recipe``: a per-sample
+    callable that replaces both, see :class:`AugmentConfig`). ``semseg_scale``: 4 for
     pretraining (semseg at H/4), 1 for finetuning. Shards: ``resampled`` defaults to
     ``train and world_size > 1``; ``samples_per_epoch`` (per rank) defaults to the index's count / world.
     """
@@ -121,7 +122,7 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
                             hflip=hflip, semseg_scale=semseg_scale, eval_crop_pct=eval_crop_pct,
                             eval_full_image=eval_full_image, reduce_zero_label=reduce_zero_label,
                             att_map_stride=att_map_stride, seed=seed,
-                            native_modalities=tuple(native_modalities))
+                            native_modalities=tuple(native_modalities), recipe=recipe)
     layout = detect_layout(source, split) if layout == "auto" else layout
     if layout == "folder":
         return FolderDataset(source, split, modalities, augment)

@@ -65,6 +65,12 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
         if abs(w - h * src_w / src_h) > max(1.0, 0.01 * w):
             raise CorruptSample(f"{sample_id}: {modality} is {w}x{h} but {ref} is {src_w}x{src_h} "
                                 "(different aspect ratio)")
+    if cfg.recipe is not None:   # a finetuning recipe does geometry and conversion itself
+        sample = dict(cfg.recipe(images, sample_id, epoch))
+        if cls is not None:
+            sample["cls"] = torch.tensor(cls, dtype=torch.int64)
+        sample["sample_id"] = sample_id
+        return sample
     geom = make_geometry(cfg, (src_h, src_w), sample_id, epoch)
     arrays = apply_geometry(images, geom, cfg.semseg_scale, cfg.att_map_stride)
     sample: dict[str, Any] = to_tensors(arrays, cfg.reduce_zero_label)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -59,7 +59,10 @@ class AugmentConfig:
     ``att_map_stride``: a precomputed attention map is delivered at ``image_size // stride``
     (the token grid for 16-px patches). ``native_modalities``: in evaluation, these modalities
     are also delivered untouched at the resolution stored in the file, as ``<modality>_native``
-    (for metrics at label resolution; sizes may differ between samples).
+    (for metrics at label resolution; sizes may differ between samples). ``recipe``: a picklable
+    callable ``recipe(images, sample_id, epoch) -> dict of tensors`` that replaces the geometry
+    and tensor conversion above (finetuning's MultiMAE protocol,
+    :mod:`multimae_att.finetune.protocols`); the settings above are then unused.
     """
     image_size: tuple[int, int] = (224, 224)
     train: bool = True
@@ -73,6 +76,7 @@ class AugmentConfig:
     att_map_stride: int = 16
     native_modalities: tuple[str, ...] = ()
     seed: int = 0
+    recipe: Any = None
 
     def __post_init__(self) -> None:
         h, w = self.image_size

@@ -90,10 +90,19 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
     eval_crop_pct: float = 1.0                # center_crop mode: share of the largest centred box
+    # Which recipe prepares semseg/depth data (docs/FINETUNE.md): ours, or MultiMAE's published
+    # one (LSJ + letterbox for semseg, short-side crops for NYUv2 depth, nearest-resampled depth,
+    # trimmed depth-input statistics over image pixels, best evaluation reported). cls: identical.
+    protocol: Literal["ours", "multimae"] = "ours"
+    # Training augmentation. rrc: random-resized crop (crop_scale) + flip (ours); lsj: MultiMAE's
+    # semseg large-scale jitter; nyu: MultiMAE's NYUv2 depth crops + colour; auto: by protocol/task
+    aug: Literal["auto", "rrc", "lsj", "nyu"] = "auto"
     # full: whole image resized to image_size x image_size, semseg/depth metrics at the stored
     # label resolution of each sample (prediction upsampled bilinearly); center_crop: centre crop
-    # at image_size, targets resized with it (nearest); auto: full for semseg/depth, else center_crop
-    eval_mode: Literal["auto", "full", "center_crop"] = "auto"
+    # at image_size, targets resized with it (nearest); letterbox (multimae): longest side to
+    # image_size + padding, scored at that size with the padding ignored; auto: by protocol/task
+    eval_mode: Literal["auto", "full", "center_crop", "letterbox"] = "auto"
+    max_eval_samples: Optional[int] = None    # evaluate on a seed-0 permutation's first N (folder layout)
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
 
 
@@ -110,6 +119,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: Optional[float] = None
     accum_steps: int = 1
+    recipe_global_batch: Optional[int] = None   # processes x batch x accum the recipe is for (warns if not)
 
 
 @dataclass
@@ -124,6 +134,9 @@ class TrainConfig:
     find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
     save_every: int = 0                       # optimizer steps between training states (0 = epoch ends)
     keep_last: int = 2
+    # metrics.json holds the best evaluation (task metric; depth under protocol multimae: lowest
+    # validation loss) or the last one; auto: best for protocol multimae, else last
+    report: Literal["auto", "best", "last"] = "auto"
 
 
 @dataclass
@@ -179,12 +192,52 @@ class FinetuneConfig:
         if self.task.name == "cls" and (self.task.mixup > 0 or self.task.cutmix > 0) \
                 and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be even for Mixup/CutMix")
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        """``data.aug`` / ``data.eval_mode`` must be ones the task and ``data.protocol`` implement."""
+        dense = self.task.name in ("semseg", "depth")
+        if dense and self.data.protocol == "multimae":
+            augs, evals = ("lsj", "nyu"), ("letterbox", "center_crop")
+        elif dense:
+            augs, evals = ("rrc",), ("full", "center_crop")
+        else:   # image-level tasks: one recipe (MultiMAE's cls protocol is ours)
+            augs, evals = ("rrc",), ("center_crop", "full")
+        where = f"task {self.task.name!r} with data.protocol={self.data.protocol!r}"
+        if self.aug() not in augs:
+            raise ValueError(f"data.aug={self.data.aug!r} is not available for {where}; "
+                             f"choose one of {['auto', *augs]}")
+        if self.eval_mode() not in evals:
+            raise ValueError(f"data.eval_mode={self.data.eval_mode!r} is not available for {where}; "
+                             f"choose one of {['auto', *evals]}")
+        if self.data.max_eval_samples is not None and self.data.max_eval_samples < 1:
+            raise ValueError(f"data.max_eval_samples={self.data.max_eval_samples}: need >= 1 (or null = all)")
+        if self.optim.recipe_global_batch is not None and self.optim.recipe_global_batch < 1:
+            raise ValueError(f"optim.recipe_global_batch={self.optim.recipe_global_batch}: need >= 1 (or null)")
 
     def eval_mode(self) -> str:
-        """The evaluation mode actually used: 'full' or 'center_crop' (see ``data.eval_mode``)."""
+        """The evaluation mode actually used (see ``data.eval_mode``)."""
         if self.data.eval_mode != "auto":
             return self.data.eval_mode
-        return "full" if self.task.name in ("semseg", "depth") else "center_crop"
+        if self.task.name not in ("semseg", "depth"):
+            return "center_crop"
+        if self.data.protocol == "ours":
+            return "full"
+        return "letterbox" if self.task.name == "semseg" else "center_crop"
+
+    def aug(self) -> str:
+        """The training augmentation actually used (see ``data.aug``)."""
+        if self.data.aug != "auto":
+            return self.data.aug
+        if self.data.protocol == "ours" or self.task.name not in ("semseg", "depth"):
+            return "rrc"
+        return "lsj" if self.task.name == "semseg" else "nyu"
+
+    def report(self) -> str:
+        """'best' or 'last': which evaluation ``metrics.json`` reports (see ``train.report``)."""
+        if self.train.report != "auto":
+            return self.train.report
+        return "best" if self.data.protocol == "multimae" else "last"
 
     def head_kind(self) -> str:
         """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""

@@ -30,6 +30,8 @@ from multimae_att.finetune.augment import with_sample_transform
 from multimae_att.finetune.config import FinetuneConfig, check_resume_config
 from multimae_att.finetune.knn import knn_evaluate
 from multimae_att.finetune.native import make_native_collate
+from multimae_att.finetune.protocols import make_recipe, select_eval_samples
+from multimae_att.finetune.report import global_batch_line, protocol_line, reported_metrics
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
                                    save_atomic, write_text_atomic)
@@ -63,7 +65,7 @@ def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: in
     d = cfg.data
     ds = build_dataset(d.root, task.data_modalities(), split=d.train_split, train=True, rank=rank,
                        world_size=world, batch_size=d.batch_size, scale=tuple(d.crop_scale),
-                       hflip=d.hflip, **_loader_kwargs(cfg))
+                       hflip=d.hflip, recipe=make_recipe(cfg, train=True), **_loader_kwargs(cfg))
     transform = getattr(task, "sample_transform", lambda: None)()
     ds = with_sample_transform(ds, transform)
     common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate, drop_last=True)
@@ -78,7 +80,9 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
 
     ``eval_mode`` full: whole images resized to the input size, the task's targets also at their
     stored resolution (``*_native``, padded per batch, see :mod:`multimae_att.finetune.native`);
-    center_crop: the centre crop of ``eval_crop_pct`` for inputs and targets alike.
+    center_crop: the centre crop of ``eval_crop_pct`` for inputs and targets alike. Protocol
+    multimae: MultiMAE's recipe (:mod:`multimae_att.finetune.protocols`), scored at input size;
+    ``data.max_eval_samples``: MultiMAE's seeded subset of the split.
     """
     d = cfg.data
     full = cfg.eval_mode() == "full"
@@ -86,9 +90,11 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
     loader = build_loader(d.root, task.data_modalities(), split=split, train=False,
                           batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers,
                           drop_last=False, eval_crop_pct=d.eval_crop_pct, eval_full_image=full,
-                          native_modalities=native,
+                          native_modalities=native, recipe=make_recipe(cfg, train=False),
                           collate_fn=make_native_collate(cfg.task.ignore_index) if native else collate,
                           **_loader_kwargs(cfg))
+    if split == d.val_split:   # not k-NN's training bank
+        loader = select_eval_samples(loader, d.max_eval_samples, f"{d.root} split {split!r}")
     return accelerator.prepare_data_loader(loader)
 
 
@@ -179,6 +185,9 @@ class _Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best: Optional[float] = None
         self.last_metrics: Dict[str, Any] = {}
+        # {'epoch', 'step', 'metrics'} of the best and the last evaluation (train.report)
+        self.best_record: Optional[Dict[str, Any]] = None
+        self.last_record: Optional[Dict[str, Any]] = None
         resumed = self.resume(state) if state is not None else False
         self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=accelerator.is_main_process,
                                     resume_step=self.step if resumed else None)
@@ -189,7 +198,8 @@ class _Trainer:
         return {"model": self.acc.unwrap_model(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": scaler, "step": self.step,
                 "epoch": self.epoch, "data_position": self.batch_in_epoch, "best": self.best,
-                "last_metrics": self.last_metrics, "rng": capture_rng(),
+                "last_metrics": self.last_metrics, "best_record": self.best_record,
+                "last_record": self.last_record, "rng": capture_rng(),
                 "config": config_to_dict(self.cfg)}
 
     def resume(self, state: Dict[str, Any]) -> bool:
@@ -202,6 +212,7 @@ class _Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.best = int(state["data_position"]), state["best"]
         self.last_metrics = state.get("last_metrics", {})
+        self.best_record, self.last_record = state.get("best_record"), state.get("last_record")
         restore_rng(state["rng"])
         self.acc.print(f"resumed from {self.store.latest()} at step {self.step} (epoch {self.epoch})")
         return True
@@ -275,8 +286,10 @@ class _Trainer:
         key = self.task.best_key()
         self.logger.log({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in
                                                                     _scalars(metrics).items()}})
+        self.last_record = {"epoch": self.epoch, "step": self.step, "metrics": metrics}
         if _better(key, float(metrics[key]), self.best):
             self.best = float(metrics[key])
+            self.best_record = self.last_record
             self.export("checkpoint-best.pth", metrics)
         self.export("checkpoint-last.pth", metrics)
         self.last_metrics = metrics
@@ -294,9 +307,9 @@ class _Trainer:
                 metrics = self.evaluate_and_keep()
             self.save_state()
         bar.close()
-        if not metrics:   # resumed a finished run: evaluate the final weights again
+        if not metrics or self.last_record is None:   # resumed a finished run: evaluate again
             metrics = self.evaluate_and_keep()
-        return metrics
+        return reported_metrics(self.cfg, self.last_record, self.best_record)
 
 
 def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -315,6 +328,10 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    accelerator.print(protocol_line(cfg, task.best_key() if task.trains else "", task.trains))
+    if task.trains:
+        line, warning = global_batch_line(cfg, accelerator.num_processes)
+        accelerator.print(line if warning is None else f"{line}\n{warning}")
     model = task.build()
     if cfg.init.checkpoint:
         from multimae_att.finetune.loading import load_pretrained

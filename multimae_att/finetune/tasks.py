@@ -21,10 +21,11 @@ from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, Linea
 from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, MetricSums,
                                            SegmentationMetrics)
 from multimae_att.finetune.native import NATIVE_SUFFIX, upsample_to_native
+from multimae_att.finetune.protocols import multimae_depth_input
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
 from multimae_att.runstate import step_seed
 
-__all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "build_model"]
+__all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "depth_loss_map", "build_model"]
 
 
 class FinetuneViT(MultiViT):
@@ -61,22 +62,39 @@ def build_model(cfg: FinetuneConfig, head: Optional[nn.Module], output_name: str
     return model
 
 
-def masked_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                      kind: str = "berhu") -> torch.Tensor:
-    """Mean over valid pixels of L1 or berHu (reverse Huber) of ``pred - target``.
+def depth_loss_map(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                   kind: str = "berhu") -> torch.Tensor:
+    """Per-pixel L1 or berHu (reverse Huber) of ``pred - target``, 0 at invalid pixels.
 
     berHu: |d| where |d| <= c, (d^2 + c^2) / (2c) beyond, c = 0.2 * max |d| over the batch's
     valid pixels (Laina et al. 2016). Shapes ``[B, 1, H, W]``; ``valid`` bool.
     """
     diff = (pred - target).abs() * valid
-    n = valid.sum().clamp_min(1)
     if kind == "l1":
-        return diff.sum() / n
+        return diff
     if kind != "berhu":
         raise ValueError(f"unknown depth loss {kind!r}; expected 'berhu' or 'l1'")
     c = (0.2 * diff.detach().max()).clamp_min(1e-5)
-    loss = torch.where(diff <= c, diff, (diff.square() + c * c) / (2 * c))
-    return (loss * valid).sum() / n
+    return torch.where(diff <= c, diff, (diff.square() + c * c) / (2 * c)) * valid
+
+
+def masked_depth_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                      kind: str = "berhu") -> torch.Tensor:
+    """Mean over valid pixels of :func:`depth_loss_map`."""
+    return depth_loss_map(pred, target, valid, kind).sum() / valid.sum().clamp_min(1)
+
+
+class DepthLossMetrics(DepthMetrics):
+    """:class:`DepthMetrics` plus ``loss``: the task loss over every valid pixel of the set (berHu's
+    c per evaluation batch), the validation loss MultiMAE selects its depth checkpoint by."""
+
+    names = DepthMetrics.names + ("loss_sum",)
+
+    def compute(self) -> Dict[str, float]:
+        out = super().compute()
+        n = float(self.sums[0])
+        out["loss"] = float(self.sums[-1]) / n if n > 0 else float("nan")
+        return out
 
 
 class TaskSpec:
@@ -108,9 +126,14 @@ class TaskSpec:
         return mods + [t for t in self.target_modalities() if t not in mods]
 
     def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Model inputs from a batch; depth inputs standardised per sample when configured."""
+        """Model inputs from a batch; depth inputs standardised per sample when configured
+        (protocol multimae: MultiMAE's trimmed statistics over the image's pixels, then padded
+        and invalid pixels set to 0)."""
         x = {m: batch[m] for m in self.cfg.model.in_modalities}
-        if "depth" in x and self.cfg.data.standardize_depth:
+        if "depth" in x and self.cfg.data.protocol == "multimae":
+            x["depth"] = multimae_depth_input(x["depth"], batch.get("padding"), batch.get("mask_valid"),
+                                              standardize=self.cfg.data.standardize_depth)
+        elif "depth" in x and self.cfg.data.standardize_depth:
             x["depth"] = robust_standardize_depth(x["depth"], batch.get("mask_valid"))
         return x
 
@@ -231,6 +254,11 @@ class SegmentationTask(TaskSpec):
         self.return_all_layers = cfg.head_kind() == "dpt"
 
     def target_modalities(self) -> List[str]:
+        """semseg; plus mask_valid for a depth input under protocol multimae (MultiMAE's
+        ``use_mask_valid``: invalid depth pixels are set to 0 after standardisation)."""
+        c = self.cfg
+        if c.data.protocol == "multimae" and c.task.mask_valid and "depth" in c.model.in_modalities:
+            return ["semseg", "mask_valid"]
         return ["semseg"]
 
     def native_targets(self) -> List[str]:
@@ -305,20 +333,23 @@ class DepthTask(TaskSpec):
         return masked_depth_loss(pred.float(), depth, valid, self.cfg.task.loss)
 
     def make_metrics(self) -> MetricSums:
-        return DepthMetrics()
+        return DepthLossMetrics()
 
     def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         """Depth sums; at label resolution when the batch has ``depth_native`` (prediction
-        upsampled bilinearly per sample; padding has depth 0, i.e. invalid)."""
+        upsampled bilinearly per sample; padding has depth 0, i.e. invalid). The loss column is
+        the training loss's per-sample sum at input resolution."""
+        depth, valid = self.target(batch)
+        loss = depth_loss_map(pred.float(), depth, valid, self.cfg.task.loss).flatten(1).sum(1)
         if "depth_native" in batch:
             depth, valid = self.target(batch, NATIVE_SUFFIX)
             pred = upsample_to_native(pred, batch["native_size"], depth.shape[-2:])
-            return metrics.stats(pred, depth, valid)
-        depth, valid = self.target(batch)
-        return metrics.stats(pred.float(), depth, valid)
+        stats = metrics.stats(pred.float(), depth, valid)
+        return torch.cat([stats, loss.to(stats.dtype)[:, None]], dim=1)
 
     def best_key(self) -> str:
-        return "rmse"
+        """Protocol multimae: lowest validation loss (MultiMAE's choice); ours: RMSE."""
+        return "loss" if self.cfg.data.protocol == "multimae" else "rmse"
 
 
 class KnnTask(TaskSpec):
