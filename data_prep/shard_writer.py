@@ -5,7 +5,8 @@ Every converter in ``data_prep/`` writes through this module, so the two layouts
 
 * folder layout: ``OUT/<split>/<modality>/<class>/<stem>.<ext>``
 * shard layout:  ``OUT/shards/<split>-NNNNNN.tar`` plus ``OUT/shards/<split>.json``
-  (``{"num_samples": ..., "shards": [...]}``) and ``OUT/shards/<split>.keys.txt`` (all keys),
+  (``{"num_samples": ..., "shards": [...], "shard_samples": [per-shard counts]}``) and
+  ``OUT/shards/<split>.keys.txt`` (all keys),
   one tar member per modality:
   ``KEY.rgb.jpg|png``, ``KEY.depth.png`` (16-bit), ``KEY.semseg.png`` (8- or 16-bit),
   ``KEY.mask_valid.png`` (8-bit, 255 = valid), ``KEY.cls`` (decimal text), ``KEY.json``.
@@ -110,6 +111,7 @@ class ShardSink:
         self.split = split
         self.num_samples = 0
         self._keys: list[str] = []
+        self._counts: dict[str, int] = {}   # shard file name -> samples written to it
         for stale in self.dir.glob(f"{split}-*.tar"):  # a re-run must not mix in old shards
             stale.unlink()
         self._writer = wds.ShardWriter(
@@ -127,13 +129,17 @@ class ShardSink:
                 value = json.dumps(value, sort_keys=True)
             sample[ext] = value.encode("utf-8") if isinstance(value, str) else value
         self._writer.write(sample)
+        name = Path(self._writer.fname).name
+        self._counts[name] = self._counts.get(name, 0) + 1
         self._keys.append(key)
         self.num_samples += 1
 
     def close(self) -> None:
         self._writer.close()
         shards = sorted(p.name for p in self.dir.glob(f"{self.split}-*.tar"))
-        index = {"num_samples": self.num_samples, "shards": shards}
+        # Per-shard counts let the loader count every sample a broken shard loses.
+        index = {"num_samples": self.num_samples, "shards": shards,
+                 "shard_samples": [self._counts.get(name, 0) for name in shards]}
         tmp = self.dir / f".{self.split}.json.tmp"
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, self.dir / f"{self.split}.json")

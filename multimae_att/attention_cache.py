@@ -66,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multimae_att.config import setting
 from multimae_att.runstate import write_text_atomic
 
 MISSING = -32768  # stamp of a cell that was never written (int16 minimum)
@@ -92,20 +93,12 @@ class AttentionCacheConfig:
 
     enabled: bool = False
     path: str = ""
-    grid: int = 32
-    dtype: str = "float16"
+    grid: int = setting(32, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
     normalize: bool = True
-    refresh_every: int | None = 40
-    max_age: int | None = None
+    refresh_every: int | None = setting(40, ge=1)
+    max_age: int | None = setting(None, ge=1)
     refresh: Literal["full", "crops"] = "full"
-
-    def __post_init__(self) -> None:
-        if self.refresh not in ("full", "crops"):
-            raise ValueError(f"masking.cache.refresh must be 'full' or 'crops', got {self.refresh!r}")
-        for name in ("refresh_every", "max_age"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"masking.cache.{name} must be >= 1 or null, got {value}")
 
 
 def _norm_flip(flip: torch.Tensor | Sequence[bool], batch: int, device: torch.device) -> torch.Tensor:

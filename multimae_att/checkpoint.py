@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import tempfile
+import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +34,10 @@ MODEL_KEYS = ("model", "state_dict", "module")  # where released files keep the 
 
 class UnsafeCheckpointError(RuntimeError):
     """The file needs arbitrary unpickling (code objects, unknown classes): refused."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """The file is not a checkpoint at all (text, random bytes, a truncated file, a foreign zip)."""
 
 
 class CheckpointKeyError(KeyError):
@@ -63,22 +68,73 @@ def save_atomic(obj: Any, path: PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------- loading
+EXPECTED_FORMAT = "a file written by torch.save (a zip archive holding data.pkl) or a .safetensors file"
+# torch.save's pre-1.6 format: a pickle whose first object is this magic number (protocol 2, LONG1).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+    """Why ``path`` cannot be a checkpoint (a short phrase), or None when its structure is sound.
+
+    Reads the head of the file and, for a zip archive, its central directory only: cheap enough
+    to run before any work, also on large files.
+    """
+    if not os.path.exists(path):
+        return "the file does not exist"
+    if not os.path.isfile(path):
+        return "it is not a file"
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if path.endswith(".safetensors"):
+        header = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        return None if 0 < header <= size - 8 and head[8:9] == b"{" else "a damaged .safetensors header"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return "a truncated or damaged zip archive"
+        with zipfile.ZipFile(path) as z:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                return "a zip archive without data.pkl (not written by torch.save)"
+        return None
+    if head.startswith(_LEGACY_MAGIC):
+        return None
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")   # a character cut at 512 bytes
+    if all(c.isprintable() or c in "\n\r\t" for c in text):
+        return f"a text file (starts with {text[:40].strip()!r})"
+    return f"unknown binary data (starts with {head[:8]!r})"
+
+
+def check_checkpoint_file(path: PathLike) -> None:
+    """Raise :class:`UnreadableCheckpointError` (one line naming the file and the expected format)
+    unless ``path`` is structurally a checkpoint; FileNotFoundError when it does not exist."""
+    path = os.fspath(path)
+    reason = _not_a_checkpoint(path)
+    if reason == "the file does not exist":
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if reason is not None:
+        raise UnreadableCheckpointError(f"{path} is not a readable checkpoint: expected "
+                                        f"{EXPECTED_FORMAT}, got {reason}")
+
+
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
                     extra_safe_globals: Sequence[Any] = ()) -> Any:
     """Load a checkpoint file safely (``weights_only=True`` + allow-list ``SAFE_GLOBALS`` +
     ``extra_safe_globals``; ``.safetensors`` files through safetensors). Raises :class:`UnsafeCheckpointError` naming the file and the
     object the unpickler refused; there is no fallback to full unpickling."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):  # timm / Hugging Face releases: tensors only, safe by design
-        from safetensors.torch import load_file  # a dependency of timm
-
-        return load_file(path, device=str(map_location))
+    check_checkpoint_file(path)
     try:
+        if path.endswith(".safetensors"):  # timm / Hugging Face releases: tensors only, safe by design
+            from safetensors.torch import load_file  # a dependency of timm
+
+            return load_file(path, device=str(map_location))
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_safe_globals]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():  # a broken pickle, not a refused object
+            raise _unreadable(path, err) from None
         reason = str(err).strip().splitlines()
         detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
         raise UnsafeCheckpointError(
@@ -86,6 +142,14 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"({detail.strip()}). Only tensors, containers, numbers, strings and "
             f"{', '.join(g.__module__ + '.' + g.__qualname__ for g in SAFE_GLOBALS)} are allowed; "
             "if you trust the file, pass the needed classes as extra_safe_globals.") from None
+    except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: str, err: Exception) -> UnreadableCheckpointError:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return UnreadableCheckpointError(f"{path} is not a readable checkpoint: expected {EXPECTED_FORMAT}; "
+                                     f"loading failed ({type(err).__name__}: {first})")
 
 
 def model_state(checkpoint: Any, source: str = "checkpoint") -> StateDict:

@@ -9,8 +9,8 @@ Usage::
 
     @dataclass
     class Optim:
-        lr: float = 1e-4
-        betas: tuple[float, float] = (0.9, 0.95)
+        lr: float = setting(1e-4, gt=0)                       # checked: > 0
+        betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)   # each item in [0, 1)
 
     @dataclass
     class Config:
@@ -18,8 +18,8 @@ Usage::
         optim: Optim = field(default_factory=Optim)
 
         def __post_init__(self):                     # cross-field checks: raise ValueError
-            if self.optim.lr <= 0:
-                raise ValueError("optim.lr must be > 0")
+            if self.optim.lr > 1:
+                raise ValueError("optim.lr must be <= 1 for this model")
 
     cfg = load_config(Config, "configs/x.yaml", ["optim.lr=3e-4", "optim.betas=[0.9,0.99]"])
     save_config(cfg, "runs/x/config.yaml")           # resolved config, reloadable
@@ -37,8 +37,13 @@ type. Supported annotations: ``int``, ``float``, ``bool``, ``str``, ``Any``, ``O
 fixed ``tuple[X, Y]``, ``dict[str, X]``, and nested dataclasses. Overrides may reach inside a
 ``dict`` field (``loss.weights.rgb=0.5``); mapping-valued fields merge with their defaults.
 
-Cross-field constraints live in each dataclass's ``__post_init__`` and raise ``ValueError``;
-they surface as :class:`ConfigError` naming the section.
+Value constraints are declared next to each field with :func:`setting` (bounds such as ``gt=0``
+or ``ge=0, le=1``, checked on every item of a list, tuple or dict; ``free=True`` says any value of
+the type is valid), so the check and the field cannot drift apart; a value outside its bounds is
+an error ``<key> must be ..., got <value>``. NaN is never a valid number. Cross-field
+constraints live in each dataclass's ``__post_init__`` and raise ``ValueError`` naming the keys;
+they surface as :class:`ConfigError`. :func:`config_help` lists every key with its type, default
+and constraint (the runners' ``--help``).
 """
 from __future__ import annotations
 
@@ -47,10 +52,14 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import inspect
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -60,6 +69,10 @@ T = TypeVar("T")
 
 __all__ = [
     "ConfigError",
+    "Check",
+    "setting",
+    "config_help",
+    "cli_args",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -78,6 +91,93 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config file, override or value is invalid. The message names the key."""
+
+
+# --------------------------------------------------------------------------- declared checks
+
+
+@dataclass(frozen=True)
+class Check:
+    """The valid values of one field, declared with it (see :func:`setting`).
+
+    Bounds apply to a number, or to every item of a list / tuple and every value of a dict;
+    ``None`` (an ``Optional`` field left unset) is always valid. Bounded numbers must be finite.
+    ``nonempty``: a list, tuple, dict or string may not be empty. ``free``: no constraint beyond
+    the annotated type (declared, so a completeness test can tell "considered" from "forgotten").
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    nonempty: bool = False
+    free: bool = False
+
+    def bounds(self) -> str:
+        """``'> 0'``, ``'>= 1'``, ``'in [0, 1)'``, ... (empty without bounds)."""
+        lo = (f"[{_num(self.ge)}" if self.ge is not None
+              else f"({_num(self.gt)}" if self.gt is not None else "")
+        hi = (f"{_num(self.le)}]" if self.le is not None
+              else f"{_num(self.lt)})" if self.lt is not None else "")
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return (">= " if lo[0] == "[" else "> ") + lo[1:]
+        if hi:
+            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+        return ""
+
+    def describe(self) -> str:
+        """The constraint in words for ``--help`` (empty when unconstrained)."""
+        return ", ".join(t for t in (self.bounds(), "non-empty" if self.nonempty else "") if t)
+
+    def validate(self, value: Any, key: str) -> None:
+        """Raise :class:`ConfigError` naming ``key`` (or ``key[i]`` / ``key.name``) if ``value``
+        breaks the constraint."""
+        if value is None or self.free:
+            return
+        if self.nonempty and isinstance(value, (list, tuple, Mapping, str)) and not value:
+            raise ConfigError(f"{key} must not be empty")
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                self.validate(v, _join(key, str(k)))
+            return
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                self.validate(v, f"{key}[{i}]")
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return
+        if not self.bounds():
+            return
+        ok = (math.isfinite(value)
+                             and (self.ge is None or value >= self.ge)
+                             and (self.gt is None or value > self.gt)
+                             and (self.le is None or value <= self.le)
+                             and (self.lt is None or value < self.lt))
+        if not ok:
+            raise ConfigError(f"{key} must be {self.bounds()}, got {value!r}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, nonempty: bool = False, free: bool = False) -> Any:
+    """A dataclass field with its :class:`Check` (pass ``factory`` for list/dict defaults).
+
+    ``batch_size: int = setting(256, ge=1)``; ``crop_scale: tuple[float, float] =
+    setting((0.2, 1.0), gt=0, le=1)``; ``seed: int = setting(0, free=True)``.
+    """
+    check = Check(ge=ge, gt=gt, le=le, lt=lt, nonempty=nonempty, free=free)
+    return dataclasses.field(default=default, default_factory=factory, metadata={"check": check})
+
+
+def field_check(f: dataclasses.Field) -> Check | None:
+    """The :class:`Check` declared with a field, or None."""
+    return f.metadata.get("check")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -167,14 +267,17 @@ def _coerce(value: Any, tp: Any, key: str, root_keys: Sequence[str] = ()) -> Any
             return int(value)
         raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if number is None or math.isnan(number):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -221,13 +324,18 @@ def config_from_dict(schema_cls: type[T], data: Mapping[str, Any], prefix: str =
             hint = _nearest(full, local) or _nearest(full, top_keys)
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[name] = _coerce(value, hints[name], full, top_keys)
+        check = field_check(fields[name])
+        if check is not None:
+            check.validate(kwargs[name], full)
     try:
         return schema_cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        where = f"section '{prefix}'" if prefix else "config"
-        raise ConfigError(f"invalid {where}: {e}") from None
+        # Cross-field messages name their keys ('optim.lr must ...'); others get the section.
+        text = str(e)
+        named = not prefix or f"{prefix}." in text
+        raise ConfigError(text if named else f"{prefix}: {text}") from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -320,14 +428,18 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
     return out
 
 
-def load_config(schema_cls: type[T], path: str | os.PathLike | None = None,
+def load_config(schema_cls: type[T], path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                 overrides: Iterable[str] = ()) -> T:
-    """Schema defaults <- YAML file (optional) <- ``key=value`` overrides; strict and typed."""
+    """Schema defaults <- YAML file(s) <- ``key=value`` overrides; strict and typed.
+
+    ``path``: one file or a list merged in order (a later file overrides an earlier one, key by key).
+    """
     # Start from the defaults so that mappings merge key by key at every level
     # (``loss.weights.depth=2`` keeps the other modalities' default weights).
     data = config_to_dict(schema_cls())
-    if path:
-        data = _deep_merge(data, load_yaml(path))
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
+    for p in paths:
+        data = _deep_merge(data, load_yaml(p))
     data = apply_overrides(data, parse_overrides(overrides))
     return config_from_dict(schema_cls, data)
 
@@ -344,29 +456,95 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+def _field_comments(schema_cls: type) -> dict[str, str]:
+    """Trailing ``# comments`` of the schema's field lines (help text); {} without source."""
+    try:
+        source = inspect.getsource(schema_cls)
+    except (OSError, TypeError):
+        return {}
+    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line) for line in source.splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
+def _help_type(tp: Any) -> str:
+    """``'tiny | base | large'``, ``'int | null'``, ``'list[str]'``: an annotation in words."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _help_type(a) for a in args)
+    return _type_name(tp)
+
+
+def config_help(schema_cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``key = default  (type; constraint) comment`` (the runners' --help)."""
+    lines: list[str] = []
+    hints = get_type_hints(schema_cls)
+    comments = _field_comments(schema_cls)
+    defaults = schema_cls()
+    for f in dataclasses.fields(schema_cls):
+        if not f.init:
+            continue
+        key, tp = _join(prefix, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += config_help(tp, key)
+            continue
+        check = field_check(f)
+        kind = "; ".join(t for t in (_help_type(tp), check.describe() if check else "") if t)
+        default = yaml.safe_dump(config_to_dict(getattr(defaults, f.name)),
+                                 default_flow_style=True, width=1 << 16).strip()
+        default = default.removesuffix("\n...")
+        note = f"  {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"{key} = {default}  ({kind}){note}")
+    return lines
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config FILE``, ``--print-config`` and positional ``key=value`` overrides."""
-    parser.add_argument("--config", "-c", default=None, help="YAML config file")
+    """Add ``--config FILE`` (repeatable), ``--print-config`` and ``key=value`` overrides."""
+    parser.add_argument("--config", "-c", action="append", metavar="FILE",
+                        help="YAML config file; repeat it to merge several (later files override "
+                             "earlier ones)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. optim.blr=1e-4 masking.strategy=high")
+                        help="dotted overrides anywhere on the line, e.g. optim.blr=1e-4 "
+                             "masking.strategy=high; they override the config files")
     return parser
 
 
-def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None,
-               description: str | None = None) -> T:
-    """Parse ``--config FILE key=value ...`` into ``schema_cls``; ``--print-config`` prints and exits."""
-    parser = add_config_args(argparse.ArgumentParser(description=description))
-    args = parser.parse_args(argv)
+def cli_args(schema_cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+             parser: argparse.ArgumentParser | None = None) -> tuple[T, argparse.Namespace]:
+    """Parse ``[--config FILE ...] [key=value ...]`` (in any order) into ``(config, args)``.
+
+    ``parser``: a parser holding the runner's own options (the config options are added to it).
+    An option may stand for overrides by appending them to ``config_overrides``, e.g.
+    ``parser.add_argument('--overwrite', action='append_const', dest='config_overrides',
+    const='init.overwrite=true')``; they apply before the ``key=value`` overrides of the line.
+    ``--help`` lists every config key with its default (:func:`config_help`); ``--print-config``
+    prints the resolved config and exits; a bad config exits with status 2 and
+    ``config error: <key> ...``.
+    """
+    parser = parser or argparse.ArgumentParser(description=description)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "config keys (key = default  (type; valid values)):\n  " + "\n  ".join(
+        config_help(schema_cls))
+    add_config_args(parser)
+    args = parser.parse_intermixed_args(argv)
+    overrides = [*(getattr(args, "config_overrides", None) or []), *args.overrides]
     try:
-        cfg = load_config(schema_cls, args.config, args.overrides)
+        cfg = load_config(schema_cls, args.config, overrides)
     except ConfigError as e:
         parser.exit(2, f"config error: {e}\n")
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         parser.exit(0)
-    return cfg
+    return cfg, args
+
+
+def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+               parser: argparse.ArgumentParser | None = None) -> T:
+    """:func:`cli_args` without the parsed arguments: the config only."""
+    return cli_args(schema_cls, argv, description, parser)[0]
 
 
 # --------------------------------------------------------------------------- resume checks

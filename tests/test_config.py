@@ -1,14 +1,15 @@
 """Generic config machinery: defaults, YAML, includes, typed overrides, strict errors."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import pytest
 import yaml
 
-from multimae_att.config import (ConfigError, cli_config, config_from_dict, config_to_dict,
-                                 load_config, parse_overrides, save_config)
+from multimae_att.config import (ConfigError, cli_args, cli_config, config_from_dict, config_help,
+                                 config_to_dict, load_config, parse_overrides, save_config, setting)
 
 
 @dataclass
@@ -104,3 +105,75 @@ def test_cli_config(capsys):
     with pytest.raises(SystemExit) as e:
         cli_config(Toy, ["--print-config", "steps=4"])
     assert e.value.code == 0 and yaml.safe_load(capsys.readouterr().out)["steps"] == 4
+
+
+@dataclass
+class Checked:
+    rate: float = setting(0.5, ge=0, le=1)
+    count: int = setting(2, ge=1)
+    lr: Optional[float] = setting(None, gt=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
+    weights: dict[str, float] = setting(factory=lambda: {"a": 1.0}, ge=0)
+    shots: list[int] = setting(factory=lambda: [1, 5], ge=1, nonempty=True)
+    seed: int = setting(0, free=True)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rate=1.5", "rate must be in [0, 1], got 1.5"),
+    ("rate=-0.1", "rate must be in [0, 1], got -0.1"),
+    ("count=0", "count must be >= 1, got 0"),
+    ("lr=0", "lr must be > 0, got 0.0"),
+    ("lr=.inf", "lr must be > 0, got inf"),               # bounded numbers are finite
+    ("rate=.nan", "'rate' expects a number, got nan"),    # NaN is never a number
+    ("betas=[0.9, 1.0]", "betas[1] must be in [0, 1), got 1.0"),
+    ("weights.b=-2", "weights.b must be >= 0, got -2.0"),
+    ("shots=[1, 0]", "shots[1] must be >= 1, got 0"),
+    ("shots=[]", "shots must not be empty"),
+])
+def test_declared_checks_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(Checked, None, [override])
+    assert str(e.value) == needle or needle in str(e.value)
+
+
+def test_declared_checks_accept_bounds_none_and_free_values():
+    cfg = load_config(Checked, None, ["rate=0", "count=1", "lr=none", "betas=[0, 0.5]", "seed=-7"])
+    assert (cfg.rate, cfg.count, cfg.lr, cfg.betas, cfg.seed) == (0.0, 1, None, (0.0, 0.5), -7)
+    assert load_config(Checked, None, ["rate=1"]).rate == 1.0
+    # The check is declared on the field itself: the dataclass Field carries it.
+    checks = {f.name: f.metadata["check"].describe() for f in dataclasses.fields(Checked)}
+    assert checks == {"rate": "in [0, 1]", "count": ">= 1", "lr": "> 0", "betas": "in [0, 1)",
+                      "weights": ">= 0", "shots": ">= 1, non-empty", "seed": ""}
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("steps: 5\nmode: low\noptim: {lr: 0.5, clip: 1.0}\n")
+    (tmp_path / "b.yaml").write_text("steps: 7\noptim: {lr: 0.25}\n")
+    cfg = load_config(Toy, [tmp_path / "a.yaml", tmp_path / "b.yaml"], ["optim.clip=2"])
+    assert (cfg.steps, cfg.mode, cfg.optim.lr, cfg.optim.clip) == (7, "low", 0.25, 2.0)
+    # From the command line: --config repeated, overrides before, between and after options.
+    cfg = cli_config(Toy, ["amp=true", "--config", str(tmp_path / "a.yaml"), "mods=[rgb]",
+                           "--config", str(tmp_path / "b.yaml"), "steps=9"])
+    assert (cfg.steps, cfg.mode, cfg.optim.lr, cfg.amp, cfg.mods) == (9, "low", 0.25, True, ["rgb"])
+
+
+def test_cli_options_add_overrides_and_help_lists_every_key(capsys):
+    import argparse
+
+    def runner_parser():   # a runner's own option that stands for an override
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--fast", action="append_const", dest="config_overrides", const="steps=1")
+        return parser
+
+    cfg, args = cli_args(Toy, ["steps=3", "--fast", "mode=low"], parser=runner_parser())
+    assert cfg.steps == 3 and cfg.mode == "low" and args.config_overrides == ["steps=1"]  # the line wins
+    assert cli_args(Toy, ["--fast"], parser=runner_parser())[0].steps == 1
+    with pytest.raises(SystemExit) as e:
+        cli_config(Checked, ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "rate = 0.5  (float; in [0, 1])" in out and "lr = null  (float | null; > 0)" in out
+    assert "betas = [0.9, 0.95]" in out and "seed = 0  (int)" in out
+    assert [line.split(" = ")[0].strip() for line in config_help(Toy)] == [
+        "output_dir", "steps", "amp", "mode", "mods", "weights", "extra", "optim.lr", "optim.betas",
+        "optim.clip"]

@@ -128,12 +128,14 @@ def _error_text(excinfo, capsys) -> str:
     ("train.max_steps=two", "'train.max_steps' expects an integer"),
     ("data.root=/nonexistent/multimae_data", "data.root='/nonexistent/multimae_data' does not exist"),
     ("init.checkpoint=/nonexistent/x.pth", "init.checkpoint='/nonexistent/x.pth': /nonexistent/x.pth does not exist"),
-    ("masking.strategy=heads", "k=4 must lie in [1, H=3]"),          # the tiny model has 3 heads
+    ("masking.strategy=heads masking.params.k=4",                     # the tiny model has 3 heads
+     "masking.params.k=4: model.size='tiny' has 3 attention heads; choose masking.params.k in [1, 3]"),
+    ("masking.score_layer=3", "masking.score_layer=3 is not a block of the 3-block encoder"),
 ])
 def test_fail_fast_messages(tmp_path, data_root, capsys, override, needle):
     cfg = tiny_config(tmp_path / "c.yaml", data_root)
     with pytest.raises(SystemExit) as e:
-        run_cli("--config", str(cfg), f"output_dir={tmp_path / 'run'}", override)
+        run_cli("--config", str(cfg), f"output_dir={tmp_path / 'run'}", *override.split())
     assert needle in _error_text(e, capsys)
     assert not (tmp_path / "run" / "checkpoints").exists()     # failed before any work
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from torch.utils.data import Dataset
 
 from multimae_att.data.decode import IMAGE_MODALITIES, CorruptSample, decode_modality
-from multimae_att.data.sample import SkipCounter, build_sample
+from multimae_att.data.sample import SkipCounter, build_sample, mark_valid, placeholder_sample
 from multimae_att.data.transforms import AugmentConfig
 
 __all__ = ["FolderDataset", "scan_modality", "read_class_names"]
@@ -81,13 +81,21 @@ class FolderDataset(Dataset):
     """Map-style dataset over the folder layout; items are sample dicts (see docs/INTERFACES.md).
 
     ``modalities``: any subset of rgb/depth/semseg/mask_valid/cls (``cls`` = class folder index).
-    A corrupt sample is counted in ``skipped`` and replaced by the next readable index, so batch
-    sizes (and DDP step counts) stay fixed; an error is raised when no sample is readable.
+    ``on_corrupt="skip"`` (training): a corrupt sample is counted in ``skipped`` and replaced by
+    the next readable index, so batch sizes (and DDP step counts) stay fixed; an error is raised
+    when no sample is readable. ``on_corrupt="mark"`` (evaluation): nothing is substituted; the
+    sample's place holds a :func:`~multimae_att.data.sample.placeholder_sample` (``valid`` False,
+    ``skip_reason`` naming the file) and every item carries ``valid`` / ``skip_reason``.
     Call :meth:`set_epoch` before each epoch: augmentation is a function of (seed, epoch, stem).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, modalities: Sequence[str],
-                 augment: AugmentConfig, skipped: SkipCounter | None = None) -> None:
+                 augment: AugmentConfig, skipped: SkipCounter | None = None,
+                 on_corrupt: str = "skip") -> None:
+        if on_corrupt not in ("skip", "mark"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'mark', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        self.modalities = list(modalities)
         self.root = Path(root)
         self.split_dir = self.root / split
         unknown = set(modalities) - set(IMAGE_MODALITIES) - {"cls"}
@@ -137,12 +145,19 @@ class FolderDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         """Decode and transform sample ``index``; raises :class:`CorruptSample` on a bad file."""
         stem = self.stems[index]
-        images = {m: decode_modality(m, self.paths[m][index], str(self.paths[m][index]))
-                  for m in self.image_modalities}
+        where = {m: str(self.paths[m][index]) for m in self.image_modalities}
+        where["cls"] = f"{self.paths[self.image_modalities[0]][index].parent} (class folder)"
+        images = {m: decode_modality(m, self.paths[m][index], where[m]) for m in self.image_modalities}
         cls = self.targets[index] if self.with_cls else None
-        return build_sample(images, cls, stem, self.augment, self.epoch)
+        return build_sample(images, cls, stem, self.augment, self.epoch, where)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.on_corrupt == "mark":
+            try:
+                return mark_valid(self.load(index))
+            except CorruptSample as exc:
+                self.skipped.add(str(exc))
+                return placeholder_sample(self.modalities, self.augment, self.stems[index], str(exc))
         for attempt in range(len(self.stems)):
             candidate = (index + attempt) % len(self.stems)
             try:

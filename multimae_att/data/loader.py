@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from multimae_att.data.folder import FolderDataset
 from multimae_att.data.sample import SkipCounter, collate
-from multimae_att.data.shards import ShardDataset, resolve_shards
+from multimae_att.data.shards import ShardDataset, read_shard_index, resolve_shards
 from multimae_att.data.transforms import AugmentConfig
 
 __all__ = ["EpochSampler", "MultiModalLoader", "build_dataset", "build_loader", "detect_layout"]
@@ -105,7 +105,9 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
                   hflip: float = 0.5, eval_crop_pct: float = 1.0, eval_full_image: bool = False,
                   att_map_stride: int = 16, native_modalities: Sequence[str] = (), recipe: Any = None,
                   shuffle_buffer: int = 1000, resampled: bool | None = None,
-                  samples_per_epoch: int | None = None) -> FolderDataset | ShardDataset:
+                  samples_per_epoch: int | None = None,
+                  label_ranges: Mapping[str, tuple[int, int | None]] | None = None,
+                  on_corrupt: str = "skip") -> FolderDataset | ShardDataset:
     """A dataset yielding sample dicts (keys/dtypes of docs/INTERFACES.md, without the batch dim).
 
     ``source``: a dataset root (``root/<split>/<modality>/<class>/<stem>.png`` and/or
@@ -116,28 +118,36 @@ def build_dataset(source: str | os.PathLike | Sequence[str], modalities: Sequenc
     callable that replaces both, see :class:`AugmentConfig`). ``semseg_scale``: 4 for
     pretraining (semseg at H/4), 1 for finetuning. Shards: ``resampled`` defaults to
     ``train and world_size > 1``; ``samples_per_epoch`` (per rank) defaults to the index's count / world.
+    ``label_ranges``: ``{modality: (classes, ignore_index or None)}`` for ``semseg`` / ``cls``; a
+    sample with a label outside ``[0, classes)`` is corrupt (checked in the worker, named in the
+    log). ``on_corrupt``: ``skip`` (count corrupt samples and go on) or ``mark`` (evaluation:
+    placeholders with ``valid`` False keep their place; see :class:`FolderDataset`).
     """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     augment = AugmentConfig(image_size=size, train=train, scale=tuple(scale), ratio=tuple(ratio),
                             hflip=hflip, semseg_scale=semseg_scale, eval_crop_pct=eval_crop_pct,
                             eval_full_image=eval_full_image, reduce_zero_label=reduce_zero_label,
                             att_map_stride=att_map_stride, seed=seed,
-                            native_modalities=tuple(native_modalities), recipe=recipe)
+                            native_modalities=tuple(native_modalities), recipe=recipe,
+                            label_ranges=tuple((m, c, i) for m, (c, i) in (label_ranges or {}).items()))
     layout = detect_layout(source, split) if layout == "auto" else layout
     if layout == "folder":
-        return FolderDataset(source, split, modalities, augment)
+        return FolderDataset(source, split, modalities, augment, on_corrupt=on_corrupt)
     if layout != "shards":
         raise ValueError(f"layout must be 'auto', 'folder' or 'shards', got {layout!r}")
     if not isinstance(source, (list, tuple)) and Path(os.fspath(source)).is_dir():
         source = str(Path(os.fspath(source)) / "shards" / f"{split}.json")
     urls, total = resolve_shards(source)
+    local_index = str(source).endswith(".json") and Path(str(source)).is_file()
+    counts = read_shard_index(Path(str(source)))["shard_samples"] if local_index else {}
     resampled = (train and world_size > 1) if resampled is None else resampled
     if samples_per_epoch is None and total is not None:
         samples_per_epoch = math.ceil(total / world_size)
     dataset = ShardDataset(urls, modalities, augment, batch_size=batch_size,
                            shuffle_buffer=shuffle_buffer if train else 0, resampled=resampled,
                            samples_per_epoch=samples_per_epoch, shuffle_shards=train, seed=seed,
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, shard_samples=counts,
+                           on_corrupt=on_corrupt)
     keys = Path(str(source)[:-len(".json")] + ".keys.txt") if str(source).endswith(".json") else None
     dataset.keys_file = keys if keys is not None and keys.is_file() else None
     return dataset

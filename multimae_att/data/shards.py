@@ -12,6 +12,9 @@ Format (written by ``data_prep/shard_writer.py``)::
 Shard lists: a brace pattern (``/data/train-{000000..000099}.tar``), a ``.txt`` file with one
 URL per line, a ``.json`` index (``{"shards": [...], "num_samples": N}``, names relative to it),
 or a list; ``pipe:`` URLs (``pipe:aws s3 cp s3://bucket/x.tar -``) stream from object storage.
+An index may also give each shard's sample count (``"shard_samples": [...]``, written by
+``ShardSink``): a shard that breaks off (truncated, unreadable) then counts every sample it lost,
+not the tar errors.
 
 Distribution: shards are split by rank (explicit ``rank``/``world_size``, the same split as
 ``webdataset.split_by_node``) and by DataLoader worker (``webdataset.split_by_worker``). With
@@ -36,7 +39,7 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from multimae_att.data.decode import IMAGE_MODALITIES, CorruptSample, decode_modality
-from multimae_att.data.sample import SkipCounter, build_sample
+from multimae_att.data.sample import SkipCounter, build_sample, mark_valid, placeholder_sample
 from multimae_att.data.transforms import AugmentConfig
 
 __all__ = ["ShardDataset", "resolve_shards", "read_shard_index"]
@@ -45,10 +48,13 @@ _GIVE_UP_AFTER = 200  # consecutive failures before any success: the shard list 
 
 
 def read_shard_index(path: Path) -> dict[str, Any]:
-    """``{"shards": [absolute paths], "num_samples": int | None}`` from a ``<split>.json`` index."""
+    """``{"shards": [absolute paths], "num_samples": int | None, "shard_samples": {url: count}}``
+    from a ``<split>.json`` index (``shard_samples`` empty when the index has no per-shard counts)."""
     index = json.loads(Path(path).read_text())
     shards = [str(Path(path).parent / s) if not _is_remote(s) else s for s in index["shards"]]
-    return {"shards": shards, "num_samples": index.get("num_samples")}
+    counts = index.get("shard_samples") or []
+    return {"shards": shards, "num_samples": index.get("num_samples"),
+            "shard_samples": dict(zip(shards, counts)) if len(counts) == len(shards) else {}}
 
 
 def _is_remote(url: str) -> bool:
@@ -86,14 +92,24 @@ class ShardDataset(IterableDataset):
     workers in whole batches of ``batch_size`` so that no worker emits a partial batch; without
     resampling only the reported length (the shards are read to their end).
     ``shuffle_buffer``: samples held for shuffling (0 = keep shard order; evaluation).
-    Corrupt or incomplete samples (and unreadable tar members) are counted in ``skipped``.
+    Corrupt or incomplete samples are counted in ``skipped``, and so is every sample of a shard
+    lost after it breaks off, when ``shard_samples`` (url -> sample count) says how many it
+    holds (else the break counts once, a lower bound). ``on_corrupt="mark"`` (evaluation):
+    nothing is left out silently; each corrupt sample (and each lost one) yields a
+    :func:`~multimae_att.data.sample.placeholder_sample` (``valid`` False, ``skip_reason``).
     """
 
     def __init__(self, urls: Sequence[str], modalities: Sequence[str], augment: AugmentConfig,
                  *, batch_size: int = 1, shuffle_buffer: int = 0, resampled: bool = False,
                  samples_per_epoch: int | None = None, shuffle_shards: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, skipped: SkipCounter | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, skipped: SkipCounter | None = None,
+                 shard_samples: dict[str, int] | None = None, on_corrupt: str = "skip") -> None:
         super().__init__()
+        if on_corrupt not in ("skip", "mark"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'mark', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        self.modalities = list(modalities)
+        self.shard_samples = dict(shard_samples or {})
         unknown = set(modalities) - set(IMAGE_MODALITIES) - {"cls"}
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {IMAGE_MODALITIES + ('cls',)}")
@@ -158,19 +174,43 @@ class ShardDataset(IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         key = raw.get("__key__", "?")
         where = f"{raw.get('__url__', '?')}:{key}"
-        images = {}
+        images, files = {}, {"cls": f"{where}.cls"}
         for modality in self.image_modalities:
             member = next((k for k in raw if k.split(".")[0] == modality and not k.startswith("__")), None)
             if member is None:
                 raise CorruptSample(f"{where}: no {modality} member (has {sorted(k for k in raw if not k.startswith('__'))})")
-            images[modality] = decode_modality(modality, raw[member], f"{where}.{member}")
+            files[modality] = f"{where}.{member}"
+            images[modality] = decode_modality(modality, raw[member], files[modality])
         cls = None
         if self.with_cls:
             try:
                 cls = int(raw["cls"].decode().strip())
             except (KeyError, ValueError, AttributeError) as exc:
                 raise CorruptSample(f"{where}: missing or invalid cls member ({exc!r})") from exc
-        return build_sample(images, cls, key, self.augment, self.epoch)
+        return build_sample(images, cls, key, self.augment, self.epoch, files)
+
+    def _read(self, shards: Iterator[dict[str, str]], on_break) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard after the other. A shard that breaks off (a tar error, or
+        fewer samples than ``shard_samples`` says: a tar cut at a member boundary reads as a
+        shorter archive) calls ``on_break(url, samples_read, reason)`` once, after its readable
+        samples."""
+        for shard in shards:
+            errors: list[Exception] = []
+            read = 0
+            def keep_going(exc: Exception, errors: list[Exception] = errors) -> bool:
+                errors.append(exc)
+                return True  # go on with the next member (after a break: the next shard)
+
+            for raw in wds.tarfile_to_samples(handler=keep_going)(iter([shard])):
+                read += 1
+                yield raw
+            expected = self.shard_samples.get(shard["url"])
+            if errors:
+                exc = errors[0]
+                yield from on_break(shard["url"], read, f"{type(exc).__name__}: "
+                                    f"{(str(exc).splitlines() or [''])[0]}")
+            elif expected is not None and read < expected:
+                yield from on_break(shard["url"], read, "the archive ends early")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -188,15 +228,24 @@ class ShardDataset(IterableDataset):
             return RuntimeError(f"no readable sample in shards {shown} (rank {self.rank}, worker {worker}, "
                                 f"{failures} failures; first errors are in the log)")
 
-        def on_tar_error(exc: Exception) -> bool:
+        def on_break(url: str, read: int, why: str) -> Iterator[dict[str, Any]]:
+            """Count (training) or mark (evaluation) the samples a broken shard lost."""
             nonlocal failures
-            self.skipped.add(f"unreadable shard data ({type(exc).__name__}: {exc})")
+            expected = self.shard_samples.get(url)
+            lost = max(expected - read, 0) if expected is not None else None
+            reason = (f"{url}: unreadable after {read} samples ({why}); "
+                      + (f"{lost} of its {expected} samples lost" if lost is not None
+                         else "samples lost: unknown, the shard index has no shard_samples counts"))
             failures += 1
-            if produced == 0 and failures >= _GIVE_UP_AFTER:
-                raise give_up() from exc
-            return True  # go on with the next member / shard
+            if self.on_corrupt == "mark":   # evaluation reports every lost sample instead
+                for i in range(lost if lost is not None else 1):
+                    yield {"__placeholder__": (f"{url}#{read + i}", reason)}
+            else:
+                self.skipped.add(reason, count=lost if lost is not None else 1)
+                if produced == 0 and failures >= _GIVE_UP_AFTER:
+                    raise give_up()
 
-        raw = wds.tarfile_to_samples(handler=on_tar_error)(self._shard_stream(worker, num_workers))
+        raw = self._read(self._shard_stream(worker, num_workers), on_break)
         if self.shuffle_buffer > 0:
             rng = random.Random(self._stream_seed(worker))
             raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(raw)
@@ -206,15 +255,22 @@ class ShardDataset(IterableDataset):
                 continue
             if quota is not None and produced >= quota:
                 return
+            if "__placeholder__" in item:   # a sample lost with its shard (evaluation)
+                self.skipped.add(item["__placeholder__"][1])
+                yield placeholder_sample(self.modalities, self.augment, *item["__placeholder__"])
+                continue
             try:
                 sample = self._decode(item)
             except CorruptSample as exc:
                 self.skipped.add(str(exc))
                 failures += 1
+                if self.on_corrupt == "mark":
+                    yield placeholder_sample(self.modalities, self.augment, item.get("__key__", "?"), str(exc))
+                    continue
                 if produced == 0 and failures >= _GIVE_UP_AFTER:
                     raise give_up() from exc
                 continue
             produced += 1
-            yield sample
-        if produced == 0 and failures > 0:
+            yield mark_valid(sample) if self.on_corrupt == "mark" else sample
+        if produced == 0 and failures > 0 and self.on_corrupt == "skip":
             raise give_up()

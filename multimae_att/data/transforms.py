@@ -77,6 +77,7 @@ class AugmentConfig:
     native_modalities: tuple[str, ...] = ()
     seed: int = 0
     recipe: Any = None
+    label_ranges: tuple[tuple[str, int, int | None], ...] = ()   # checked on load, see data.sample
 
     def __post_init__(self) -> None:
         h, w = self.image_size

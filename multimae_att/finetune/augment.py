@@ -21,6 +21,23 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
+class _KeepOneBit:
+    """Posterize's level -> bits, kept in Pillow's range [1, 8].
+
+    timm maps the top of the magnitude range to 0 bits (``inc1``: ``4 - int(m / 10 * 4)`` at
+    m = 10, reached by ``mstd`` noise; plain ``Posterize`` below m = 2.5). Pillow >= 13 rejects
+    0 bits (older versions returned a black image), so the range ends at 1 bit: the strongest
+    posterize Pillow allows. Picklable, for DataLoader workers.
+    """
+
+    def __init__(self, level_fn: Callable[..., tuple]) -> None:
+        self.level_fn = level_fn
+
+    def __call__(self, level: float, hparams: Dict[str, Any]) -> tuple:
+        bits, *rest = self.level_fn(level, hparams)
+        return (min(max(int(bits), 1), 8), *rest)
+
+
 class RandAugmentRGB:
     """``sample['rgb']`` (float ``[3, H, W]``, ImageNet-normalised) through timm RandAugment."""
 
@@ -29,6 +46,9 @@ class RandAugmentRGB:
         fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
         self.spec = spec
         self.transform = rand_augment_transform(spec, {"translate_const": 100, "img_mean": fill})
+        for op in self.transform.ops:
+            if op.name.startswith("Posterize"):
+                op.level_fn = _KeepOneBit(op.level_fn)
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         rgb = sample["rgb"]

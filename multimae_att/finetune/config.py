@@ -7,10 +7,11 @@ Key names follow the pretraining schema where the meaning is the same.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from multimae_att.config import ConfigError, load_config
+from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.model import ENCODER_SIZES
 
 __all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes",
@@ -25,23 +26,28 @@ class TaskConfig:
     """What is learnt and measured. ``depth_unit_m``: metres per unit of the loaded depth tensor
     (stored 16-bit value / 2**16; millimetre PNGs -> 65.536)."""
     name: Literal["cls", "semseg", "depth", "knn", "linear_probe"] = "cls"
-    num_classes: int = 1000
-    ignore_index: int = 255
+    num_classes: int = setting(1000, ge=1)
+    ignore_index: int = setting(255, free=True)         # semseg label that is never counted
     reduce_zero_label: bool = False           # ADE20K / NYUv2: label 0 -> ignore, others - 1
     loss: Literal["ce", "berhu", "l1"] = "ce"
-    label_smoothing: float = 0.1
-    mixup: float = 0.8                        # cls: Mixup alpha (0 = off)
-    cutmix: float = 1.0                       # cls: CutMix alpha (0 = off)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    label_smoothing: float = setting(0.1, ge=0, lt=1)
+    mixup: float = setting(0.8, ge=0)                   # cls: Mixup alpha (0 = off)
+    cutmix: float = setting(1.0, ge=0)                  # cls: CutMix alpha (0 = off)
+    mixup_prob: float = setting(1.0, ge=0, le=1)
+    mixup_switch_prob: float = setting(0.5, ge=0, le=1)
     randaug: str = "rand-m9-mstd0.5-inc1"     # cls: timm RandAugment spec ('' = off)
-    depth_unit_m: float = 65.536
+    depth_unit_m: float = setting(65.536, gt=0)
     mask_valid: bool = True                   # depth: use batch['mask_valid'] when the data has it
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    few_shot: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
-    few_shot_repeats: int = 3
+    knn_k: int = setting(20, ge=1)
+    knn_temperature: float = setting(0.07, gt=0)
+    few_shot: list[int] = setting(factory=lambda: [1, 5, 10, 20], ge=1)
+    few_shot_repeats: int = setting(3, ge=1)
     feature_pool: Literal["mean", "global"] = "mean"   # knn / linear_probe features
+
+    def __post_init__(self) -> None:
+        if self.reduce_zero_label and self.ignore_index != 255:   # the loaders map label 0 to 255
+            raise ValueError(f"task.reduce_zero_label=true marks label 0 as 255: it needs "
+                             f"task.ignore_index=255, got {self.ignore_index}")
 
 
 @dataclass
@@ -49,10 +55,10 @@ class ModelConfig:
     """Encoder (``MultiViT`` of a named size); ``in_modalities`` are the task's inputs."""
     size: Literal["tiny", "base", "large"] = "base"
     in_modalities: list[str] = field(default_factory=lambda: ["rgb"])
-    patch_size: int = 16
-    num_global_tokens: int = 1
-    drop_path_rate: float = 0.1
-    semseg_num_classes: int = 133             # semseg *input* adapter (pseudo labels)
+    patch_size: int = setting(16, ge=1)
+    num_global_tokens: int = setting(1, ge=1)
+    drop_path_rate: float = setting(0.1, ge=0, lt=1)
+    semseg_num_classes: int = setting(133, ge=1)        # semseg *input* adapter (pseudo labels)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.in_modalities if m not in MODALITIES]
@@ -66,30 +72,30 @@ class HeadConfig:
     """Task head. semseg: ``kind`` convnext (default) or dpt; depth: dpt; cls: linear."""
     kind: Literal["auto", "linear", "convnext", "dpt"] = "auto"
     main_modalities: Optional[list[str]] = None        # tokens the head reads; None = all inputs
-    embed_dim: int = 6144                               # convnext
-    preds_per_patch: int = 16
-    depth: int = 4
-    hooks: list[int] = field(default_factory=lambda: [2, 5, 8, 11])          # dpt
-    layer_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
-    feature_dim: int = 256
-    init_scale: float = 0.001                           # linear
+    embed_dim: int = setting(6144, ge=1)                # convnext
+    preds_per_patch: int = setting(16, ge=1)            # convnext: a square dividing embed_dim
+    depth: int = setting(4, ge=1)
+    hooks: list[int] = setting(factory=lambda: [2, 5, 8, 11], ge=0)          # dpt
+    layer_dims: list[int] = setting(factory=lambda: [96, 192, 384, 768], ge=1)
+    feature_dim: int = setting(256, ge=2)
+    init_scale: float = setting(0.001, gt=0)            # linear
     use_mean_pooling: bool = True
 
 
 @dataclass
 class DataConfig:
     """Data (``multimae_att.data.build_loader``); ``root`` holds ``train_split`` and ``val_split``."""
-    root: str = "data/imagenet"
-    train_split: str = "train"
-    val_split: str = "val"
+    root: str = setting("data/imagenet", nonempty=True)
+    train_split: str = setting("train", nonempty=True)
+    val_split: str = setting("val", nonempty=True)
     layout: Literal["auto", "folder", "shards"] = "auto"
-    image_size: int = 224
-    batch_size: int = 128                     # per process and micro-batch
-    eval_batch_size: Optional[int] = None     # None = batch_size
-    num_workers: int = 8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    eval_crop_pct: float = 1.0                # center_crop mode: share of the largest centred box
+    image_size: int = setting(224, ge=1, le=4096)   # px (the bound catches typos)
+    batch_size: int = setting(128, ge=1)      # per process and micro-batch
+    eval_batch_size: Optional[int] = setting(None, ge=1)     # None = batch_size
+    num_workers: int = setting(8, ge=0)
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1)
+    hflip: float = setting(0.5, ge=0, le=1)
+    eval_crop_pct: float = setting(1.0, gt=0, le=1)          # center_crop mode: share of the largest centred box
     # Which recipe prepares semseg/depth data (docs/FINETUNE.md): ours, or MultiMAE's published
     # one (LSJ + letterbox for semseg, short-side crops for NYUv2 depth, nearest-resampled depth,
     # trimmed depth-input statistics over image pixels, best evaluation reported). cls: identical.
@@ -102,38 +108,48 @@ class DataConfig:
     # at image_size, targets resized with it (nearest); letterbox (multimae): longest side to
     # image_size + padding, scored at that size with the padding ignored; auto: by protocol/task
     eval_mode: Literal["auto", "full", "center_crop", "letterbox"] = "auto"
-    max_eval_samples: Optional[int] = None    # evaluate on a seed-0 permutation's first N (folder layout)
+    max_eval_samples: Optional[int] = setting(None, ge=1)   # evaluate on a seed-0 permutation's first N (folder layout)
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
+    # A corrupt evaluation sample (unreadable file, label outside [0, task.num_classes)): error =
+    # stop naming the file; skip = leave it out of the metrics, list it in metrics.json
+    # (skipped_eval_samples) and exit non-zero after writing them; skip_ok = the same, exit 0.
+    eval_on_corrupt: Literal["error", "skip", "skip_ok"] = "error"
+    # low-data training: a stratified, seeded (train.seed) subset of this share of each class
+    train_fraction: float = setting(1.0, gt=0, le=1)
+
+    def __post_init__(self) -> None:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"data.crop_scale={list(self.crop_scale)}: need min <= max")
 
 
 @dataclass
 class OptimConfig:
     """AdamW with layer-wise LR decay. lr = ``lr`` if set, else ``blr * global_batch / 256``."""
-    blr: float = 5e-4
-    lr: Optional[float] = None
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: Optional[float] = None
-    accum_steps: int = 1
-    recipe_global_batch: Optional[int] = None   # processes x batch x accum the recipe is for (warns if not)
+    blr: float = setting(5e-4, gt=0)
+    lr: Optional[float] = setting(None, gt=0)
+    min_lr: float = setting(1e-6, ge=0)
+    warmup_epochs: float = setting(5.0, ge=0)
+    weight_decay: float = setting(0.05, ge=0)
+    layer_decay: float = setting(0.65, gt=0, le=1)
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
+    eps: float = setting(1e-8, gt=0)
+    clip_grad: Optional[float] = setting(None, gt=0)
+    accum_steps: int = setting(1, ge=1)
+    recipe_global_batch: Optional[int] = setting(None, ge=1)   # processes x batch x accum the recipe is for (warns if not)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 100.0
-    max_steps: Optional[int] = None           # stop after this many optimizer steps
-    eval_every: int = 1                       # epochs between evaluations (and the last one)
-    max_eval_batches: Optional[int] = None    # smoke tests only: evaluate on a prefix
-    seed: int = 0
+    epochs: float = setting(100.0, ge=0)                    # 0: evaluate only
+    max_steps: Optional[int] = setting(None, ge=0)   # stop after this many optimizer steps (0: evaluate only)
+    eval_every: int = setting(1, ge=1)                      # epochs between evaluations (and the last one)
+    max_eval_batches: Optional[int] = setting(None, ge=1)   # smoke tests only: evaluate on a prefix
+    seed: int = setting(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False
     find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
-    save_every: int = 0                       # optimizer steps between training states (0 = epoch ends)
-    keep_last: int = 2
+    save_every: int = setting(0, ge=0)        # optimizer steps between training states (0 = epoch ends)
+    keep_last: int = setting(2, ge=1)
     # metrics.json holds the best evaluation (task metric; depth under protocol multimae: lowest
     # validation loss) or the last one; auto: best for protocol multimae, else last
     report: Literal["auto", "best", "last"] = "auto"
@@ -148,13 +164,13 @@ class InitConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10
+    every: int = setting(10, ge=1)
     progress: bool = True
 
 
 @dataclass
 class FinetuneConfig:
-    output_dir: str = "runs/finetune"
+    output_dir: str = setting("runs/finetune", nonempty=True)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -189,6 +205,13 @@ class FinetuneConfig:
         if self.head_kind() == "dpt" and (len(self.head.hooks) != 4 or max(self.head.hooks) >= depth):
             raise ValueError(f"head.hooks {self.head.hooks}: need 4 block indices < {depth}, the "
                              f"encoder depth of model.size={self.model.size!r}")
+        if self.head_kind() == "dpt" and len(self.head.layer_dims) != 4:
+            raise ValueError(f"head.layer_dims {self.head.layer_dims}: need 4 widths (one per hook)")
+        side = math.isqrt(self.head.preds_per_patch)
+        if self.head_kind() == "convnext" and (side * side != self.head.preds_per_patch
+                                               or self.head.embed_dim % self.head.preds_per_patch):
+            raise ValueError(f"head.preds_per_patch={self.head.preds_per_patch} must be a square "
+                             f"number dividing head.embed_dim={self.head.embed_dim}")
         if self.task.name == "cls" and (self.task.mixup > 0 or self.task.cutmix > 0) \
                 and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be even for Mixup/CutMix")
@@ -210,10 +233,6 @@ class FinetuneConfig:
         if self.eval_mode() not in evals:
             raise ValueError(f"data.eval_mode={self.data.eval_mode!r} is not available for {where}; "
                              f"choose one of {['auto', *evals]}")
-        if self.data.max_eval_samples is not None and self.data.max_eval_samples < 1:
-            raise ValueError(f"data.max_eval_samples={self.data.max_eval_samples}: need >= 1 (or null = all)")
-        if self.optim.recipe_global_batch is not None and self.optim.recipe_global_batch < 1:
-            raise ValueError(f"optim.recipe_global_batch={self.optim.recipe_global_batch}: need >= 1 (or null)")
 
     def eval_mode(self) -> str:
         """The evaluation mode actually used (see ``data.eval_mode``)."""
@@ -238,6 +257,19 @@ class FinetuneConfig:
         if self.train.report != "auto":
             return self.train.report
         return "best" if self.data.protocol == "multimae" else "last"
+
+    def label_ranges(self) -> dict[str, tuple[int, int | None]]:
+        """``{modality: (classes, ignore index or None)}`` the loaders check every sample against:
+        semseg targets in ``[0, task.num_classes)`` or ``task.ignore_index``; semseg inputs in
+        ``[0, model.semseg_num_classes)``; class labels in ``[0, task.num_classes)``."""
+        ranges: dict[str, tuple[int, int | None]] = {}
+        if "semseg" in self.model.in_modalities:
+            ranges["semseg"] = (self.model.semseg_num_classes, None)
+        elif self.task.name == "semseg":
+            ranges["semseg"] = (self.task.num_classes, self.task.ignore_index)
+        if self.task.name in ("cls", "linear_probe", "knn"):
+            ranges["cls"] = (self.task.num_classes, None)
+        return ranges
 
     def head_kind(self) -> str:
         """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""

@@ -24,15 +24,18 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from multimae_att.config import config_to_dict, save_config
+from multimae_att.config import ConfigError, config_to_dict, save_config
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
+from multimae_att.data.subset import stratified_subset, training_subset
 from multimae_att.finetune.augment import with_sample_transform
 from multimae_att.finetune.config import FinetuneConfig, check_resume_config
 from multimae_att.finetune.knn import knn_evaluate
 from multimae_att.finetune.native import make_native_collate
 from multimae_att.finetune.protocols import make_recipe, select_eval_samples
 from multimae_att.finetune.report import global_batch_line, protocol_line, reported_metrics
+from multimae_att.finetune.skips import EvalSkips
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
+from multimae_att.preflight import check_finetune
 from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
                                    save_atomic, write_text_atomic)
 from multimae_att.schedules import cosine_lr, scaled_lr
@@ -57,7 +60,8 @@ def _loader_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
     # semseg as a *target* at full (label) resolution; as an *input* at 1/4, what its adapter expects
     semseg_scale = 4 if "semseg" in cfg.model.in_modalities else 1
     return dict(image_size=cfg.data.image_size, layout=cfg.data.layout, seed=cfg.train.seed,
-                semseg_scale=semseg_scale, reduce_zero_label=cfg.task.reduce_zero_label)
+                semseg_scale=semseg_scale, reduce_zero_label=cfg.task.reduce_zero_label,
+                label_ranges=cfg.label_ranges())
 
 
 def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: int) -> MultiModalLoader:
@@ -66,6 +70,7 @@ def build_train_loader(cfg: FinetuneConfig, task: TaskSpec, rank: int, world: in
     ds = build_dataset(d.root, task.data_modalities(), split=d.train_split, train=True, rank=rank,
                        world_size=world, batch_size=d.batch_size, scale=tuple(d.crop_scale),
                        hflip=d.hflip, recipe=make_recipe(cfg, train=True), **_loader_kwargs(cfg))
+    ds = training_subset(ds, d.train_fraction, cfg.train.seed)
     transform = getattr(task, "sample_transform", lambda: None)()
     ds = with_sample_transform(ds, transform)
     common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate, drop_last=True)
@@ -91,6 +96,7 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
                           batch_size=d.eval_batch_size or d.batch_size, num_workers=d.num_workers,
                           drop_last=False, eval_crop_pct=d.eval_crop_pct, eval_full_image=full,
                           native_modalities=native, recipe=make_recipe(cfg, train=False),
+                          on_corrupt="mark",   # a corrupt sample is never replaced by another
                           collate_fn=make_native_collate(cfg.task.ignore_index) if native else collate,
                           **_loader_kwargs(cfg))
     if split == d.val_split:   # not k-NN's training bank
@@ -103,33 +109,42 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, task: TaskSpec, accelerator,
              max_batches: Optional[int] = None) -> Dict[str, Any]:
-    """Task metrics over every sample of ``loader`` (all processes get the same numbers)."""
+    """Task metrics over every readable sample of ``loader`` (all processes get the same numbers),
+    plus ``skipped_eval_samples``: the corrupt ones left out (see :mod:`multimae_att.finetune.skips`)."""
     was_training = model.training
     model.eval()
-    metrics = task.make_metrics()
+    metrics, skips = task.make_metrics(), EvalSkips()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         with accelerator.autocast():
             pred = task.forward(model, batch)
-        metrics.update(accelerator.gather_for_metrics(task.eval_stats(metrics, pred, batch)))
+        stats = task.eval_stats(metrics, pred, batch)
+        stats, valid = accelerator.gather_for_metrics((stats, skips.valid(batch, len(stats), stats.device)))
+        metrics.update(stats[valid.bool()])
+        skips.add(batch)
     model.train(was_training)
-    return metrics.compute()
+    skipped = skips.finish(accelerator, task.cfg.data.eval_on_corrupt)
+    return {**metrics.compute(), "skipped_eval_samples": skipped}
 
 
 @torch.no_grad()
-def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Optional[int] = None):
-    """(features ``[N, D]`` float32, labels ``[N]``) of every sample of ``loader``, on CPU."""
+def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Optional[int] = None,
+                     skips: EvalSkips | None = None):
+    """(features ``[N, D]`` float32, labels ``[N]``) of every readable sample of ``loader``, on
+    CPU; corrupt ones are left out and noted in ``skips``."""
     model.eval()
     feats, labels = [], []
+    skips = skips if skips is not None else EvalSkips()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         with accelerator.autocast():
             f = task.features(model, batch).float()
-        f, y = accelerator.gather_for_metrics((f, batch["cls"]))
-        feats.append(f.cpu())
-        labels.append(y.cpu())
+        f, y, valid = accelerator.gather_for_metrics((f, batch["cls"], skips.valid(batch, len(f), f.device)))
+        feats.append(f[valid.bool()].cpu())
+        labels.append(y[valid.bool()].cpu())
+        skips.add(batch)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -173,8 +188,9 @@ class _Trainer:
         self.val_loader = build_eval_loader(cfg, task, cfg.data.val_split, accelerator)
         self.steps_per_epoch = len(self.train_loader) // cfg.optim.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{cfg.data.root}: the training split has fewer than one optimizer step "
-                             f"of data (batch_size={cfg.data.batch_size} x accum_steps per process)")
+            raise ConfigError(f"data.root={cfg.data.root!r}: the training split has fewer than one "
+                              f"optimizer step of data (data.batch_size={cfg.data.batch_size} x "
+                              f"optim.accum_steps={cfg.optim.accum_steps} per process)")
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
         optimizer, self.base_lr = build_optimizer(cfg, model, global_batch)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -320,11 +336,15 @@ def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``."""
+    check_finetune(cfg)                         # data root, init checkpoint, ...: before any work
     torch.manual_seed(cfg.train.seed)           # same head initialisation on every process
     task = make_task(cfg)
     accelerator = make_accelerator(cfg, task)
     out = Path(cfg.output_dir)
     state = _resume_state(cfg, task, accelerator)
+    model = task.build()
+    if cfg.init.checkpoint:                     # loaded before config.yaml is (re)written
+        accelerator.print(_load_init(model, cfg.init.checkpoint, task))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -332,11 +352,6 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     if task.trains:
         line, warning = global_batch_line(cfg, accelerator.num_processes)
         accelerator.print(line if warning is None else f"{line}\n{warning}")
-    model = task.build()
-    if cfg.init.checkpoint:
-        from multimae_att.finetune.loading import load_pretrained
-        report = load_pretrained(model, cfg.init.checkpoint, task)
-        accelerator.print(report)
     if task.trains:
         metrics = _Trainer(cfg, task, model, accelerator, state).fit()
     else:
@@ -346,6 +361,19 @@ def run(cfg: FinetuneConfig) -> Dict[str, Any]:
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
     accelerator.wait_for_everyone()
     return result
+
+
+def _load_init(model, path: str, task: TaskSpec):
+    """``init.checkpoint`` into ``model``; a file that does not fit is a ConfigError naming it."""
+    from multimae_att.checkpoint import CheckpointKeyError, UnreadableCheckpointError, UnsafeCheckpointError
+    from multimae_att.finetune.loading import load_pretrained
+    from multimae_att.hub import CheckpointHashError
+
+    try:
+        return load_pretrained(model, path, task)
+    except (CheckpointKeyError, UnreadableCheckpointError, UnsafeCheckpointError, CheckpointHashError,
+            FileNotFoundError, ValueError, TypeError) as e:
+        raise ConfigError(f"init.checkpoint={path!r}: {e}") from e
 
 
 def _resume_state(cfg: FinetuneConfig, task: TaskSpec, accelerator) -> Optional[Dict[str, Any]]:
@@ -378,14 +406,18 @@ def end_distributed() -> None:
 
 
 def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, Any]:
-    t, mb = cfg.task, cfg.train.max_eval_batches
+    t, mb, skips = cfg.task, cfg.train.max_eval_batches, EvalSkips()
     train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
-                             task, accelerator, mb)
+                             task, accelerator, mb, skips)
+    if cfg.data.train_fraction < 1.0:   # low-data k-NN: the same stratified share of the labelled set
+        keep = torch.as_tensor(stratified_subset(train[1].tolist(), cfg.data.train_fraction, cfg.train.seed))
+        train = (train[0][keep], train[1][keep])
     val = extract_features(model, build_eval_loader(cfg, task, cfg.data.val_split, accelerator),
-                           task, accelerator, mb)
-    return knn_evaluate(*train, *val, num_classes=t.num_classes, k=t.knn_k,
-                        temperature=t.knn_temperature, shots=t.few_shot, repeats=t.few_shot_repeats,
-                        seed=cfg.train.seed)
+                           task, accelerator, mb, skips)
+    skipped = skips.finish(accelerator, cfg.data.eval_on_corrupt)
+    return {**knn_evaluate(*train, *val, num_classes=t.num_classes, k=t.knn_k,
+                           temperature=t.knn_temperature, shots=t.few_shot, repeats=t.few_shot_repeats,
+                           seed=cfg.train.seed), "skipped_eval_samples": skipped}
 
 
 def _json_default(v: Any) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from multimae_att.attention_cache import AttentionCacheConfig
-from multimae_att.config import ConfigError, load_config
+from multimae_att.config import ConfigError, load_config, setting
 
 __all__ = ["PretrainConfig", "load_pretrain_config", "MODEL_SIZES", "check_resume_config",
            "resume_config_changes", "RESUME_FREE_KEYS"]
@@ -27,13 +27,13 @@ class ModelConfig:
     in_modalities: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
     out_modalities: list[str] = field(default_factory=lambda: ["rgb", "depth", "semseg"])
     extra_norm_rgb: bool = True
-    patch_size: int = 16
-    num_global_tokens: int = 1
-    drop_path_rate: float = 0.0
-    semseg_num_classes: int = 133
-    decoder_dim: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    decoder_heads: Optional[int] = None
+    patch_size: int = setting(16, ge=1)
+    num_global_tokens: int = setting(1, ge=1)
+    drop_path_rate: float = setting(0.0, ge=0, lt=1)
+    semseg_num_classes: int = setting(133, ge=1)   # labels must lie in [0, classes): semseg is an input
+    decoder_dim: Optional[int] = setting(None, ge=1)
+    decoder_depth: Optional[int] = setting(None, ge=1)
+    decoder_heads: Optional[int] = setting(None, ge=1)
 
     def __post_init__(self) -> None:
         known = ("rgb", "depth", "semseg")
@@ -45,7 +45,12 @@ class ModelConfig:
             raise ValueError("model.in_modalities must not be empty")
         missing = [m for m in self.out_modalities if m not in self.in_modalities]
         if missing:  # masks of an output come from the input of the same name
-            raise ValueError(f"model.out_modalities {missing} need the same input modality")
+            raise ValueError(f"model.out_modalities {missing} need the same modality in "
+                             f"model.in_modalities {self.in_modalities}")
+        if self.decoder_dim is not None and self.decoder_heads is not None \
+                and self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"model.decoder_dim={self.decoder_dim} must be a multiple of "
+                             f"model.decoder_heads={self.decoder_heads}")
 
     def num_tokens(self, image_size: int) -> int:
         """All input tokens at ``image_size`` (every modality has one token per patch)."""
@@ -56,16 +61,23 @@ class ModelConfig:
 class DataConfig:
     """Where the data is and how it is cropped (``multimae_att.data.build_loader``)."""
 
-    root: str = "data/imagenet_multimae"
-    split: str = "train"
+    root: str = setting("data/imagenet_multimae", nonempty=True)
+    split: str = setting("train", nonempty=True)
     layout: Literal["auto", "folder", "shards"] = "auto"
-    image_size: int = 224
-    batch_size: int = 256            # per process and micro-batch
-    num_workers: int = 8
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: float = 0.5
+    image_size: int = setting(224, ge=1, le=4096)   # px (the bound catches typos)
+    batch_size: int = setting(256, ge=1)            # per process and micro-batch
+    num_workers: int = setting(8, ge=0)
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), gt=0, le=1)   # share of the area: (min, max)
+    hflip: float = setting(0.5, ge=0, le=1)         # flip probability
     standardize_depth: bool = True   # robust per-sample standardisation before the model
-    samples_per_epoch: Optional[int] = None  # shards: per rank; None = from the shard index
+    samples_per_epoch: Optional[int] = setting(None, ge=1)  # shards: per rank; None = from the shard index
+    # semseg labels that are background for the masking diagnostics (foreground = the others;
+    # synthetic scenes: [0, 1] = wall, floor); None = no foreground diagnostics
+    background_classes: Optional[list[int]] = setting(None, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"data.crop_scale={list(self.crop_scale)}: need min <= max")
 
 
 @dataclass
@@ -73,11 +85,16 @@ class AdaptiveConfig:
     """Loss-driven Dirichlet alphas (``multimae_att.masking.AdaptiveAlpha``)."""
 
     enabled: bool = False
-    momentum: float = 0.99
-    strength: float = 1.0
-    min_alpha: float = 0.1
-    max_alpha: float = 10.0
+    momentum: float = setting(0.99, ge=0, lt=1)
+    strength: float = setting(1.0, ge=0)
+    min_alpha: float = setting(0.1, gt=0)
+    max_alpha: float = setting(10.0, gt=0)
     relative_to_initial: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_alpha > self.max_alpha:
+            raise ValueError(f"masking.adaptive.min_alpha={self.min_alpha} exceeds "
+                             f"masking.adaptive.max_alpha={self.max_alpha}")
 
 
 @dataclass
@@ -85,15 +102,8 @@ class LossPredictorConfig:
     """The loss-prediction head of ``masking.score_source=predicted_loss``
     (:class:`multimae_att.loss_prediction.LossPredictor`)."""
 
-    hidden: int = 0                    # 0: LayerNorm + linear per modality; > 0: an MLP this wide
-    cached_train_share: float = 0.0625  # with masking.cache: share of samples that train the head
-
-    def __post_init__(self) -> None:
-        if self.hidden < 0:
-            raise ValueError(f"masking.loss_predictor.hidden must be >= 0, got {self.hidden}")
-        if not 0.0 <= self.cached_train_share <= 1.0:
-            raise ValueError("masking.loss_predictor.cached_train_share must lie in [0, 1], "
-                             f"got {self.cached_train_share}")
+    hidden: int = setting(0, ge=0)                       # 0: LayerNorm + linear; > 0: an MLP this wide
+    cached_train_share: float = setting(0.0625, ge=0, le=1)  # with masking.cache: samples that train it
 
 
 @dataclass
@@ -102,28 +112,30 @@ class MaskingConfig:
 
     strategy: str = "high"
     params: dict[str, Any] = field(default_factory=dict)
-    num_encoded_tokens: int = 98
-    alphas: Union[float, list[float]] = 1.0
+    num_encoded_tokens: int = setting(98, ge=1)     # visible tokens K, all modalities: < token count
+    alphas: Union[float, list[float]] = setting(1.0, gt=0)   # Dirichlet concentration(s)
     sample_tasks_uniformly: bool = False
     score_source: Literal["attention", "predicted_loss"] = "attention"
     score_norm: Literal["none", "head_minmax"] = "none"   # attention: AMT's per-head min-max
-    score_layer: int = -1
+    score_layer: int = setting(-1, free=True)      # encoder block; checked against model.size
     score_query: Literal["global", "mean"] = "global"
     loss_predictor: LossPredictorConfig = field(default_factory=LossPredictorConfig)
-    warmup_epochs: float = 0.0         # random masking before this epoch (of this run)
-    prob: float = 1.0                  # per sample: guided with this probability, else random
+    warmup_epochs: float = setting(0.0, ge=0)      # random masking before this epoch (of this run)
+    prob: float = setting(1.0, ge=0, le=1)         # per sample: guided with this probability, else random
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     cache: AttentionCacheConfig = field(default_factory=AttentionCacheConfig)
 
     def __post_init__(self) -> None:
         from multimae_att.masking import STRATEGIES, check_params, get_strategy
 
-        get_strategy(self.strategy)  # ValueError naming the nearest registered strategy
-        check_params(self.strategy, self.params)
-        if self.num_encoded_tokens < 0:
-            raise ValueError(f"masking.num_encoded_tokens must be >= 0, got {self.num_encoded_tokens}")
-        if not 0.0 <= self.prob <= 1.0:
-            raise ValueError(f"masking.prob must be in [0, 1], got {self.prob}")
+        try:
+            get_strategy(self.strategy)  # ValueError naming the nearest registered strategy
+        except ValueError as e:
+            raise ValueError(f"masking.strategy: {e}") from None
+        try:
+            check_params(self.strategy, self.params)
+        except ValueError as e:
+            raise ValueError(f"masking.params: {e}") from None
         if self.cache.enabled and STRATEGIES[self.strategy].per_head:
             raise ValueError(f"masking.cache stores head-averaged scores; strategy "
                              f"{self.strategy!r} needs per-head scores")
@@ -148,46 +160,34 @@ class AttGConfig:
     """
 
     enabled: bool = False
-    tau0: float = 0.75
-    tau_end: float = 1.5
+    tau0: float = setting(0.75, gt=0)
+    tau_end: float = setting(1.5, gt=0)
     source: Literal["scores", "data"] = "scores"   # this step's scoring pass, or batch['att_map']
     normalize: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tau0 <= 0 or self.tau_end <= 0:
-            raise ValueError(f"loss.attg taus must be > 0, got {self.tau0}, {self.tau_end}")
 
 
 @dataclass
 class LossConfig:
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"rgb": 1.0, "norm_rgb": 1.0, "depth": 1.0, "semseg": 1.0})
-    semseg_ignore_index: int = -100
+    weights: dict[str, float] = setting(
+        factory=lambda: {"rgb": 1.0, "norm_rgb": 1.0, "depth": 1.0, "semseg": 1.0}, ge=0)
+    semseg_ignore_index: int = setting(-100, free=True)
     attg: AttGConfig = field(default_factory=AttGConfig)
-    loss_prediction_weight: float = 1.0   # ranking loss of the loss predictor (predicted_loss)
-
-    def __post_init__(self) -> None:
-        if self.loss_prediction_weight < 0:
-            raise ValueError(f"loss.loss_prediction_weight must be >= 0, got {self.loss_prediction_weight}")
+    loss_prediction_weight: float = setting(1.0, ge=0)   # the loss predictor's ranking loss
 
 
 @dataclass
 class OptimConfig:
     """AdamW. lr = ``lr`` if set, else ``blr * global_batch / 256``; times ``lr_scale``."""
 
-    blr: float = 1e-4
-    lr: Optional[float] = None
-    lr_scale: float = 1.0
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: Optional[float] = None
-    accum_steps: int = 1
-
-    def __post_init__(self) -> None:
-        if self.accum_steps < 1:
-            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+    blr: float = setting(1e-4, gt=0)
+    lr: Optional[float] = setting(None, gt=0)
+    lr_scale: float = setting(1.0, gt=0)
+    min_lr: float = setting(0.0, ge=0)
+    weight_decay: float = setting(0.05, ge=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
+    eps: float = setting(1e-8, gt=0)
+    clip_grad: Optional[float] = setting(None, gt=0)
+    accum_steps: int = setting(1, ge=1)
 
 
 @dataclass
@@ -198,26 +198,27 @@ class ScheduleConfig:
     Restart: ``total_epochs=100, warmup_epochs=20, start_epoch=0``.
     """
 
-    warmup_epochs: float = 40.0
-    total_epochs: float = 1700.0
-    start_epoch: float = 1600.0
+    warmup_epochs: float = setting(40.0, ge=0)
+    total_epochs: float = setting(1700.0, gt=0)
+    start_epoch: float = setting(1600.0, ge=0)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.warmup_epochs < self.total_epochs:
-            raise ValueError("schedule: need 0 <= warmup_epochs < total_epochs")
+        if self.warmup_epochs >= self.total_epochs:
+            raise ValueError(f"schedule.warmup_epochs={self.warmup_epochs} must be below "
+                             f"schedule.total_epochs={self.total_epochs}")
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 100.0
-    max_steps: Optional[int] = None          # stop after this many optimizer steps
-    seed: int = 0
+    epochs: float = setting(100.0, gt=0)
+    max_steps: Optional[int] = setting(None, ge=0)   # stop after this many optimizer steps (0: export the init)
+    seed: int = setting(0, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     cpu: bool = False
     find_unused_parameters: bool = False
     fp32_output_adapters: list[str] = field(default_factory=list)
-    save_every: int = 1000                   # optimizer steps between training states
-    keep_last: int = 2
+    save_every: int = setting(1000, ge=1)    # optimizer steps between training states
+    keep_last: int = setting(2, ge=1)
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
     export_loss_predictor: bool = False      # also store the loss predictor in final.pth
 
@@ -232,16 +233,16 @@ class InitConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    pictures_every: int = 500                # 0 = never
-    pictures_samples: int = 2
+    every: int = setting(10, ge=1)
+    pictures_every: int = setting(500, ge=0)     # 0 = never
+    pictures_samples: int = setting(2, ge=1)
     tensorboard: bool = True                 # when the tensorboard package is installed
     progress: bool = True
 
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = "runs/pretrain"
+    output_dir: str = setting("runs/pretrain", nonempty=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -261,9 +262,11 @@ class PretrainConfig:
         if bad:
             raise ValueError(f"train.fp32_output_adapters: {bad[0]!r} is not an output; outputs: {outputs}")
         total = self.model.num_tokens(self.data.image_size)
-        if self.masking.num_encoded_tokens > total:
-            raise ValueError(f"masking.num_encoded_tokens={self.masking.num_encoded_tokens} exceeds "
-                             f"the {total} tokens of {self.model.in_modalities} at {self.data.image_size} px")
+        if self.masking.num_encoded_tokens >= total:  # nothing hidden: nothing to reconstruct
+            raise ValueError(
+                f"masking.num_encoded_tokens={self.masking.num_encoded_tokens} must be below the "
+                f"{total} tokens of model.in_modalities={self.model.in_modalities} at "
+                f"data.image_size={self.data.image_size} (model.patch_size={self.model.patch_size})")
         if self.data.image_size % self.model.patch_size:
             raise ValueError(f"data.image_size {self.data.image_size} is not a multiple of "
                              f"model.patch_size {self.model.patch_size}")
@@ -276,14 +279,15 @@ class PretrainConfig:
                              "reconstruction loss: model.out_modalities must include "
                              f"{self.model.in_modalities}")
         if isinstance(self.masking.alphas, list) and len(self.masking.alphas) != len(self.model.in_modalities):
-            raise ValueError(f"masking.alphas has {len(self.masking.alphas)} values for "
-                             f"{len(self.model.in_modalities)} input modalities")
+            raise ValueError(f"masking.alphas has {len(self.masking.alphas)} values for the "
+                             f"{len(self.model.in_modalities)} model.in_modalities")
 
 
 # Keys a resumed run may change freely (a note is printed): where things are, how often to log or
 # save, how long to run. Everything else (model.*, the rest of data.*, masking.*, loss.*, optim.*,
 # schedule.*, train.seed, train.mixed_precision, train.cpu, ...) changes the results.
-RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "masking.cache.path",
+RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
+                    "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
                     "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters")
 RESUME_FREE_SECTIONS = ("init.", "log.")

@@ -10,7 +10,6 @@ latest state and produces the same later losses and final weights as an uninterr
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -21,13 +20,14 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from multimae_att.config import config_to_dict, save_config
+from multimae_att.config import ConfigError, config_to_dict, save_config
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, check_resume_config
 from multimae_att.pretrain.pictures import save_pictures
-from multimae_att.pretrain.setup import (build_model, build_pretrain_loader, load_init_checkpoint,
-                                         make_accelerator, param_groups)
+from multimae_att.preflight import check_pretrain
+from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
+                                         load_init_checkpoint, make_accelerator, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
 from multimae_att.runstate import MetricsLogger, TrainStateStore, capture_rng, step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
@@ -70,8 +70,8 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
     """Steps, global batch and the LR schedule of a run (pure)."""
     accum = cfg.optim.accum_steps
     if batches_per_epoch < 1:
-        raise ValueError(f"data.root={cfg.data.root!r} has too few samples for one batch of "
-                         f"{cfg.data.batch_size} per process")
+        raise ConfigError(f"data.root={cfg.data.root!r} has too few samples for one batch of "
+                          f"data.batch_size={cfg.data.batch_size} per process")
     spe = batches_per_epoch / accum
     total = max(1, math.ceil(cfg.train.epochs * spe))
     if cfg.train.max_steps is not None:
@@ -85,35 +85,9 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
     return RunPlan(batches_per_epoch, spe, total, gb, sched)
 
 
-def _policy(cfg: PretrainConfig):
-    from multimae_att.masking import MaskingPolicy
-
-    m = cfg.masking
-    # MaskingPolicy reads the adaptive section as is ('enabled': false turns it off).
-    return MaskingPolicy(m.strategy, m.params, warmup_epochs=m.warmup_epochs, prob=m.prob,
-                         alphas=m.alphas, sample_tasks_uniformly=m.sample_tasks_uniformly,
-                         adaptive=dataclasses.asdict(m.adaptive), modalities=list(cfg.model.in_modalities))
-
-
-def _check_masking(policy, model, cfg: PretrainConfig) -> None:
-    """Draw masks once on dummy scores so shape-dependent strategy parameters (e.g. ``heads``'
-    ``k`` against the model's head count) fail before training, naming the config keys."""
-    from multimae_att.config import ConfigError
-
-    n = (cfg.data.image_size // cfg.model.patch_size) ** 2
-    heads = model.encoder[0].attn.num_heads
-    shape = (1, heads, n) if policy.per_head else (1, n)
-    scores = {m: torch.rand(shape) for m in cfg.model.in_modalities}
-    try:
-        visible = policy.budgets([n] * len(scores), cfg.masking.num_encoded_tokens, 1)
-        policy(scores, visible, float("inf"), num_tokens={m: n for m in scores}, progress=1.0)
-    except ValueError as e:
-        raise ConfigError(f"masking.strategy={cfg.masking.strategy!r}, masking.params="
-                          f"{cfg.masking.params}: {e}") from e
-
-
 def train(cfg: PretrainConfig) -> Path:
     """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``."""
+    check_pretrain(cfg)  # data root, init checkpoint, model-dependent masking: before any work
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -136,11 +110,10 @@ def train(cfg: PretrainConfig) -> Path:
     if init_opt is not None and cfg.init.load_optimizer:
         _try_load_optimizer(optimizer, init_opt, accelerator)
     module, optimizer = accelerator.prepare(module, optimizer)
-    policy = _policy(cfg)
-    _check_masking(policy, model, cfg)
+    policy = build_policy(cfg)
     cache = build_cache(cfg, loader, accelerator)
     planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, rank=rank, world_size=world,
-                          cache=cache, source=source, total_epochs=run.total_steps / run.steps_per_epoch,
+                          cache=cache, source=source, total_epochs=max(run.total_steps, 1) / run.steps_per_epoch,
                           cached_train_share=cfg.masking.loss_predictor.cached_train_share)
     step = 0
     if state is not None:

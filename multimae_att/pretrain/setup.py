@@ -4,9 +4,9 @@ Everything here fails fast with a message naming the config key or file at fault
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from multimae_att.config import ConfigError
 from multimae_att.pretrain.config import PretrainConfig
 
 __all__ = ["make_accelerator", "check_data_source", "build_pretrain_loader", "build_refresh_loader",
-           "build_model",
+           "build_model", "build_policy", "label_ranges",
            "param_groups", "load_init_checkpoint", "tensorboard_available"]
 
 
@@ -41,12 +41,16 @@ def make_accelerator(cfg: PretrainConfig):
 
 
 def check_data_source(cfg: PretrainConfig) -> None:
-    """A local ``data.root`` must exist (remote/pattern shard specs are checked by the loader)."""
-    root = cfg.data.root
-    remote = root.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in root
-    if not remote and not Path(root).exists():
-        raise ConfigError(f"data.root={root!r} does not exist (generate the synthetic set with "
-                          "`python data_prep/make_synthetic.py --out DIR` or point data.root at your data)")
+    """A local ``data.root`` must hold ``data.split`` (remote/pattern shard specs are checked by the loader)."""
+    from multimae_att.preflight import check_data_root
+
+    check_data_root(cfg.data.root, {"data.split": cfg.data.split}, cfg.data.layout)
+
+
+def label_ranges(cfg: PretrainConfig) -> dict[str, tuple[int, None]]:
+    """semseg labels must index the input adapter's class embedding: ``[0, semseg_num_classes)``,
+    no ignore value (a sample with any other label is skipped and counted as corrupt)."""
+    return {"semseg": (cfg.model.semseg_num_classes, None)} if "semseg" in cfg.model.in_modalities else {}
 
 
 def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
@@ -65,7 +69,7 @@ def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
                             scale=tuple(d.crop_scale), hflip=d.hflip,
                             samples_per_epoch=d.samples_per_epoch,
-                            att_map_stride=cfg.model.patch_size)
+                            att_map_stride=cfg.model.patch_size, label_ranges=label_ranges(cfg))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.root={d.root!r}: {e}") from e
 
@@ -84,7 +88,8 @@ def build_refresh_loader(cfg: PretrainConfig, rank: int, world_size: int):
         return build_loader(d.root, list(cfg.model.in_modalities), batch_size=d.batch_size,
                             num_workers=d.num_workers, split=d.split, image_size=d.image_size,
                             train=False, eval_full_image=True, drop_last=False, layout=d.layout,
-                            seed=cfg.train.seed, rank=rank, world_size=world_size)
+                            seed=cfg.train.seed, rank=rank, world_size=world_size,
+                            label_ranges=label_ranges(cfg))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.root={d.root!r} (attention cache refresh): {e}") from e
 
@@ -101,6 +106,17 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
                                  image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
                                  drop_path_rate=m.drop_path_rate,
                                  semseg_num_classes=m.semseg_num_classes, **dec)
+
+
+def build_policy(cfg: PretrainConfig):
+    """The :class:`~multimae_att.masking.MaskingPolicy` of ``masking.*``."""
+    from multimae_att.masking import MaskingPolicy
+
+    m = cfg.masking
+    # MaskingPolicy reads the adaptive section as is ('enabled': false turns it off).
+    return MaskingPolicy(m.strategy, m.params, warmup_epochs=m.warmup_epochs, prob=m.prob,
+                         alphas=m.alphas, sample_tasks_uniformly=m.sample_tasks_uniformly,
+                         adaptive=dataclasses.asdict(m.adaptive), modalities=list(cfg.model.in_modalities))
 
 
 def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None
@@ -131,8 +147,9 @@ def load_init_checkpoint(model: nn.Module, spec: str) -> dict | None:
     :mod:`multimae_att.checkpoint`'s (positional grids are resized to ``data.image_size``). A
     file for another architecture raises :class:`ConfigError` listing the differences.
     """
-    from multimae_att.checkpoint import (CheckpointKeyError, UnsafeCheckpointError,
-                                         load_checkpoint, load_weights, model_state)
+    from multimae_att.checkpoint import (CheckpointKeyError, UnreadableCheckpointError,
+                                         UnsafeCheckpointError, load_checkpoint, load_weights,
+                                         model_state)
     from multimae_att.hub import CheckpointHashError, resolve_checkpoint
 
     try:
@@ -141,6 +158,9 @@ def load_init_checkpoint(model: nn.Module, spec: str) -> dict | None:
         raise ConfigError(f"init.checkpoint={spec!r}: {e}") from e
     try:
         ckpt = load_checkpoint(path)
+    except (UnreadableCheckpointError, UnsafeCheckpointError) as e:
+        raise ConfigError(f"init.checkpoint: {e}") from e
+    try:
         load_weights(model, model_state(ckpt, source=path))
     except (CheckpointKeyError, UnsafeCheckpointError, ValueError, TypeError) as e:
         raise ConfigError(f"init.checkpoint={path!r} does not fit the model of model.* "

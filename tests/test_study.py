@@ -1,0 +1,247 @@
+"""Studies: the aggregation on hand-made metrics, the plan (--dry-run), stale cells, a micro study
+through the CLI (killed mid-way, resumed, re-run; a worker's cell equals a fresh run of its printed
+command), and the submitit path with submitit's local executor."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_pretrain import REPO, make_synthetic
+
+from multimae_att.config import save_config
+from multimae_att.study.cli import main as study_main
+from multimae_att.study.config import load_study_config
+from multimae_att.study.plan import build_plan
+from multimae_att.study.report import write_report
+from multimae_att.study.stats import fmt, paired, summarize
+from multimae_att.study.status import cell_status
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("study_data") / "data")
+
+
+def micro_study(path: Path, data: Path, study_dir: Path, **top) -> Path:
+    """2 variants x 2 seeds x 1 eval (k-NN) after a 3-step warm start; 32 px, 3-step runs."""
+    cfg = {
+        "study_dir": str(study_dir),
+        "pretrain": {"config": str(REPO / "configs/pretrain/demo.yaml"), "overrides": [
+            f"data.root={data}", "data.image_size=32", "data.batch_size=4", "masking.num_encoded_tokens=6",
+            "train.max_steps=3", "train.save_every=2", "log.every=1", "log.pictures_every=0",
+            "log.progress=false", "log.tensorboard=false"]},
+        "warm_start": {"overrides": ["masking.strategy=random"]},
+        "variants": {"random": ["masking.strategy=random"], "high": []},
+        "seeds": [0, 1],
+        "evals": {"knn": {"config": str(REPO / "configs/finetune/synthetic_knn.yaml"),
+                          "overrides": [f"data.root={data}", "data.image_size=32", "log.progress=false"],
+                          "metrics": ["knn_top1"]}},
+        "threads_per_cell": 1,
+    }
+    cfg.update(top)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_study(*argv: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "run_study.py"), *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, **kw)
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+def test_summary_and_paired_difference_by_hand():
+    s = summarize([1.0, 2.0, 4.0, float("nan"), None])
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(7 / 3), pytest.approx(statistics.stdev([1, 2, 4])))
+    assert math.isnan(summarize([5.0]).std)
+    p = paired({0: 10.0, 1: 12.0, 2: 9.0, 3: 100.0}, {0: 9.0, 1: 10.0, 2: 10.0})   # seed 3 unpaired
+    assert (p.n, p.agree) == (3, 2)                          # d = +1, +2, -1; mean > 0
+    assert p.mean == pytest.approx(2 / 3)
+    assert p.se == pytest.approx(statistics.stdev([1, 2, -1]) / math.sqrt(3))
+    assert paired({0: 1.0}, {1: 1.0}).n == 0
+    assert fmt(52.0, 2.8284271) == "52.00 ± 2.83" and fmt(0.1234, 0.01) == "0.123 ± 0.010"
+    assert fmt(2.0, 1.0, signed=True) == "+2.00 ± 1.00" and fmt(float("nan"), 1.0) == "–"
+
+
+def _fake_finished(cells, values: dict, s_per_step: dict) -> None:
+    """Write what finished runs leave behind, with hand-made numbers."""
+    for c in cells:
+        out = Path(c.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if c.kind in ("warm_start", "pretrain"):
+            save_config(c.config, out / "config.yaml")
+            t = s_per_step.get(c.variant, 0.1)
+            lines = [{"step": i, "loss": 2.0 - 0.1 * i, "step_time": t * (1 + 0.1 * (i - 2)),   # median t
+                      "mask/hidden_fg_share": 0.2 if c.variant == "high" else 0.1} for i in (1, 2, 3)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            (out / "final.pth").write_bytes(b"weights")
+        elif c.kind == "eval":
+            save_config(c.config, out / "config.yaml")
+            (out / "metrics.json").write_text(json.dumps(
+                {"task": "knn", "knn_top1": values[c.variant, c.seed], "per_class": [1, 2]}))
+        else:
+            (out / "diagnose.json").write_text(json.dumps(
+                {"configured": {"auroc": {"rgb": 0.25 + 0.5 * (c.variant == "high")}},
+                 "fg_token_share": {"rgb": 0.1}}))
+
+
+def test_report_on_hand_made_metrics(tmp_path, data_root):
+    study = load_study_config(str(micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")))
+    cells = build_plan(study)
+    values = {("random", 0): 50.0, ("random", 1): 54.0, ("high", 0): 53.0, ("high", 1): 55.0}
+    _fake_finished(cells, values, {"random": 0.10, "high": 0.15})
+    states = {c.id: cell_status(c).state for c in cells}
+    assert set(states.values()) == {"finished"}
+    report = write_report(study, cells, states, "s.yaml").read_text()
+    assert "| knn · knn_top1 ↑ | 52.00 ± 2.83 | 54.00 ± 1.41 |" in report     # mean ± sample std
+    assert "| knn · knn_top1 ↑ | +2.00 ± 1.00 (2/2) |" in report               # d = 3, 1
+    assert "| × baseline | 1.00x | 1.50x |" in report                         # median step time ratio
+    assert "| hidden tokens on foreground (share) | 0.100 ± 0.000 | 0.200 ± 0.000 |" in report
+    assert "| fg AUROC rgb, final weights | 0.250 ± 0.000 | 0.750 ± 0.000 |" in report
+    rows = list(__import__("csv").DictReader(open(tmp_path / "study" / "results.csv")))
+    assert len(rows) == len(cells)
+    row = next(r for r in rows if r["cell"] == "eval/knn/high/seed1")
+    assert (row["variant"], row["seed"], row["eval"], float(row["knn_top1"])) == ("high", "1", "knn", 55.0)
+    assert float(row["pretrain_s_per_step"]) == pytest.approx(0.15)
+    for name in ("summary.png", "pretrain_loss.png", "knn.knn_top1.png"):
+        assert (tmp_path / "study" / "figures" / name).stat().st_size > 1000
+
+
+def test_changed_variant_makes_its_finished_cells_stale(tmp_path, data_root, capsys):
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")
+    cells = build_plan(load_study_config(str(cfg)))
+    _fake_finished(cells, {(v, s): 1.0 for v in ("random", "high") for s in (0, 1)}, {})
+    with pytest.raises(SystemExit) as e:
+        study_main(["--config", str(cfg), "variants.high=[masking.strategy=low]"])
+    assert "pretrain/high/seed0" in str(e.value) and "masking.strategy: 'high' -> 'low'" in str(e.value)
+    assert "pretrain/random/seed0" not in str(e.value)
+
+
+def test_config_errors_name_the_cell_or_key(tmp_path, data_root):
+    from multimae_att.config import ConfigError
+
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")
+    with pytest.raises(ConfigError, match="cell pretrain/high/seed0: unknown config key 'masking.stratgy'"):
+        build_plan(load_study_config(str(cfg), ["variants.high=[masking.stratgy=low]"]))
+    with pytest.raises(ConfigError, match="output_dir is set by the study"):
+        load_study_config(str(cfg), ["variants.high=[output_dir=x]"])
+    with pytest.raises(ConfigError, match="baseline 'rnd' is not a variant"):
+        load_study_config(str(cfg), ["baseline=rnd"])
+
+
+def test_dry_run_lists_cells_in_order_with_commands(tmp_path, data_root, capsys):
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")
+    assert study_main(["--config", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ids = [line.split()[1] for line in out if line[:5].strip().rstrip(".").isdigit()]
+    assert len(ids) == 1 + 1 + 2 * 2 * 3 and ids[:3] == ["warm_start", "diagnose/warm_start", "pretrain/random/seed0"]
+    commands = [line.strip() for line in out if line.startswith("      python")]
+    assert len(commands) == len(ids)
+    for cid, cmd in zip(ids, commands):
+        if not cid.startswith("diagnose"):
+            assert f"output_dir={tmp_path / 'study' / 'cells' / cid}" in cmd
+    assert "train.seed=1" in commands[ids.index("eval/knn/high/seed1")]
+    assert not (tmp_path / "study").exists()
+
+
+# ------------------------------------------------------------------------- end to end
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+def test_micro_study_killed_resumed_rerun_and_equal_to_fresh_runs(tmp_path, data_root):
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")
+    study = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_study.py"), "--config", str(cfg), "--jobs", "1"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    record = study / "records" / "pretrain" / "random" / "seed0.json"
+    _wait_for(record, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    worker = json.loads(record.read_text())["attempts"][-1]["pid"]
+    for _ in range(100):          # the worker dies with the launcher (parent-death signal)
+        if not Path(f"/proc/{worker}").exists() or "zombie" in Path(f"/proc/{worker}/status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker outlived the killed launcher")
+    warm = study / "cells" / "warm_start" / "final.pth"
+    warm_mtime = warm.stat().st_mtime_ns
+
+    done = run_study("--config", str(cfg), "--jobs", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert warm.stat().st_mtime_ns == warm_mtime                      # finished cells untouched
+    runs = [json.loads(x) for x in (study / "invocations.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and runs[0]["ended"] is None                  # the killed invocation
+    assert 0 < runs[1]["cells_run"] < 14 and runs[1]["failed"] == 0
+    report = (study / "REPORT.md").read_text()
+    assert "14/14 cells finished" in report and "| knn · knn_top1 ↑ |" in report
+    assert (study / "figures" / "summary.png").is_file()
+
+    again = run_study("--config", str(cfg))
+    assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr
+
+    # A cell that ran in a worker after other cells equals a fresh run of its printed command.
+    cells = {c.id: c for c in build_plan(load_study_config(str(cfg)))}
+    for cid in ("pretrain/high/seed1", "eval/knn/high/seed1"):
+        cell = cells[cid]
+        argv = [a for a in cell.argv if not a.startswith("output_dir=")] + [f"output_dir={tmp_path / 'fresh' / cid}"]
+        cmd = [sys.executable] + cell.command()[1:len(cell.command()) - len(cell.argv)] + argv
+        subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
+        if cell.kind == "pretrain":
+            a = torch.load(tmp_path / "fresh" / cid / "final.pth", weights_only=True)["model"]
+            b = torch.load(cell.output, weights_only=True)["model"]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert json.loads((tmp_path / "fresh" / cid / "metrics.json").read_text()) == \
+                json.loads(cell.output.read_text())
+
+
+def test_submitit_local_executor(tmp_path, data_root):
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study", warm_start=None,
+                      variants={"high": []}, seeds=[0], launcher="submitit",
+                      diagnose={"enabled": False},
+                      gpus_per_cell=0, submitit={"cluster": "local", "time_min": 20})
+    done = run_study("--config", str(cfg))
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = tmp_path / "study"
+    assert "submitted eval/knn/high/seed0" in done.stdout
+    for cid in ("pretrain/high/seed0", "eval/knn/high/seed0"):
+        rec = json.loads((study / "records" / f"{cid}.json").read_text())
+        assert rec["attempts"][-1]["ok"]
+        log = (study / "logs" / f"{cid}.log").read_text()
+        assert "multimae_att.launch --cpu --num_processes 1" in log      # each cell an Accelerate launch
+    assert (study / "cells" / "eval" / "knn" / "high" / "seed0" / "metrics.json").is_file()
+    assert "2/2 cells finished" in (study / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("name,cells", [("attention_masking_synthetic", 2 + 33 * 8),
+                                        ("attention_masking_multimae-b", 33 * 8)])
+def test_shipped_studies_resolve(name, cells, monkeypatch):
+    monkeypatch.chdir(REPO)                           # study paths are relative to the repository root
+    study = load_study_config(f"configs/study/{name}.yaml")
+    required = {"random", "high", "low", "noisy", "heads", "hint", "amt", "attg", "adaptive", "lr_x10", "restart"}
+    assert required <= set(study.variants) and study.baseline_name() == "random" and len(study.seeds) == 3
+    assert {"cls", "cls_10pct", "knn", "linear_probe"} <= set(study.evals)
+    plan = build_plan(study)                          # every cell's run config resolves
+    assert len(plan) == cells
+    runs = {c.variant: c.config for c in plan if c.kind == "pretrain" and c.seed == 0}
+    assert runs["random"].masking.strategy == "random" and runs["high"].masking.strategy == "high"
+    assert runs["lr_x10"].optim.lr_scale == 10 and runs["restart"].schedule.start_epoch == 0
