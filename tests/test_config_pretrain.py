@@ -42,7 +42,7 @@ def test_required_keys_and_recipe_defaults():
     (["train.mixed_precision=fp8"], "is not one of ['no', 'bf16', 'fp16']"),
     (["masking.strategy=heads", "masking.cache.enabled=true"], "needs per-head scores"),
     (["masking.score_source=loss"], "masking.score_source"),
-    (["masking.loss_predictor.cached_train_share=2"], "cached_train_share must lie in [0, 1]"),
+    (["masking.loss_predictor.cached_train_share=2"], "cached_train_share must be in [0, 1]"),
     (["loss.loss_prediction_weight=-1"], "loss.loss_prediction_weight must be >= 0"),
 ])
 def test_cross_field_errors(overrides, needle):
