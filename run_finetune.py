@@ -20,14 +20,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from multimae_att.finetune.config import FinetuneConfig
     from multimae_att.finetune.engine import end_distributed, run
     from multimae_att.finetune.skips import CorruptEvalData
+    from multimae_att.run.lifecycle import RunFolderError, runner_parser
 
-    cfg = cli_config(FinetuneConfig, argv, description=__doc__)
+    cfg = cli_config(FinetuneConfig, argv, parser=runner_parser(__doc__))
     try:
         result = run(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except CorruptEvalData as e:
         sys.exit(f"data error: {e}")
+    except RunFolderError as e:
+        sys.exit(f"error: {e}")
     finally:
         end_distributed()
     skipped = result.get("skipped_eval_samples") or []

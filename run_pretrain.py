@@ -13,12 +13,15 @@ def main(argv: list[str] | None = None) -> None:
     from multimae_att.config import ConfigError, cli_config
     from multimae_att.pretrain.config import PretrainConfig
     from multimae_att.pretrain.loop import train
+    from multimae_att.run.lifecycle import RunFolderError, runner_parser
 
-    cfg = cli_config(PretrainConfig, argv, description=__doc__.splitlines()[0])
+    cfg = cli_config(PretrainConfig, argv, parser=runner_parser(__doc__.splitlines()[0]))
     try:
         train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except RunFolderError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

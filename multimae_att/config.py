@@ -85,7 +85,6 @@ __all__ = [
     "add_config_args",
     "flatten_config",
     "resume_config_changes",
-    "check_resume_config",
 ]
 
 
@@ -589,25 +588,3 @@ def resume_config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], harm
             free = _matches(key, harmless) and not _matches(key, blocking)
             (notes if free else stop).append(line)
     return stop, notes
-
-
-def check_resume_config(changes: tuple[list[str], list[str]], state_file: str, output_dir: str,
-                        allow: bool, print_fn=print) -> None:
-    """Act on :func:`resume_config_changes`' ``(blocking, notes)``: print the notes, then raise
-    :class:`ConfigError` listing the blocking keys (saved -> now), unless ``allow``
-    (``init.allow_config_change``), which only prints a warning."""
-    blocking, notes = changes
-    for line in notes:
-        print_fn(f"note: resuming from {state_file} with a changed config key: {line}")
-    if not blocking:
-        return
-    listed = "\n  ".join(blocking)
-    if allow:
-        print_fn(f"warning: init.allow_config_change=true: resuming from {state_file} with new values "
-                 f"for keys that change the results:\n  {listed}")
-        return
-    raise ConfigError(
-        f"output_dir={output_dir!r} holds the training state {state_file}, made with a "
-        f"different config; these keys change the results (saved -> now):\n  {listed}\n"
-        "Use the saved values, or start over with init.resume=false (or another output_dir), or "
-        "resume with the new values anyway with init.allow_config_change=true.")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_foreground", "fg_auroc", "mean_fg_auroc", "hidden_fg_share", "fg_share"]
+__all__ = ["token_foreground", "fg_auroc", "mean_fg_auroc", "hidden_fg_share", "fg_share", "step_diagnostics"]
 
 
 def token_foreground(labels: torch.Tensor, grid: tuple[int, int], background_classes: Sequence[int],
@@ -83,3 +83,20 @@ def hidden_fg_share(hidden: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
 def fg_share(fg: torch.Tensor) -> torch.Tensor:
     """Share of foreground tokens (the hidden-foreground share random masking has in expectation)."""
     return fg.bool().double().mean()
+
+
+def step_diagnostics(labels: torch.Tensor, grids: dict[str, tuple[int, int]], hidden: dict[str, torch.Tensor],
+                     scores: dict[str, torch.Tensor] | None, background_classes: Sequence[int]
+                     ) -> dict[str, torch.Tensor]:
+    """The per-step masking diagnostics of a training batch, as 0-d tensors on the batch's device
+    (no host sync; call on log steps only): ``mask/hidden_fg_share`` over every modality's hidden
+    tokens and, when ``scores`` exist, ``attn/fg_auroc.<modality>`` (mean over the images that
+    have one; NaN when none does). ``labels``: semseg ``[B, h, w]``; ``grids``: modality -> token
+    grid; ``hidden``: modality -> bool ``[B, N_m]``; ``scores``: modality -> ``[B, N_m]`` or None."""
+    fg = {m: token_foreground(labels, grids[m], background_classes) for m in hidden}
+    out = {"mask/hidden_fg_share": hidden_fg_share(torch.cat([hidden[m] for m in hidden], dim=1),
+                                                   torch.cat([fg[m] for m in hidden], dim=1))}
+    for m, s in (scores or {}).items():
+        total, count = mean_fg_auroc(s, fg[m])
+        out[f"attn/fg_auroc.{m}"] = total / count        # 0 / 0 = NaN: no image with both classes
+    return out

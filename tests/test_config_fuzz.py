@@ -1,7 +1,8 @@
 """Fuzz: random single-key mutations of the demo config (wrong type, out of range, valid value,
 unknown key, missing file). Each either passes every check made before work (the runner's
 :func:`~multimae_att.preflight.check_pretrain`, in-process) or fails with ``config error:``
-naming the key: never a traceback. A few of the passing ones run one step from the CLI."""
+naming the key: never a traceback. A few of the passing ones run one step from the CLI. The
+finetuning configs get the same mutations, checked in-process."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from multimae_att.config import ConfigError, field_check, load_config
-from multimae_att.preflight import check_pretrain
+from multimae_att.finetune.config import FinetuneConfig
+from multimae_att.preflight import check_finetune, check_pretrain
 from multimae_att.pretrain.config import PretrainConfig
 from test_bad_input import data  # noqa: F401  (shared synthetic data fixture)
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli  # noqa: F401
@@ -146,3 +148,23 @@ def test_random_single_key_mutations_never_give_a_traceback(tmp_path, configs, m
         finally:
             from accelerate.state import AcceleratorState
             AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("task", ["cls", "semseg", "depth", "knn"])
+def test_random_single_key_mutations_of_finetune_configs(tmp_path, data, task):  # noqa: F811
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{root: {data}}}\n")
+    configs = [REPO / f"configs/finetune/synthetic_{task}.yaml", base]
+    rng = random.Random(SEED)
+    leaves = list(_leaves(FinetuneConfig))
+    problems = []
+    for _ in range(MUTATIONS // 4):
+        override, named = _mutation(*rng.choice(leaves), rng, tmp_path)
+        try:
+            check_finetune(load_config(FinetuneConfig, configs, [override]))
+        except ConfigError as e:
+            if named not in str(e):
+                problems.append(f"{override}: the message does not name {named!r}: {e}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{override}: {type(e).__name__}: {e}")
+    assert problems == []

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from multimae_att.diagnostics import fg_auroc, fg_share, hidden_fg_share, mean_fg_auroc, token_foreground
+from test_pretrain import data_root  # noqa: F401  (shared fixture: a tiny synthetic set)
 
 
 def _auroc_pairs(scores: list[float], fg: list[bool]) -> float:
@@ -72,3 +73,55 @@ def test_token_foreground_is_the_majority_of_each_cell(size, grid):
                 cell = labels[b, i * ch:(i + 1) * ch, j * cw:(j + 1) * cw].flatten().tolist()
                 share = sum(1 for v in cell if v not in (0, 1)) / len(cell)
                 assert fg[b, i * grid[1] + j].item() == (share > 0.5)
+
+
+def test_step_diagnostics_combine_the_pieces():
+    from multimae_att.diagnostics import step_diagnostics
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (5, 8, 8), generator=g)
+    grids = {"rgb": (4, 4), "depth": (2, 2)}
+    hidden = {"rgb": torch.rand(5, 16, generator=g) < 0.5, "depth": torch.rand(5, 4, generator=g) < 0.5}
+    scores = {"rgb": torch.rand(5, 16, generator=g)}
+    out = step_diagnostics(labels, grids, hidden, scores, [0])
+    fg = {m: token_foreground(labels, grids[m], [0]) for m in grids}
+    pairs = [(h, f) for m in grids for hr, fr in zip(hidden[m].tolist(), fg[m].tolist()) for h, f in zip(hr, fr)]
+    assert out["mask/hidden_fg_share"].item() == pytest.approx(
+        sum(h and f for h, f in pairs) / sum(h for h, _ in pairs))
+    ok = [a for a in (_auroc_pairs(scores["rgb"][b].tolist(), fg["rgb"][b].tolist()) for b in range(5))
+          if not math.isnan(a)]
+    assert out["attn/fg_auroc.rgb"].item() == pytest.approx(sum(ok) / len(ok))
+    assert set(out) == {"mask/hidden_fg_share", "attn/fg_auroc.rgb"}
+
+
+@pytest.mark.parametrize("strategy", ["random", "high"])
+def test_pretraining_logs_masking_diagnostics_on_log_steps(tmp_path, data_root, strategy):
+    import json
+
+    from test_pretrain import REPO, tiny_config
+
+    cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"background_classes": [0, 1]},
+                      masking={"strategy": strategy}, train={"max_steps": 4}, log={"every": 2})
+    import sys
+    sys.path.insert(0, str(REPO))
+    try:
+        from run_pretrain import main
+        main(["--config", str(cfg), f"output_dir={tmp_path / 'run'}"])
+    finally:
+        sys.path.remove(str(REPO))
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(True)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        share = r["mask/hidden_fg_share"]
+        assert share is None or 0.0 <= share <= 1.0
+        aurocs = {k: v for k, v in r.items() if k.startswith("attn/fg_auroc.")}
+        if strategy == "random":
+            assert not aurocs                  # no scoring pass, no scores to judge
+        else:
+            assert set(aurocs) == {"attn/fg_auroc.rgb", "attn/fg_auroc.depth", "attn/fg_auroc.semseg"}
+            assert all(v is None or 0.0 <= v <= 1.0 for v in aurocs.values())
+    assert any(r["mask/hidden_fg_share"] is not None for r in recs)
+    if strategy == "high":
+        assert any(r[k] is not None for r in recs for k in r if k.startswith("attn/"))

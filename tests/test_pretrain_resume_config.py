@@ -50,7 +50,8 @@ def test_resume_with_a_changed_key_stops_before_any_work(tmp_path, data_root, ca
                 "masking.num_encoded_tokens=5")
     msg = str(err.value.code)
     assert "optim.lr: 0.001 -> 0.002" in msg and "masking.num_encoded_tokens: 6 -> 5" in msg
-    assert "init.allow_config_change=true" in msg and "init.resume=false" in msg
+    assert "init.allow_config_change=true" in msg and "--overwrite" in msg
+    assert "init.resume=false" not in msg                     # that advice destroyed runs: never again
     assert "train.max_steps" not in msg                       # harmless: not listed as blocking
     assert TrainStateStore(out / "checkpoints").list() == states   # nothing ran
     # Harmless changes resume (with a note); the run goes on from step 2.

@@ -14,8 +14,7 @@ from typing import Literal, Optional
 from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.model import ENCODER_SIZES
 
-__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes",
-           "check_resume_config"]
+__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes"]
 
 TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
 MODALITIES = ("rgb", "depth", "semseg")
@@ -160,6 +159,7 @@ class InitConfig:
     checkpoint: Optional[str] = None          # ours or MultiMAE's, MultiMAE or timm layout
     resume: bool = True                       # continue from output_dir's latest training state
     allow_config_change: bool = False         # resume even if result-changing keys differ (see below)
+    overwrite: bool = False                   # start over in a used output_dir (old contents -> previous-<time>/)
 
 
 @dataclass
@@ -190,16 +190,16 @@ class FinetuneConfig:
             raise ValueError(f"head.main_modalities {bad} are not in model.in_modalities "
                              f"{self.model.in_modalities}")
         if self.task.name in ("cls", "knn", "linear_probe") and "rgb" not in self.model.in_modalities:
-            raise ValueError(f"task {self.task.name!r} reads RGB: add 'rgb' to model.in_modalities")
+            raise ValueError(f"task.name={self.task.name!r} reads RGB: add 'rgb' to model.in_modalities")
         if self.task.name == "depth" and self.task.loss == "ce":
-            raise ValueError("task.loss: depth needs 'berhu' or 'l1', not 'ce'")
+            raise ValueError("task.loss='ce' does not fit task.name='depth': use 'berhu' or 'l1'")
         if self.task.name in ("semseg", "depth") and self.task.name in self.model.in_modalities:
-            raise ValueError(f"task {self.task.name!r} predicts {self.task.name}: it cannot also be "
+            raise ValueError(f"task.name={self.task.name!r} predicts {self.task.name}: it cannot also be "
                              f"an input (model.in_modalities={self.model.in_modalities})")
         allowed = {"cls": ("linear",), "linear_probe": ("linear",), "semseg": ("convnext", "dpt"),
                    "depth": ("dpt", "convnext"), "knn": ("none",)}[self.task.name]
         if self.head_kind() not in allowed:
-            raise ValueError(f"head.kind={self.head.kind!r} does not fit task {self.task.name!r}; "
+            raise ValueError(f"head.kind={self.head.kind!r} does not fit task.name={self.task.name!r}; "
                              f"choose one of {['auto', *allowed]}")
         depth = ENCODER_SIZES[self.model.size]["depth"]
         if self.head_kind() == "dpt" and (len(self.head.hooks) != 4 or max(self.head.hooks) >= depth):
@@ -226,7 +226,7 @@ class FinetuneConfig:
             augs, evals = ("rrc",), ("full", "center_crop")
         else:   # image-level tasks: one recipe (MultiMAE's cls protocol is ours)
             augs, evals = ("rrc",), ("center_crop", "full")
-        where = f"task {self.task.name!r} with data.protocol={self.data.protocol!r}"
+        where = f"task.name={self.task.name!r} with data.protocol={self.data.protocol!r}"
         if self.aug() not in augs:
             raise ValueError(f"data.aug={self.data.aug!r} is not available for {where}; "
                              f"choose one of {['auto', *augs]}")
@@ -297,14 +297,6 @@ def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], 
     from multimae_att.config import config_to_dict, resume_config_changes as changes
 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))
-
-
-def check_resume_config(saved: dict, cfg: FinetuneConfig, state_file: str, print_fn=print) -> None:
-    """Stop a resume whose config changes the results (unless ``init.allow_config_change``)."""
-    from multimae_att.config import check_resume_config as check
-
-    check(resume_config_changes(saved, cfg), state_file, cfg.output_dir, cfg.init.allow_config_change,
-          print_fn)
 
 
 def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()

@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from multimae_att.config import ConfigError, config_to_dict, save_config
+from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
 from multimae_att.data.subset import stratified_subset, training_subset
 from multimae_att.finetune.augment import with_sample_transform
-from multimae_att.finetune.config import FinetuneConfig, check_resume_config
+from multimae_att.finetune.config import FinetuneConfig, resume_config_changes
 from multimae_att.finetune.knn import knn_evaluate
 from multimae_att.finetune.native import make_native_collate
 from multimae_att.finetune.protocols import make_recipe, select_eval_samples
@@ -36,8 +36,11 @@ from multimae_att.finetune.report import global_batch_line, protocol_line, repor
 from multimae_att.finetune.skips import EvalSkips
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.preflight import check_finetune
-from multimae_att.runstate import (MetricsLogger, TrainStateStore, capture_rng, restore_rng,
-                                   save_atomic, write_text_atomic)
+from multimae_att.run.folder import LOG_FILE, RESULTS_FILE, read_results
+from multimae_att.run.lifecycle import RunFolder
+from multimae_att.run.provenance import provenance
+from multimae_att.runstate import (LoadedState, MetricsLogger, capture_rng, restore_rng, save_atomic,
+                                   write_text_atomic)
 from multimae_att.schedules import cosine_lr, scaled_lr
 
 __all__ = ["run", "evaluate", "extract_features", "build_optimizer", "make_accelerator"]
@@ -179,8 +182,7 @@ def _better(key: str, new: float, old: Optional[float]) -> bool:
 class _Trainer:
     """State of one training run: position (step, epoch, batch in epoch), best metric, I/O."""
 
-    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator,
-                 state: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator, folder: RunFolder) -> None:
         self.cfg, self.task, self.acc = cfg, task, accelerator
         self.out = Path(cfg.output_dir)
         world = accelerator.num_processes
@@ -197,16 +199,21 @@ class _Trainer:
         self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.store = TrainStateStore(self.out / "checkpoints", keep_last=cfg.train.keep_last)
+        self.store, self.init = folder.store, folder.init
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best: Optional[float] = None
         self.last_metrics: Dict[str, Any] = {}
         # {'epoch', 'step', 'metrics'} of the best and the last evaluation (train.report)
         self.best_record: Optional[Dict[str, Any]] = None
         self.last_record: Optional[Dict[str, Any]] = None
-        resumed = self.resume(state) if state is not None else False
-        self.logger = MetricsLogger(self.out / "metrics.jsonl", enabled=accelerator.is_main_process,
-                                    resume_step=self.step if resumed else None)
+        self.logger: Optional[MetricsLogger] = None
+
+    def start(self, loaded: Optional[LoadedState]) -> None:
+        """Resume from ``loaded`` (checked by :class:`RunFolder`) or start fresh; open the log."""
+        if loaded is not None:
+            self.resume(loaded.state)
+        self.logger = MetricsLogger(self.out / LOG_FILE, enabled=self.acc.is_main_process,
+                                    resume_step=self.step if loaded is not None else None)
 
     # state ------------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -216,11 +223,11 @@ class _Trainer:
                 "epoch": self.epoch, "data_position": self.batch_in_epoch, "best": self.best,
                 "last_metrics": self.last_metrics, "best_record": self.best_record,
                 "last_record": self.last_record, "rng": capture_rng(),
-                "config": config_to_dict(self.cfg)}
+                "config": config_to_dict(self.cfg), "init_checkpoint": self.init}
 
-    def resume(self, state: Dict[str, Any]) -> bool:
-        """Continue from ``state``, the newest training state in ``output_dir/checkpoints``
-        (loaded and config-checked by :func:`_resume_state`)."""
+    def resume(self, state: Dict[str, Any]) -> None:
+        """Continue from ``state``, the newest readable training state in ``output_dir/checkpoints``
+        (loaded and config-checked by :class:`RunFolder`)."""
         self.acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and self.acc.scaler is not None:
@@ -230,8 +237,6 @@ class _Trainer:
         self.last_metrics = state.get("last_metrics", {})
         self.best_record, self.last_record = state.get("best_record"), state.get("last_record")
         restore_rng(state["rng"])
-        self.acc.print(f"resumed from {self.store.latest()} at step {self.step} (epoch {self.epoch})")
-        return True
 
     def save_state(self) -> None:
         if self.acc.is_main_process:
@@ -239,11 +244,12 @@ class _Trainer:
         self.acc.wait_for_everyone()
 
     def export(self, name: str, metrics: Dict[str, Any]) -> None:
-        """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config'}``."""
+        """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config', 'provenance'}``."""
         if self.acc.is_main_process:
+            config = config_to_dict(self.cfg)
             save_atomic({"model": self.acc.unwrap_model(self.model).state_dict(), "epoch": self.epoch,
-                         "step": self.step, "metrics": _scalars(metrics),
-                         "config": config_to_dict(self.cfg)}, self.out / name)
+                         "step": self.step, "metrics": _scalars(metrics), "config": config,
+                         "provenance": provenance(config, self.step, self.init)}, self.out / name)
 
     # loop -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -335,30 +341,44 @@ def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------- entry
 
 def run(cfg: FinetuneConfig) -> Dict[str, Any]:
-    """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``."""
+    """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``.
+
+    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is
+    :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched and its
+    ``metrics.json`` returned.
+    """
     check_finetune(cfg)                         # data root, init checkpoint, ...: before any work
     torch.manual_seed(cfg.train.seed)           # same head initialisation on every process
     task = make_task(cfg)
     accelerator = make_accelerator(cfg, task)
     out = Path(cfg.output_dir)
-    state = _resume_state(cfg, task, accelerator)
-    model = task.build()
-    if cfg.init.checkpoint:                     # loaded before config.yaml is (re)written
-        accelerator.print(_load_init(model, cfg.init.checkpoint, task))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    folder = RunFolder(cfg, resume_config_changes, accelerator, trains=task.trains)
+    folder.check()   # before any work: refusals and result-changing config changes stop here
+    if folder.done:
+        folder.report_finished()
+        return read_results(out)
     accelerator.print(protocol_line(cfg, task.best_key() if task.trains else "", task.trains))
     if task.trains:
         line, warning = global_batch_line(cfg, accelerator.num_processes)
         accelerator.print(line if warning is None else f"{line}\n{warning}")
+    model = task.build()
+    if folder.fresh and cfg.init.checkpoint:    # loaded before config.yaml is (re)written
+        accelerator.print(_load_init(model, cfg.init.checkpoint, task))
     if task.trains:
-        metrics = _Trainer(cfg, task, model, accelerator, state).fit()
+        trainer = _Trainer(cfg, task, model, accelerator, folder)
+        if not folder.begin(trainer.total_steps):
+            return read_results(out)
+        trainer.start(folder.state)
+        metrics, step = trainer.fit(), trainer.step
     else:
-        metrics = _knn(cfg, task, model.to(accelerator.device), accelerator)
-    result = {"task": cfg.task.name, **metrics}
+        if not folder.begin(0):
+            return read_results(out)
+        metrics, step = _knn(cfg, task, model.to(accelerator.device), accelerator), 0
+    outputs = ["checkpoint-best.pth", "checkpoint-last.pth"] if task.trains else []
+    result = {"task": cfg.task.name, **metrics, "step": step, "outputs": outputs,
+              "provenance": provenance(config_to_dict(cfg), step, folder.init)}
     if accelerator.is_main_process:
-        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2, default=_json_default) + "\n")
+        write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=2, default=_json_default) + "\n")
     accelerator.wait_for_everyone()
     return result
 
@@ -374,21 +394,6 @@ def _load_init(model, path: str, task: TaskSpec):
     except (CheckpointKeyError, UnreadableCheckpointError, UnsafeCheckpointError, CheckpointHashError,
             FileNotFoundError, ValueError, TypeError) as e:
         raise ConfigError(f"init.checkpoint={path!r}: {e}") from e
-
-
-def _resume_state(cfg: FinetuneConfig, task: TaskSpec, accelerator) -> Optional[Dict[str, Any]]:
-    """The newest training state of ``output_dir/checkpoints`` when this run resumes, else None.
-
-    Checked before any work (and before ``config.yaml`` is rewritten): a config that changes the
-    results raises :class:`ConfigError` naming the keys, unless ``init.allow_config_change``."""
-    if not (task.trains and cfg.init.resume):
-        return None
-    store = TrainStateStore(Path(cfg.output_dir) / "checkpoints")
-    state = store.load_latest()
-    if state is not None:
-        check_resume_config(state.get("config", {}), cfg, str(store.latest()),
-                            print_fn=accelerator.print if accelerator.is_main_process else lambda *_: None)
-    return state
 
 
 def end_distributed() -> None:

@@ -13,8 +13,7 @@ from typing import Any, Literal, Optional, Union
 from multimae_att.attention_cache import AttentionCacheConfig
 from multimae_att.config import ConfigError, load_config, setting
 
-__all__ = ["PretrainConfig", "load_pretrain_config", "MODEL_SIZES", "check_resume_config",
-           "resume_config_changes", "RESUME_FREE_KEYS"]
+__all__ = ["PretrainConfig", "load_pretrain_config", "MODEL_SIZES", "resume_config_changes", "RESUME_FREE_KEYS"]
 
 MODEL_SIZES = ("tiny", "base", "large")
 
@@ -229,6 +228,7 @@ class InitConfig:
     load_optimizer: bool = True              # when the file has a compatible optimizer state
     resume: bool = True                      # continue from output_dir's latest training state
     allow_config_change: bool = False        # resume even if result-changing keys differ (see below)
+    overwrite: bool = False                  # start over in a used output_dir (old contents -> previous-<time>/)
 
 
 @dataclass
@@ -314,14 +314,6 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS + sections,
                    blocking=RESUME_LENGTH_KEYS if by_length else (),
                    quiet_missing=sections, whole=_RESUME_WHOLE)
-
-
-def check_resume_config(saved: dict, cfg: PretrainConfig, state_file: str, print_fn=print) -> None:
-    """Stop a resume whose config changes the results (unless ``init.allow_config_change``)."""
-    from multimae_att.config import check_resume_config as check
-
-    check(resume_config_changes(saved, cfg), state_file, cfg.output_dir, cfg.init.allow_config_change,
-          print_fn)
 
 
 def load_pretrain_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()

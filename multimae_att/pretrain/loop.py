@@ -10,6 +10,7 @@ latest state and produces the same later losses and final weights as an uninterr
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -20,16 +21,19 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from multimae_att.config import ConfigError, config_to_dict, save_config
+from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
-from multimae_att.pretrain.config import PretrainConfig, check_resume_config
+from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
                                          load_init_checkpoint, make_accelerator, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
-from multimae_att.runstate import MetricsLogger, TrainStateStore, capture_rng, step_seed
+from multimae_att.run.folder import LOG_FILE, RESULTS_FILE
+from multimae_att.run.lifecycle import RunFolder
+from multimae_att.run.provenance import provenance
+from multimae_att.runstate import MetricsLogger, capture_rng, step_seed, write_text_atomic
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 from multimae_att.scoring import build_scoring
 
@@ -86,22 +90,26 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
 
 
 def train(cfg: PretrainConfig) -> Path:
-    """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``."""
+    """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``.
+
+    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is
+    :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched.
+    """
     check_pretrain(cfg)  # data root, init checkpoint, model-dependent masking: before any work
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    store = TrainStateStore(out / "checkpoints", keep_last=cfg.train.keep_last)
-    state = store.load_latest() if cfg.init.resume else None
-    if state is not None:  # before any work: a resumed run must keep its result-changing keys
-        check_resume_config(state.get("config", {}), cfg, str(store.latest()),
-                            print_fn=accelerator.print if accelerator.is_main_process else lambda *_: None)
+    folder = RunFolder(cfg, resume_config_changes, accelerator)
+    folder.check()   # before any work: refusals and result-changing config changes stop here
+    if folder.done:
+        folder.report_finished()
+        return out
     loader = build_pretrain_loader(cfg, rank, world)
     run = plan_run(cfg, len(loader), world)
     torch.manual_seed(step_seed(cfg.train.seed, "init"))  # same initial weights in every run
     model = build_model(cfg)
     init_opt = None
-    if state is None and cfg.init.checkpoint:
+    if folder.fresh and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
     source, predictor = build_scoring(cfg.masking, list(cfg.model.in_modalities), model.dim_tokens)
     module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters), loss_predictor=predictor)
@@ -111,6 +119,10 @@ def train(cfg: PretrainConfig) -> Path:
         _try_load_optimizer(optimizer, init_opt, accelerator)
     module, optimizer = accelerator.prepare(module, optimizer)
     policy = build_policy(cfg)
+    if not folder.begin(run.total_steps):   # finished: nothing is touched
+        return out
+    state = folder.state.state if folder.state is not None else None
+    store = folder.store
     cache = build_cache(cfg, loader, accelerator)
     planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, rank=rank, world_size=world,
                           cache=cache, source=source, total_epochs=max(run.total_steps, 1) / run.steps_per_epoch,
@@ -126,29 +138,39 @@ def train(cfg: PretrainConfig) -> Path:
     elif cache is not None and state is not None:
         accelerator.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
                           f"the state of step {step}; this resumed run is not bit-exact")
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        if accelerator.log_with:
-            # TensorBoard's hparams accept only numbers, strings and booleans.
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                       for k, v in _flat(config_to_dict(cfg)).items()}
-            accelerator.init_trackers("tb", config=hparams)
-    logger = MetricsLogger(out / "metrics.jsonl", enabled=accelerator.is_main_process,
+    if accelerator.is_main_process and accelerator.log_with:
+        # TensorBoard's hparams accept only numbers, strings and booleans.
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in _flat(config_to_dict(cfg)).items()}
+        accelerator.init_trackers("tb", config=hparams)
+    logger = MetricsLogger(out / LOG_FILE, enabled=accelerator.is_main_process,
                            resume_step=step if state is not None else None)
     stream = DataStream(loader, run.batches_per_epoch, step * cfg.optim.accum_steps)
     _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
-          refresher)
-    if accelerator.is_main_process and cfg.train.final_export:
-        inner = accelerator.unwrap_model(module)
-        _export(inner.model, cfg, run.total_steps, out / "final.pth",
-                inner.loss_predictor if cfg.train.export_loss_predictor else None)
+          refresher, folder.init)
+    if accelerator.is_main_process:
+        prov = provenance(config_to_dict(cfg), run.total_steps, folder.init)
+        if cfg.train.final_export:
+            inner = accelerator.unwrap_model(module)
+            _export(inner.model, cfg, run.total_steps, out / "final.pth", prov,
+                    inner.loss_predictor if cfg.train.export_loss_predictor else None)
+        _write_results(out, run.total_steps, prov, ["final.pth"] if cfg.train.final_export else [])
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
+def _write_results(out: Path, step: int, prov: dict, outputs: list[str]) -> None:
+    """``metrics.json``: the last logged record (its losses, lr, ...), the provenance and the
+    exported files; it marks the run folder finished."""
+    records = [r for r in MetricsLogger.read(out / LOG_FILE) if "loss" in r] if (out / LOG_FILE).exists() else []
+    last = {k: v for k, v in (records[-1] if records else {}).items() if k != "step_time"}
+    result = {"task": "pretrain", **last, "step": step, "outputs": outputs, "provenance": prov}
+    write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=2) + "\n")
+
+
 def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
-          refresher=None):
+          refresher=None, init=None):
     accum, rank, seed = cfg.optim.accum_steps, accelerator.process_index, cfg.train.seed
     attg = cfg.loss.attg.source if cfg.loss.attg.enabled else None
     specs = {"semseg": LossSpec("ce", ignore_index=cfg.loss.semseg_ignore_index)}
@@ -158,7 +180,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
     while step < run.total_steps:
         if refresher is not None:  # full-image cache refresh at the start of a window
             refresher.maybe_refresh(step, step / run.steps_per_epoch, lambda: _save(
-                store, step, stream, module, optimizer, policy, cfg, accelerator))
+                store, step, stream, module, optimizer, policy, cfg, accelerator, init))
         t0 = time.perf_counter()
         lr = run.schedule(step)
         for group in optimizer.param_groups:
@@ -183,6 +205,9 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                                    want_scores=pictures and j == accum - 1, device=device)
                 accelerator.backward(res.loss / accum)
             _accumulate(totals, res, accum)
+        if (step + 1) % cfg.log.every == 0 or step + 1 == run.total_steps:
+            totals.update(_masking_diagnostics(cfg, res, accelerator.unwrap_model(module).model, policy,
+                                               epoch, attg))
         if cfg.optim.clip_grad is not None:
             accelerator.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
         optimizer.step()
@@ -204,7 +229,7 @@ def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, log
                           input_grids(accelerator.unwrap_model(module).model, res.inputs),
                           cfg.log.pictures_samples)
         if step % cfg.train.save_every == 0 or step == run.total_steps:
-            _save(store, step, stream, module, optimizer, policy, cfg, accelerator)
+            _save(store, step, stream, module, optimizer, policy, cfg, accelerator, init)
             if refresher is not None:
                 refresher.last_saved = step
     bar.close()
@@ -222,6 +247,21 @@ def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
             key = f"thrown/{m}"
             totals[key] = totals.get(key, 0.0) + res.plan.thrown[m].float().sum(1).mean() / accum
     totals["guided"] = totals.get("guided", 0.0) + res.plan.guided.float().mean() / accum
+
+
+def _masking_diagnostics(cfg, res, model, policy, epoch, attg) -> dict[str, Any]:
+    """Log-step masking diagnostics of the last micro-batch (:func:`multimae_att.diagnostics.
+    step_diagnostics`): ``mask/hidden_fg_share`` and, when this step's masks came from scores,
+    ``attn/fg_auroc.<modality>``; nothing without ``data.background_classes`` or semseg labels.
+    Every process computes the same keys (scores drawn only for pictures on the main process are
+    left out), so the values reduce like the losses."""
+    bg = cfg.data.background_classes
+    if not bg or "semseg" not in res.inputs:
+        return {}
+    from multimae_att.diagnostics import step_diagnostics
+
+    scores = res.plan.scores if (policy.needs_scores(epoch) or attg == "scores") else None
+    return step_diagnostics(res.inputs["semseg"], input_grids(model, res.inputs), res.plan.hidden, scores, bg)
 
 
 def _reduce(totals: dict[str, Any], accelerator: Any) -> dict[str, float]:
@@ -252,6 +292,8 @@ def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[
     lossp = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("lossp/")}
     if lossp:  # loss predictor: ranking loss and Spearman of its scores vs the actual losses
         rec["lossp"] = lossp
+    # masking diagnostics (log steps with data.background_classes); NaN (nothing to measure) -> null
+    rec.update({k: (v if v == v else None) for k, v in losses.items() if k.startswith(("mask/", "attn/"))})
     return rec
 
 
@@ -268,7 +310,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _save(store, step, stream, module, optimizer, policy, cfg, accelerator) -> None:
+def _save(store, step, stream, module, optimizer, policy, cfg, accelerator, init) -> None:
     """Training state (main process writes; all wait so no rank runs ahead of a save)."""
     if accelerator.is_main_process:
         state = {
@@ -284,6 +326,7 @@ def _save(store, step, stream, module, optimizer, policy, cfg, accelerator) -> N
             "rng": capture_rng(),
             "world_size": accelerator.num_processes,
             "config": config_to_dict(cfg),
+            "init_checkpoint": init,
         }
         store.save(state, step)
     accelerator.wait_for_everyone()
@@ -323,12 +366,12 @@ def _predictor_state(inner) -> dict | None:
     return None if inner.loss_predictor is None else inner.loss_predictor.state_dict()
 
 
-def _export(model, cfg: PretrainConfig, step: int, path: Path, loss_predictor=None) -> None:
-    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config'}`` (atomic), plus
-    ``'loss_predictor'`` (its own state dict, outside ``'model'``) when one is given."""
+def _export(model, cfg: PretrainConfig, step: int, path: Path, prov: dict, loss_predictor=None) -> None:
+    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config', 'provenance'}``
+    (atomic), plus ``'loss_predictor'`` (its own state dict, outside ``'model'``) when one is given."""
     from multimae_att.checkpoint import export_weights
 
-    extra = {"step": step, "config": config_to_dict(cfg)}
+    extra = {"step": step, "config": config_to_dict(cfg), "provenance": prov}
     if loss_predictor is not None:
         extra["loss_predictor"] = {k: v.detach().cpu() for k, v in loss_predictor.state_dict().items()}
     export_weights(model, path, "multimae", extra=extra)

@@ -109,16 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         print(*a, **k, flush=True)
 
     outcome: dict[str, str] = {}
+    interrupted = False
     try:
         if study.launcher == "local":
-            outcome = run_local(cells, todo, study.study_dir, study.jobs, threads, on_record, log,
-                                study.gpus_per_cell)
+            run_local(cells, todo, study.study_dir, study.jobs, threads, on_record, log,
+                      study.gpus_per_cell, outcome)
         else:
             from multimae_att.study.slurm import run_submitit
 
             report_cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "run_study.py"),
                           "--config", args.config, *extra, "--report-only"]
             outcome = run_submitit(study, todo, report_cmd, log)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         update_invocation(study.study_dir, run_index, {
@@ -126,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 1),
             "load_after": os.getloadavg()[0], "cells_run": len(outcome),
             "failed": sum(1 for v in outcome.values() if v == "failed")})
+    if interrupted:
+        print("interrupted; run the same command again to continue (finished cells are kept, "
+              "interrupted ones resume)", file=sys.stderr)
+        return 130
     if any(v == "submitted" for v in outcome.values()):
         print(f"submitted; the report job writes {study.study_dir}/REPORT.md when every cell has ended")
         return 0

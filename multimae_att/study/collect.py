@@ -2,7 +2,8 @@
 
 Per kind, the metric columns:
 
-- ``pretrain`` / ``warm_start`` (``metrics.jsonl``): ``loss`` (last logged), ``steps``,
+- ``pretrain`` / ``warm_start`` (``metrics.jsonl``): ``loss`` (mean of the last quarter of the
+  logged steps), ``steps``,
   ``s_per_step`` (median of the logged ``step_time``), and the means over the logged steps of
   ``mask/hidden_fg_share`` and ``attn/fg_auroc.<modality>`` when the run logged them;
 - ``diagnose`` (``diagnose.json``): ``fg_auroc.<modality>`` at the run's configured readout and
@@ -55,7 +56,8 @@ def pretrain_metrics(run_dir: Path) -> dict[str, Any]:
     if not recs:
         return {}
     times = [r["step_time"] for r in recs if isinstance(r.get("step_time"), (int, float))]
-    out: dict[str, Any] = {"loss": recs[-1]["loss"], "steps": recs[-1].get("step"),
+    tail = recs[-max(1, len(recs) // 4):]          # one batch's loss is noisy: the last quarter's mean
+    out: dict[str, Any] = {"loss": sum(r["loss"] for r in tail) / len(tail), "steps": recs[-1].get("step"),
                            "s_per_step": statistics.median(times) if times else None}
     keys = sorted({k for r in recs for k in r if k.startswith(("mask/", "attn/"))})
     for k in keys:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import sys
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable
@@ -122,15 +121,16 @@ def _devices(jobs: int, gpus_per_cell: int) -> list[tuple[str | None, tuple[int,
 
 def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, threads: int,
               on_record: Callable[[Cell, dict[str, Any]], None], print_fn=print,
-              gpus_per_cell: int = 1) -> dict[str, str]:
+              gpus_per_cell: int = 1, outcome: dict[str, str] | None = None) -> dict[str, str]:
     """Run ``todo`` (a subset of ``cells`` in plan order) respecting dependencies.
 
-    ``on_record(cell, record)`` is called in this process after each attempt. Returns
-    cell id -> 'ok' | 'failed' | 'skipped' for the cells of ``todo``.
+    ``on_record(cell, record)`` is called in this process after each attempt. Returns (and fills
+    ``outcome`` as cells end, so a Ctrl-C leaves what was done) cell id -> 'ok' | 'failed' |
+    'skipped' for the cells of ``todo``. Ctrl-C kills the workers and re-raises.
     """
     pending_ids = {c.id for c in todo}
     done = {c.id for c in cells if c.id not in pending_ids}       # finished before this run
-    outcome: dict[str, str] = {}
+    outcome = {} if outcome is None else outcome
     queue = list(todo)
     if not queue:
         return outcome
@@ -168,6 +168,7 @@ def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, th
                     record = w.conn.recv()
                 elif not w.proc.is_alive():
                     record = {"ok": False, "error": f"worker process died (exit code {w.proc.exitcode})"}
+                    w.conn.close()
                     workers[i] = _Worker(ctx, *w.args)
                 else:
                     continue
@@ -185,7 +186,6 @@ def run_local(cells: list[Cell], todo: list[Cell], study_dir: str, jobs: int, th
                     print_fn(f"[{count}/{total}] FAILED {cell.id}: {record.get('error')} "
                              f"(log: {log_path(study_dir, cell)})")
     except KeyboardInterrupt:
-        print("interrupted: stopping the workers; run the same command again to continue", file=sys.stderr)
         for w in workers:
             if w.proc.is_alive():
                 w.proc.kill()

@@ -154,7 +154,9 @@ def write_report(study: StudyConfig, cells: list[Cell], states: dict[str, str],
         figures.summary_grid(figdir / "summary.png", grid, variants, baseline)
     lines += ["", "## Figures", ""]
     if grid:
-        lines += ["![every metric: mean over seeds, error bar = std, dots = seeds](figures/summary.png)", ""]
+        lines += ["Bars: mean over seeds, error bars: std, dots: seeds, dark bar: the baseline; the value "
+                  "axes are zoomed on the differences (they do not start at zero).", "",
+                  "![every metric](figures/summary.png)", ""]
     if curves:
         lines += ["![pretraining loss of every variant](figures/pretrain_loss.png)", ""]
     lines += ["Per metric: " + ", ".join(f"[{p.stem}](figures/{p.name})" for p in pics), ""]
@@ -195,6 +197,10 @@ def _diagnostics_section(study: StudyConfig, rows, variants, head) -> list[str]:
     if share:
         lines += [f"Share of foreground tokens in the data: {sum(share) / len(share):.3f} (what random "
                   "masking hides on average)."]
+    warm = next((r for r in diag if r["variant"] is None), None)
+    if warm is not None:
+        lines += ["Warm start, before any variant: " + ", ".join(
+            f"fg AUROC {m} {warm[f'fg_auroc.{m}']:.3f}" for m in _modalities([warm], "fg_auroc.")) + "."]
     return lines + [""] + _table(["diagnostic"] + head, body)
 
 
@@ -210,9 +216,11 @@ def _cost_section(rows, variants, head, baseline) -> list[str]:
             _summary_row("peak memory (MB, resident)", values_by_variant(rows, "pretrain", "peak_rss_mb"), variants),
             _summary_row("final pretraining loss", values_by_variant(rows, "pretrain", "loss"), variants)]
     return ["", "## Pretraining cost", "",
-            "Per continuation run; wall-clock seconds depend on what else ran on the machine, CPU "
-            "seconds less so (both include data loading, evaluation-free). The loss sums the outputs' "
-            "losses and is not comparable across masking strategies (they hide different tokens).", ""] \
+            "Per continuation run: median wall seconds of a logged step, CPU seconds of the whole run "
+            "(data loading included, process start-up not), peak resident memory. Wall time depends on "
+            "what else ran on the machine, CPU time much less. The final loss (mean of the last quarter "
+            "of the logged steps) sums the outputs' losses on the hidden tokens; it is not comparable "
+            "across masking strategies, which hide different tokens.", ""] \
         + _table(["cost"] + head, body)
 
 

@@ -1,0 +1,89 @@
+"""Where a result comes from: init checkpoint (path + content hash), config hash, code version.
+
+Recorded in every training state (the init checkpoint's identity, so a resume can check it),
+in ``metrics.json`` and in the exported weights (``final.pth``, ``checkpoint-*.pth``) under
+``provenance``. Nothing here loads a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version", "provenance",
+           "describe_identity"]
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; ~1 s per GB)."""
+    from multimae_att.hub import sha256_file
+
+    return sha256_file(Path(path))
+
+
+def local_checkpoint(spec: str) -> Path | None:
+    """The local file ``init.checkpoint`` stands for, without downloading anything: a path as
+    is, a published name or URL its copy in the hub cache (:mod:`multimae_att.hub`); None when
+    that file is not there."""
+    from urllib.parse import urlparse
+
+    from multimae_att.hub import PUBLISHED, URL_SCHEMES, cached_path
+
+    p = cached_path(spec) if spec in PUBLISHED or urlparse(spec).scheme in URL_SCHEMES \
+        else Path(spec).expanduser()
+    return p if p.is_file() else None
+
+
+def checkpoint_identity(spec: str | None) -> dict[str, Any] | None:
+    """``init.checkpoint`` as ``{'path': as given, 'file': absolute path, 'sha256': hex}``;
+    None without one. When the file is not on disk (yet) ``file``/``sha256`` are None (the
+    runner's own loading reports a missing file where it needs it)."""
+    if not spec:
+        return None
+    p = local_checkpoint(spec)
+    if p is None:
+        return {"path": spec, "file": None, "sha256": None}
+    return {"path": spec, "file": str(p.resolve()), "sha256": file_sha256(p)}
+
+
+def describe_identity(ident: Mapping[str, Any] | None) -> str:
+    """``'a.pth' (sha256 0123abcd...)`` or ``None``, for messages."""
+    if not ident:
+        return "None"
+    digest = ident.get("sha256")
+    return f"{ident.get('file') or ident.get('path')!r}" + (f" (sha256 {digest[:12]}...)" if digest else "")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 (first 16 hex digits) of a resolved config dict (canonical JSON, sorted keys),
+    without ``output_dir``: the same config run in two folders has the same hash."""
+    body = {k: v for k, v in config.items() if k != "output_dir"}
+    text = json.dumps(body, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_version() -> dict[str, Any]:
+    """``{'version': package version, 'git_commit': sha or None, 'git_dirty': bool or None}``;
+    the git fields come from the checkout the package is imported from, when it is one."""
+    from multimae_att import __version__
+
+    here = Path(__file__).resolve().parents[2]
+    commit, dirty = None, None
+    if (here / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip() or None
+            status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10, check=True).stdout
+            dirty = bool(status.strip())
+        except (OSError, subprocess.SubprocessError):
+            commit, dirty = None, None
+    return {"version": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def provenance(config: Mapping[str, Any], step: int, init: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``provenance`` entry of final outputs: step, config hash, init checkpoint, code."""
+    return {"step": int(step), "config_hash": config_hash(config),
+            "init_checkpoint": dict(init) if init else None, **code_version()}
