@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     from multimae_att.pretrain.config import PretrainConfig
     from multimae_att.pretrain.loop import train
     from multimae_att.run.lifecycle import RunFolderError, runner_parser
+    from multimae_att.run.trainer import end_distributed
 
     cfg = cli_config(PretrainConfig, argv, parser=runner_parser(__doc__.splitlines()[0]))
     try:
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {e}")
     except RunFolderError as e:
         sys.exit(f"error: {e}")
+    finally:
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@ def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):  #
     recs = MetricsLogger.read(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
-        assert set(r["lossp"]) == {"loss", "spearman"}
-        assert r["lossp"]["loss"] > 0 and -1 <= r["lossp"]["spearman"] <= 1
+        assert r["lossp/loss"] > 0 and -1 <= r["lossp/spearman"] <= 1
     state = TrainStateStore(out / "checkpoints").load_latest()
     assert set(state["loss_predictor"]) == {f"heads.{m}.1.weight" for m in ("rgb", "depth", "semseg")}
     final = torch.load(out / "final.pth", weights_only=True)
@@ -52,7 +51,8 @@ def test_resume_continues_the_predictor_exactly(tmp_path, data_root):  # noqa: F
     run_cli(*args, f"output_dir={cut}")                                # resumes at step 2
     a, b = MetricsLogger.read(full / "metrics.jsonl"), MetricsLogger.read(cut / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
-    assert a[-1]["lossp"] == b[-1]["lossp"] and a[-1]["loss"] == b[-1]["loss"]
+    assert [a[-1][k] for k in ("loss", "lossp/loss", "lossp/spearman")] == \
+        [b[-1][k] for k in ("loss", "lossp/loss", "lossp/spearman")]
     sa = TrainStateStore(full / "checkpoints").load_latest()
     sb = TrainStateStore(cut / "checkpoints").load_latest()
     assert all(torch.equal(sa["loss_predictor"][k], sb["loss_predictor"][k]) for k in sa["loss_predictor"])
@@ -69,4 +69,4 @@ def test_cache_holds_predicted_losses(tmp_path, data_root):  # noqa: F811
     import numpy as np
     assert (np.load(out / "attention_cache" / "stamps.npy") == 0).all()   # the full-image refresh
     recs = MetricsLogger.read(out / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2, 3] and all("lossp" in r for r in recs)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all("lossp/loss" in r for r in recs)

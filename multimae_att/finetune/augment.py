@@ -3,10 +3,16 @@
 :class:`RandAugmentRGB` runs timm's RandAugment (PIL operations) on a sample's normalised RGB
 tensor: denormalise to 8 bit, augment, normalise again. It is applied inside the dataset (so in
 DataLoader workers), never on the batch in the training loop.
+
+Sample transforms are called as ``transform(sample, epoch)``; their randomness is a function of
+(seed, epoch, sample id), as the crops of :mod:`multimae_att.data`, so it depends neither on the
+worker that loads the sample nor on what was loaded before (exact resume, identical reruns).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+import random
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator
 
 import numpy as np
 import torch
@@ -14,8 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD
+from multimae_att.runstate import step_seed
 
-__all__ = ["RandAugmentRGB", "TransformedDataset", "TransformedIterable", "with_sample_transform"]
+__all__ = ["RandAugmentRGB", "TransformedDataset", "TransformedIterable", "with_sample_transform",
+           "seeded_global_rngs"]
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -38,37 +46,56 @@ class _KeepOneBit:
         return (min(max(int(bits), 1), 8), *rest)
 
 
-class RandAugmentRGB:
-    """``sample['rgb']`` (float ``[3, H, W]``, ImageNet-normalised) through timm RandAugment."""
+@contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` and numpy's global generator (what timm's RandAugment draws
+    from) for the block, and put their previous states back afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
-    def __init__(self, spec: str = "rand-m9-mstd0.5-inc1") -> None:
+
+class RandAugmentRGB:
+    """``sample['rgb']`` (float ``[3, H, W]``, ImageNet-normalised) through timm RandAugment,
+    with its draws seeded by (``seed``, epoch, ``sample['sample_id']``)."""
+
+    def __init__(self, spec: str = "rand-m9-mstd0.5-inc1", seed: int = 0) -> None:
         from timm.data import rand_augment_transform
         fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
-        self.spec = spec
+        self.spec, self.seed = spec, seed
         self.transform = rand_augment_transform(spec, {"translate_const": 100, "img_mean": fill})
         for op in self.transform.ops:
             if op.name.startswith("Posterize"):
                 op.level_fn = _KeepOneBit(op.level_fn)
 
-    def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+    def __call__(self, sample: Dict[str, Any], epoch: int = 0) -> Dict[str, Any]:
         rgb = sample["rgb"]
         img = ((rgb * _STD + _MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
-        out = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()))
+        with seeded_global_rngs(step_seed(self.seed, epoch, sample["sample_id"], "randaug")):
+            out = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()))
         x = torch.from_numpy(np.asarray(out, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return {**sample, "rgb": (x - _MEAN) / _STD}
+
+
+Transform = Callable[[Dict[str, Any], int], Dict[str, Any]]   # (sample, epoch) -> sample
 
 
 class TransformedDataset(Dataset):
     """A map-style dataset with a per-sample transform; other attributes come from ``base``."""
 
-    def __init__(self, base: Dataset, transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
+    def __init__(self, base: Dataset, transform: Transform):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        return self.transform(self.base[index])
+        return self.transform(self.base[index], getattr(self.base, "epoch", 0))
 
     def __getattr__(self, name: str) -> Any:   # set_epoch, skipped, sample_ids, ...
         if name in ("base", "transform"):
@@ -79,11 +106,12 @@ class TransformedDataset(Dataset):
 class TransformedIterable(IterableDataset):
     """An iterable dataset with a per-sample transform; other attributes come from ``base``."""
 
-    def __init__(self, base: IterableDataset, transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
+    def __init__(self, base: IterableDataset, transform: Transform):
         self.base, self.transform = base, transform
 
     def __iter__(self):
-        return map(self.transform, iter(self.base))
+        epoch = getattr(self.base, "epoch", 0)
+        return (self.transform(sample, epoch) for sample in self.base)
 
     def __len__(self) -> int:
         return len(self.base)

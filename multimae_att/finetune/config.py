@@ -165,7 +165,9 @@ class InitConfig:
 @dataclass
 class LogConfig:
     every: int = setting(10, ge=1)
-    progress: bool = True
+    # trackers through Accelerate (metrics.jsonl is always written): tensorboard, wandb, mlflow, aim
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = setting(factory=lambda: ["tensorboard"])
+    progress: bool = True                     # progress bar; false: one printed line per log.every
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """The one finetuning engine shared by every task (cls, semseg, depth, linear_probe, knn).
 
-``run(cfg)``: build the task's model, load ``init.checkpoint``, resume from the run folder's
-latest training state, train (AdamW, layer-wise LR decay through timm's param groups, warm-up +
-cosine LR as a pure function of the step, Accelerate for devices / mixed precision / DDP),
-evaluate over the whole validation set, keep ``checkpoint-best.pth`` / ``checkpoint-last.pth``
-(MultiMAE layout: ``{'model': state_dict, ...}``) and write ``metrics.jsonl`` (training) and
-``metrics.json`` (final evaluation). Frozen-feature tasks (``trains = False``) only extract
-features and evaluate.
+``run(cfg)``: build the task's model, load ``init.checkpoint``, and hand :class:`FinetuneJob` (the
+step: AdamW over timm's layer-wise LR decay groups, warm-up + cosine LR as a pure function of the
+step; the evaluation over the whole validation set, keeping ``checkpoint-best.pth`` /
+``checkpoint-last.pth`` in MultiMAE layout) to the run skeleton shared with pretraining
+(:class:`multimae_att.run.trainer.Run`: run folder, resume, Accelerate, loop, ``metrics.jsonl``,
+trackers, ``metrics.json``). Frozen-feature tasks (``trains = False``) only extract features and
+evaluate.
+
+Determinism: the data order and augmentation (crops, RandAugment) are functions of (seed, epoch,
+sample), Mixup/CutMix of (seed, step), dropout and drop-path of (seed, step, rank), the head's
+initialisation of the seed: two runs with one config give identical weights, and a killed run
+restarted equals an uninterrupted one.
 
 Distributed evaluation: the validation loader is prepared by Accelerate and per-sample metric
 statistics go through ``gather_for_metrics`` (which drops the samples repeated to even out the
@@ -14,15 +19,12 @@ last batch), so every process sums exactly the statistics of the whole set once.
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from torch.utils.data import IterableDataset
-from tqdm import tqdm
 
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
@@ -36,25 +38,24 @@ from multimae_att.finetune.report import global_batch_line, protocol_line, repor
 from multimae_att.finetune.skips import EvalSkips
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
 from multimae_att.preflight import check_finetune
-from multimae_att.run.folder import LOG_FILE, RESULTS_FILE, read_results
-from multimae_att.run.lifecycle import RunFolder
-from multimae_att.run.provenance import provenance
-from multimae_att.runstate import (LoadedState, MetricsLogger, capture_rng, restore_rng, save_atomic,
-                                   write_text_atomic)
+from multimae_att.run.trainer import Job, Run, end_distributed, run_length
+from multimae_att.run.trainer import make_accelerator as _make_accelerator
+from multimae_att.runstate import save_atomic, step_seed
 from multimae_att.schedules import cosine_lr, scaled_lr
 
-__all__ = ["run", "evaluate", "extract_features", "build_optimizer", "make_accelerator"]
+__all__ = ["run", "FinetuneJob", "evaluate", "extract_features", "build_optimizer", "make_accelerator",
+           "end_distributed"]
 
 
-def make_accelerator(cfg: FinetuneConfig, task: TaskSpec):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+def _find_unused(cfg: FinetuneConfig) -> bool:
     unused = cfg.train.find_unused_parameters
-    if unused is None:   # DPT never uses refinenet4.resConfUnit1
-        unused = cfg.head_kind() == "dpt"
-    return Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
-                       gradient_accumulation_steps=cfg.optim.accum_steps,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    return cfg.head_kind() == "dpt" if unused is None else unused   # DPT never uses refinenet4.resConfUnit1
+
+
+def make_accelerator(cfg: FinetuneConfig, task: TaskSpec | None = None):
+    """The skeleton's accelerator (:func:`multimae_att.run.trainer.make_accelerator`) for ``cfg``
+    (without trackers: for evaluation outside a run)."""
+    return _make_accelerator(cfg, _find_unused(cfg))
 
 
 # ---------------------------------------------------------------------------------- data
@@ -166,11 +167,6 @@ def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: i
     return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
 
 
-def _set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 def _better(key: str, new: float, old: Optional[float]) -> bool:
     if old is None or math.isnan(old):
         return not math.isnan(new)
@@ -179,158 +175,94 @@ def _better(key: str, new: float, old: Optional[float]) -> bool:
 
 # ------------------------------------------------------------------------------- training
 
-class _Trainer:
-    """State of one training run: position (step, epoch, batch in epoch), best metric, I/O."""
+class FinetuneJob(Job):
+    """One finetuning step and the evaluation, for :meth:`multimae_att.run.trainer.Run.fit`.
 
-    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, model, accelerator, folder: RunFolder) -> None:
-        self.cfg, self.task, self.acc = cfg, task, accelerator
-        self.out = Path(cfg.output_dir)
-        world = accelerator.num_processes
-        self.train_loader = build_train_loader(cfg, task, accelerator.process_index, world)
-        self.val_loader = build_eval_loader(cfg, task, cfg.data.val_split, accelerator)
-        self.steps_per_epoch = len(self.train_loader) // cfg.optim.accum_steps
+    Keeps ``checkpoint-best.pth`` / ``checkpoint-last.pth`` at each evaluation (every
+    ``train.eval_every`` epochs and at the last step) and, in its training state, the best value
+    of the task's key and the records :func:`reported_metrics` chooses from.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, task: TaskSpec, run: Run, model) -> None:
+        self.cfg, self.task, self.run, acc = cfg, task, run, run.acc
+        world = acc.num_processes
+        self.loader = build_train_loader(cfg, task, acc.process_index, world)
+        self.val_loader = build_eval_loader(cfg, task, cfg.data.val_split, acc)
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch, self.total_steps = run_length(
+            self.batches_per_epoch, cfg.optim.accum_steps, cfg.train.epochs, cfg.train.max_steps)
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"data.root={cfg.data.root!r}: the training split has fewer than one "
-                              f"optimizer step of data (data.batch_size={cfg.data.batch_size} x "
-                              f"optim.accum_steps={cfg.optim.accum_steps} per process)")
+            raise ValueError(f"{cfg.data.root}: the training split has fewer than one optimizer step "
+                             f"of data (batch_size={cfg.data.batch_size} x accum_steps per process)")
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
         optimizer, self.base_lr = build_optimizer(cfg, model, global_batch)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.total_steps = math.ceil(cfg.train.epochs * self.steps_per_epoch)
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.store, self.init = folder.store, folder.init
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.module, self.optimizer = acc.prepare(model, optimizer)
+        self.weights = acc.unwrap_model(self.module)
         self.best: Optional[float] = None
-        self.last_metrics: Dict[str, Any] = {}
         # {'epoch', 'step', 'metrics'} of the best and the last evaluation (train.report)
         self.best_record: Optional[Dict[str, Any]] = None
         self.last_record: Optional[Dict[str, Any]] = None
-        self.logger: Optional[MetricsLogger] = None
 
-    def start(self, loaded: Optional[LoadedState]) -> None:
-        """Resume from ``loaded`` (checked by :class:`RunFolder`) or start fresh; open the log."""
-        if loaded is not None:
-            self.resume(loaded.state)
-        self.logger = MetricsLogger(self.out / LOG_FILE, enabled=self.acc.is_main_process,
-                                    resume_step=self.step if loaded is not None else None)
+    def epochs_done(self, step: int) -> int:
+        return step * self.cfg.optim.accum_steps // self.batches_per_epoch
 
-    # state ------------------------------------------------------------------------------
-    def state(self) -> Dict[str, Any]:
-        scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-        return {"model": self.acc.unwrap_model(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": scaler, "step": self.step,
-                "epoch": self.epoch, "data_position": self.batch_in_epoch, "best": self.best,
-                "last_metrics": self.last_metrics, "best_record": self.best_record,
-                "last_record": self.last_record, "rng": capture_rng(),
-                "config": config_to_dict(self.cfg), "init_checkpoint": self.init}
-
-    def resume(self, state: Dict[str, Any]) -> None:
-        """Continue from ``state``, the newest readable training state in ``output_dir/checkpoints``
-        (loaded and config-checked by :class:`RunFolder`)."""
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None and self.acc.scaler is not None:
-            self.acc.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch, self.best = int(state["data_position"]), state["best"]
-        self.last_metrics = state.get("last_metrics", {})
-        self.best_record, self.last_record = state.get("best_record"), state.get("last_record")
-        restore_rng(state["rng"])
-
-    def save_state(self) -> None:
-        if self.acc.is_main_process:
-            self.store.save(self.state(), self.step)
-        self.acc.wait_for_everyone()
-
-    def export(self, name: str, metrics: Dict[str, Any]) -> None:
-        """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config', 'provenance'}``."""
-        if self.acc.is_main_process:
-            config = config_to_dict(self.cfg)
-            save_atomic({"model": self.acc.unwrap_model(self.model).state_dict(), "epoch": self.epoch,
-                         "step": self.step, "metrics": _scalars(metrics), "config": config,
-                         "provenance": provenance(config, self.step, self.init)}, self.out / name)
-
-    # loop -------------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
+    # the skeleton's hooks --------------------------------------------------------------
+    def lr(self, step: int) -> float:
         o = self.cfg.optim
         return cosine_lr(step / self.steps_per_epoch, self.base_lr, o.min_lr, o.warmup_epochs,
                          self.cfg.train.epochs)
 
-    def train_step(self, batch: Dict[str, Any]) -> Optional[torch.Tensor]:
-        """One micro-batch; returns the (detached) loss when an optimizer step happened, else None."""
-        from accelerate.utils import send_to_device
-        batch = self.task.train_batch(send_to_device(batch, self.acc.device), self.step)
-        with self.acc.accumulate(self.model):
-            with self.acc.autocast():
-                loss = self.task.loss(self.task.forward(self.model, batch), batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
-            self.acc.backward(loss)
-            if self.acc.sync_gradients and self.cfg.optim.clip_grad:
-                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-            if self.acc.sync_gradients:
-                _set_lr(self.optimizer, self.lr_at(self.step))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach() if self.acc.sync_gradients else None
-
-    def run_epoch(self, bar) -> None:
-        self.model.train()
+    def train_mode(self) -> None:
+        self.module.train()
         if self.task.frozen_encoder:   # frozen features: encoder in eval mode, only the head trains
-            self.acc.unwrap_model(self.model).encoder.eval()
-        self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
-        t0 = time.perf_counter()
-        for batch in self.train_loader:
-            loss = self.train_step(batch)
-            self.batch_in_epoch += 1
-            if loss is None:
-                continue
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=self.epoch)
-            if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
-                mean_loss = self.acc.reduce(loss.reshape(1), reduction="mean").item()   # over processes
-                self.logger.log({"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1),
-                                 "loss": mean_loss, "step_time": (time.perf_counter() - t0) / self.cfg.log.every})
-                t0 = time.perf_counter()
-            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
-                self.save_state()
-            if self.step >= self.total_steps:
-                break
-        if self.batch_in_epoch >= len(self.train_loader):   # the epoch is complete
-            self.epoch += 1
-            self.batch_in_epoch = 0
+            self.weights.encoder.eval()
 
-    def evaluate_and_keep(self) -> Dict[str, Any]:
-        metrics = evaluate(self.acc.unwrap_model(self.model), self.val_loader, self.task, self.acc,
+    def micro_step(self, batch: Dict[str, Any], step: int, micro: int):
+        from accelerate.utils import send_to_device
+        batch = self.task.train_batch(send_to_device(batch, self.run.acc.device), step)
+        with self.run.acc.autocast():
+            loss = self.task.loss(self.task.forward(self.module, batch), batch)
+        return loss, {}
+
+    def evaluate_now(self, step: int) -> bool:
+        if step == self.total_steps:
+            return True
+        done = self.epochs_done(step)
+        return done > self.epochs_done(step - 1) and done % self.cfg.train.eval_every == 0
+
+    def evaluate(self, step: int) -> Dict[str, Any]:
+        """Metrics over the validation set; keeps checkpoint-best/-last and the records."""
+        metrics = evaluate(self.weights, self.val_loader, self.task, self.run.acc,
                            self.cfg.train.max_eval_batches)
         key = self.task.best_key()
-        self.logger.log({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in
-                                                                    _scalars(metrics).items()}})
-        self.last_record = {"epoch": self.epoch, "step": self.step, "metrics": metrics}
+        self.last_record = {"epoch": self.epochs_done(step), "step": step, "metrics": metrics}
         if _better(key, float(metrics[key]), self.best):
             self.best = float(metrics[key])
             self.best_record = self.last_record
-            self.export("checkpoint-best.pth", metrics)
-        self.export("checkpoint-last.pth", metrics)
-        self.last_metrics = metrics
+            self.export("checkpoint-best.pth", step, metrics)
+        self.export("checkpoint-last.pth", step, metrics)
         return metrics
 
-    def fit(self) -> Dict[str, Any]:
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"finetune {self.cfg.task.name}",
-                   disable=not (self.acc.is_main_process and self.cfg.log.progress), dynamic_ncols=True)
-        metrics = dict(self.last_metrics)
-        while self.step < self.total_steps:
-            epoch_before = self.epoch
-            self.run_epoch(bar)
-            finished = self.step >= self.total_steps
-            if finished or (self.epoch != epoch_before and self.epoch % self.cfg.train.eval_every == 0):
-                metrics = self.evaluate_and_keep()
-            self.save_state()
-        bar.close()
-        if not metrics or self.last_record is None:   # resumed a finished run: evaluate again
-            metrics = self.evaluate_and_keep()
+    def extra_state(self) -> Dict[str, Any]:
+        return {"best": self.best, "best_record": self.best_record, "last_record": self.last_record}
+
+    def load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_record, self.last_record = state.get("best_record"), state.get("last_record")
+
+    # outputs ---------------------------------------------------------------------------
+    def export(self, name: str, step: int, metrics: Dict[str, Any]) -> None:
+        """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config', 'provenance'}``."""
+        if self.run.acc.is_main_process:
+            save_atomic({"model": self.weights.state_dict(), "epoch": self.epochs_done(step), "step": step,
+                         "metrics": _scalars(metrics), "config": config_to_dict(self.cfg),
+                         "provenance": self.run.provenance(step)}, Path(self.cfg.output_dir) / name)
+
+    def reported(self, step: int) -> Dict[str, Any]:
+        """What ``metrics.json`` reports (``train.report``); a run resumed at its last step
+        without an evaluation of its final weights evaluates them now."""
+        if self.last_record is None or self.last_record["step"] != step:
+            self.run.log_evaluation(self, step, self.evaluate(step))
         return reported_metrics(self.cfg, self.last_record, self.best_record)
 
 
@@ -343,44 +275,38 @@ def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
 def run(cfg: FinetuneConfig) -> Dict[str, Any]:
     """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``.
 
-    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is
-    :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched and its
+    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is the
+    skeleton's (:class:`multimae_att.run.trainer.Run`): a finished run is left untouched and its
     ``metrics.json`` returned.
     """
     check_finetune(cfg)                         # data root, init checkpoint, ...: before any work
-    torch.manual_seed(cfg.train.seed)           # same head initialisation on every process
     task = make_task(cfg)
-    accelerator = make_accelerator(cfg, task)
-    out = Path(cfg.output_dir)
-    folder = RunFolder(cfg, resume_config_changes, accelerator, trains=task.trains)
-    folder.check()   # before any work: refusals and result-changing config changes stop here
-    if folder.done:
-        folder.report_finished()
-        return read_results(out)
-    accelerator.print(protocol_line(cfg, task.best_key() if task.trains else "", task.trains))
+    run = Run(cfg, resume_config_changes, name=f"finetune {cfg.task.name}", trains=task.trains,
+              find_unused_parameters=_find_unused(cfg))
+    if run.done:
+        return run.results()
+    acc = run.acc
+    acc.print(protocol_line(cfg, task.best_key() if task.trains else "", task.trains))
     if task.trains:
-        line, warning = global_batch_line(cfg, accelerator.num_processes)
-        accelerator.print(line if warning is None else f"{line}\n{warning}")
+        line, warning = global_batch_line(cfg, acc.num_processes)
+        acc.print(line if warning is None else f"{line}\n{warning}")
+    torch.manual_seed(step_seed(cfg.train.seed, "init"))   # the same head in every run and process
     model = task.build()
-    if folder.fresh and cfg.init.checkpoint:    # loaded before config.yaml is (re)written
-        accelerator.print(_load_init(model, cfg.init.checkpoint, task))
-    if task.trains:
-        trainer = _Trainer(cfg, task, model, accelerator, folder)
-        if not folder.begin(trainer.total_steps):
-            return read_results(out)
-        trainer.start(folder.state)
-        metrics, step = trainer.fit(), trainer.step
-    else:
-        if not folder.begin(0):
-            return read_results(out)
-        metrics, step = _knn(cfg, task, model.to(accelerator.device), accelerator), 0
-    outputs = ["checkpoint-best.pth", "checkpoint-last.pth"] if task.trains else []
-    result = {"task": cfg.task.name, **metrics, "step": step, "outputs": outputs,
-              "provenance": provenance(config_to_dict(cfg), step, folder.init)}
-    if accelerator.is_main_process:
-        write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=2, default=_json_default) + "\n")
-    accelerator.wait_for_everyone()
-    return result
+    if run.fresh and cfg.init.checkpoint:       # loaded before config.yaml is (re)written
+        acc.print(_load_init(model, cfg.init.checkpoint, task))
+    if not task.trains:
+        if not run.begin(0):
+            return run.results()
+        metrics = _knn(cfg, task, model.to(acc.device), acc)
+        return run.finish(0, {"task": cfg.task.name, **metrics}, [])
+    job = FinetuneJob(cfg, task, run, model)
+    if not run.begin(job.total_steps):
+        return run.results()
+    run.restore(job)
+    run.fit(job)
+    metrics = job.reported(job.total_steps)
+    return run.finish(job.total_steps, {"task": cfg.task.name, **metrics},
+                      ["checkpoint-best.pth", "checkpoint-last.pth"])
 
 
 def _load_init(model, path: str, task: TaskSpec):
@@ -396,20 +322,6 @@ def _load_init(model, path: str, task: TaskSpec):
         raise ConfigError(f"init.checkpoint={path!r}: {e}") from e
 
 
-def end_distributed() -> None:
-    """Destroy the process group (if any) before the interpreter exits.
-
-    Call once per process, after the last :func:`run`: gloo's worker threads still alive at
-    exit abort the process ("terminate called without an active exception"). Not done inside
-    :func:`run`, because Accelerate's process state is a per-process singleton that a later
-    :func:`run` in the same process reuses.
-    """
-    from accelerate.state import PartialState
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        PartialState().destroy_process_group()
-
-
 def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, Any]:
     t, mb, skips = cfg.task, cfg.train.max_eval_batches, EvalSkips()
     train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
@@ -423,9 +335,3 @@ def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, A
     return {**knn_evaluate(*train, *val, num_classes=t.num_classes, k=t.knn_k,
                            temperature=t.knn_temperature, shots=t.few_shot, repeats=t.few_shot_repeats,
                            seed=cfg.train.seed), "skipped_eval_samples": skipped}
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    return str(v)

@@ -226,7 +226,7 @@ class ClassificationTask(TaskSpec):
         if not spec or self.frozen_encoder:
             return None
         from multimae_att.finetune.augment import RandAugmentRGB
-        return RandAugmentRGB(spec)
+        return RandAugmentRGB(spec, seed=self.cfg.train.seed)
 
 
 class LinearProbeTask(ClassificationTask):

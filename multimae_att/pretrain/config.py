@@ -236,8 +236,10 @@ class LogConfig:
     every: int = setting(10, ge=1)
     pictures_every: int = setting(500, ge=0)     # 0 = never
     pictures_samples: int = setting(2, ge=1)
-    tensorboard: bool = True                 # when the tensorboard package is installed
-    progress: bool = True
+    # trackers through Accelerate (metrics.jsonl is always written): tensorboard, wandb, mlflow, aim
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = setting(factory=lambda: ["tensorboard"])
+    tensorboard: bool = True                 # deprecated: false drops tensorboard from log.trackers
+    progress: bool = True                    # progress bar; false: one printed line per log.every
 
 
 @dataclass

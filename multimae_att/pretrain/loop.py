@@ -1,64 +1,40 @@
-"""The pretraining loop: Accelerate, exact resume, metrics, pictures, final export.
+"""The pretraining runner: its step on the one run skeleton (:mod:`multimae_att.run.trainer`).
 
-Exact resume without replay: every random draw is a function of (seed, step, ...):
-the data order and augmentation of (seed, epoch, sample), the masks of a generator seeded by
-(seed, step, micro-batch), the global torch RNG (drop-path) re-seeded per step and rank, the
+:func:`train` assembles a run (data, model, optimizer, masking) and hands :class:`PretrainJob`
+to :class:`multimae_att.run.trainer.Run`, which owns the run folder, training states, loop,
+logging and final outputs shared with finetuning.
+
+Exact resume without replay: every random draw is a function of (seed, step, ...): the data
+order and augmentation of (seed, epoch, sample), the masks of a generator seeded by (seed, step,
+micro-batch), the global torch RNG (drop-path) re-seeded per step and rank by the skeleton, the
 learning rate a pure function of the step. A training state therefore only needs the model,
-optimizer, scaler, step, masking-policy state (adaptive alphas) and, for the record, RNG states
-and the data position. Killed anywhere, a run restarted with the same command continues from its
-latest state and produces the same later losses and final weights as an uninterrupted run.
+optimizer, scaler, step, log window and masking-policy state (adaptive alphas). Killed anywhere,
+a run restarted with the same command continues from its latest state and produces the same
+later losses and final weights as an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
-from multimae_att.config import ConfigError, config_to_dict
+from multimae_att.config import ConfigError
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.pretrain.pictures import save_pictures
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
-                                         load_init_checkpoint, make_accelerator, param_groups)
+                                         load_init_checkpoint, param_groups)
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
-from multimae_att.run.folder import LOG_FILE, RESULTS_FILE
-from multimae_att.run.lifecycle import RunFolder
-from multimae_att.run.provenance import provenance
-from multimae_att.runstate import MetricsLogger, capture_rng, step_seed, write_text_atomic
+from multimae_att.run.trainer import DataStream, Job, Run, run_length
+from multimae_att.runstate import step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 from multimae_att.scoring import build_scoring
 
-__all__ = ["train", "DataStream", "RunPlan", "plan_run"]
-
-
-class DataStream:
-    """Endless micro-batches over epochs, positioned by the number already consumed."""
-
-    def __init__(self, loader: Any, batches_per_epoch: int, consumed: int = 0) -> None:
-        self.loader, self.per_epoch = loader, batches_per_epoch
-        self.epoch, start = divmod(consumed, batches_per_epoch)
-        self._it = self._open(start)
-
-    def _open(self, start: int) -> Iterator:
-        self.loader.set_epoch(self.epoch, start_batch=start)
-        return iter(self.loader)
-
-    def next(self) -> dict:
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.epoch += 1
-            self._it = self._open(0)
-            return next(self._it)
+__all__ = ["train", "DataStream", "RunPlan", "plan_run", "PretrainJob"]
 
 
 @dataclass
@@ -75,11 +51,8 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
     accum = cfg.optim.accum_steps
     if batches_per_epoch < 1:
         raise ConfigError(f"data.root={cfg.data.root!r} has too few samples for one batch of "
-                          f"data.batch_size={cfg.data.batch_size} per process")
-    spe = batches_per_epoch / accum
-    total = max(1, math.ceil(cfg.train.epochs * spe))
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
+                         f"{cfg.data.batch_size} per process")
+    spe, total = run_length(batches_per_epoch, accum, cfg.train.epochs, cfg.train.max_steps)
     gb = cfg.data.batch_size * world_size * accum
     base = cfg.optim.lr * cfg.optim.lr_scale if cfg.optim.lr is not None else scaled_lr(
         cfg.optim.blr, gb, cfg.optim.lr_scale)
@@ -92,261 +65,196 @@ def plan_run(cfg: PretrainConfig, batches_per_epoch: int, world_size: int) -> Ru
 def train(cfg: PretrainConfig) -> Path:
     """Run (or resume) the pretraining of ``cfg``; returns ``output_dir``.
 
-    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is
-    :class:`multimae_att.run.lifecycle.RunFolder`'s: a finished run is left untouched.
+    The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is the
+    skeleton's: a finished run is left untouched.
     """
     check_pretrain(cfg)  # data root, init checkpoint, model-dependent masking: before any work
     out = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    folder = RunFolder(cfg, resume_config_changes, accelerator)
-    folder.check()   # before any work: refusals and result-changing config changes stop here
-    if folder.done:
-        folder.report_finished()
+    run = Run(cfg, resume_config_changes, name="pretrain")   # refusals and config changes stop here
+    if run.done:
+        run.results()
         return out
+    acc = run.acc
+    rank, world = acc.process_index, acc.num_processes
     loader = build_pretrain_loader(cfg, rank, world)
-    run = plan_run(cfg, len(loader), world)
+    plan = plan_run(cfg, len(loader), world)
     torch.manual_seed(step_seed(cfg.train.seed, "init"))  # same initial weights in every run
     model = build_model(cfg)
     init_opt = None
-    if folder.fresh and cfg.init.checkpoint:
+    if run.fresh and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
     source, predictor = build_scoring(cfg.masking, list(cfg.model.in_modalities), model.dim_tokens)
     module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters), loss_predictor=predictor)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, extra=predictor), lr=0.0,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     if init_opt is not None and cfg.init.load_optimizer:
-        _try_load_optimizer(optimizer, init_opt, accelerator)
-    module, optimizer = accelerator.prepare(module, optimizer)
+        _try_load_optimizer(optimizer, init_opt, acc)
+    module, optimizer = acc.prepare(module, optimizer)
     policy = build_policy(cfg)
-    if not folder.begin(run.total_steps):   # finished: nothing is touched
+    if not run.begin(plan.total_steps):   # finished: nothing is touched
         return out
-    state = folder.state.state if folder.state is not None else None
-    store = folder.store
-    cache = build_cache(cfg, loader, accelerator)
-    planner = MaskPlanner(policy, cfg.masking.num_encoded_tokens, rank=rank, world_size=world,
-                          cache=cache, source=source, total_epochs=max(run.total_steps, 1) / run.steps_per_epoch,
-                          cached_train_share=cfg.masking.loss_predictor.cached_train_share)
-    step = 0
-    if state is not None:
-        step = _restore(state, module, optimizer, policy, accelerator)
-    refresher = None
-    if cache is not None and cfg.masking.cache.refresh == "full":
-        refresher = CacheRefresher(cfg, cache, accelerator.unwrap_model(module).model, accelerator,
-                                   resumed_step=step if state is not None else None, policy=policy,
-                                   last_epoch=(run.total_steps - 1) / run.steps_per_epoch, source=source)
-    elif cache is not None and state is not None:
-        accelerator.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
-                          f"the state of step {step}; this resumed run is not bit-exact")
-    if accelerator.is_main_process and accelerator.log_with:
-        # TensorBoard's hparams accept only numbers, strings and booleans.
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                   for k, v in _flat(config_to_dict(cfg)).items()}
-        accelerator.init_trackers("tb", config=hparams)
-    logger = MetricsLogger(out / LOG_FILE, enabled=accelerator.is_main_process,
-                           resume_step=step if state is not None else None)
-    stream = DataStream(loader, run.batches_per_epoch, step * cfg.optim.accum_steps)
-    _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
-          refresher, folder.init)
-    if accelerator.is_main_process:
-        prov = provenance(config_to_dict(cfg), run.total_steps, folder.init)
-        if cfg.train.final_export:
-            inner = accelerator.unwrap_model(module)
-            _export(inner.model, cfg, run.total_steps, out / "final.pth", prov,
-                    inner.loss_predictor if cfg.train.export_loss_predictor else None)
-        _write_results(out, run.total_steps, prov, ["final.pth"] if cfg.train.final_export else [])
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy, source, predictor)
+    run.restore(job)
+    job.start_cache()
+    run.fit(job)
+    outputs = []
+    if cfg.train.final_export:
+        if acc.is_main_process:
+            _export(model, cfg, plan.total_steps, out / "final.pth", run.provenance(plan.total_steps),
+                    predictor if cfg.train.export_loss_predictor else None)
+        outputs.append("final.pth")
+    last = {k: v for k, v in (run.last_logged() or {}).items() if k not in ("step", "step_time")}
+    run.finish(plan.total_steps, {"task": "pretrain", **last}, outputs)
     return out
 
 
-def _write_results(out: Path, step: int, prov: dict, outputs: list[str]) -> None:
-    """``metrics.json``: the last logged record (its losses, lr, ...), the provenance and the
-    exported files; it marks the run folder finished."""
-    records = [r for r in MetricsLogger.read(out / LOG_FILE) if "loss" in r] if (out / LOG_FILE).exists() else []
-    last = {k: v for k, v in (records[-1] if records else {}).items() if k != "step_time"}
-    result = {"task": "pretrain", **last, "step": step, "outputs": outputs, "provenance": prov}
-    write_text_atomic(out / RESULTS_FILE, json.dumps(result, indent=2) + "\n")
+class PretrainJob(Job):
+    """One pretraining step (masks, forward, losses) and what it logs, for :meth:`Run.fit`.
+
+    Logged (means over the ``log.every`` steps of a record): ``loss``, ``losses`` per output,
+    ``visible`` tokens per modality, ``thrown`` (AMT), ``guided_fraction``; at the logging step
+    itself: ``alphas`` (adaptive budgets) and the masking diagnostics (:meth:`log_values`). Any
+    other scalar a step returns under a ``group/name`` key is logged under that key as is: the
+    loss predictor's ``lossp/loss`` and ``lossp/spearman`` (``masking.score_source=predicted_loss``).
+    """
+
+    def __init__(self, cfg: PretrainConfig, run: Run, plan: RunPlan, module, optimizer, model, loader,
+                 policy, source=None, predictor=None) -> None:
+        self.cfg, self.run, self.plan = cfg, run, plan
+        self.module, self.optimizer, self.weights, self.loader = module, optimizer, model, loader
+        self.policy, self.source, self.predictor = policy, source, predictor
+        self.batches_per_epoch, self.total_steps = plan.batches_per_epoch, plan.total_steps
+        self.steps_per_epoch = plan.steps_per_epoch
+        acc = run.acc
+        self.device, self.accum = acc.device, cfg.optim.accum_steps
+        self.attg = cfg.loss.attg.source if cfg.loss.attg.enabled else None
+        self.specs = {"semseg": LossSpec("ce", ignore_index=cfg.loss.semseg_ignore_index)}
+        self.cache = None
+        self.planner = None
+        self.refresher = None
+        self.pictures = False
+        self.epoch, self.tau = 0.0, cfg.loss.attg.tau0
+        self.last_res = None
+
+    def start_cache(self) -> None:
+        """The attention cache and its refresher, once the state (and step) are restored."""
+        cfg, run, acc = self.cfg, self.run, self.run.acc
+        self.cache = build_cache(cfg, self.loader, acc)
+        self.planner = MaskPlanner(self.policy, cfg.masking.num_encoded_tokens, rank=acc.process_index,
+                                   world_size=acc.num_processes, cache=self.cache, source=self.source,
+                                   total_epochs=max(self.total_steps, 1) / self.steps_per_epoch,
+                                   cached_train_share=cfg.masking.loss_predictor.cached_train_share)
+        step = run.step
+        if self.cache is not None and cfg.masking.cache.refresh == "full":
+            self.refresher = CacheRefresher(cfg, self.cache, self.weights, acc,
+                                            resumed_step=step if run.resumed else None, policy=self.policy,
+                                            last_epoch=(self.total_steps - 1) / self.steps_per_epoch,
+                                            source=self.source)
+        elif self.cache is not None and run.resumed:
+            run.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
+                      f"the state of step {step}; this resumed run is not bit-exact")
+
+    # the skeleton's hooks --------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        return self.plan.schedule(step)
+
+    def before_step(self, step: int, save) -> None:
+        self.last_res = None
+        if self.refresher is not None:  # full-image cache refresh at the start of a window
+            self.refresher.maybe_refresh(step, step / self.steps_per_epoch, save)
+        self.epoch = step / self.steps_per_epoch
+        self.tau = tau_schedule(step, self.total_steps, self.cfg.loss.attg.tau0, self.cfg.loss.attg.tau_end)
+        every = self.cfg.log.pictures_every
+        self.pictures = (self.run.acc.is_main_process and every > 0
+                         and ((step + 1) % every == 0 or step + 1 == self.total_steps))
+
+    def micro_step(self, batch: dict, step: int, micro: int):
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.train.seed, step, micro, "masks"))
+        last = micro == self.accum - 1
+        res = forward_loss(self.module, batch, self.planner, epoch=self.epoch, generator=gen,
+                           in_modalities=list(cfg.model.in_modalities),
+                           standardize_depth=cfg.data.standardize_depth, loss_weights=cfg.loss.weights,
+                           specs=self.specs, attg=self.attg, tau=self.tau,
+                           attg_normalize=cfg.loss.attg.normalize,
+                           loss_prediction_weight=cfg.loss.loss_prediction_weight,
+                           want_scores=self.pictures and last, device=self.device)
+        if last:
+            self.last_res = res
+        scalars = {k: v.float() for k, v in {**res.parts, **res.extras}.items()}
+        for i, m in enumerate(res.plan.hidden):
+            scalars[f"visible/{m}"] = res.plan.visible[:, i].float().mean()
+            if res.plan.thrown is not None:
+                scalars[f"thrown/{m}"] = res.plan.thrown[m].float().sum(1).mean()
+        scalars["guided"] = res.plan.guided.float().mean()
+        return res.loss, scalars
+
+    def after_step(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
+        mods = [m for m in self.cfg.model.in_modalities if m in values]
+        if self.policy.adaptive is not None:   # the alphas follow each step's losses (a host sync)
+            losses = _mean_over_processes({m: values[m] for m in mods}, self.run.acc)
+            self.policy.update_losses(losses)
+        res = self.last_res
+        if self.pictures:
+            paths = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
+                                  res.plan.hidden, res.plan.thrown, res.plan.scores,
+                                  input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples)
+            for p in paths:
+                self.run.log_image(f"pictures/{p.stem.rsplit('_', 1)[-1]}", p, step)
+
+    def log_values(self, step: int) -> dict[str, torch.Tensor]:
+        """``mask/hidden_fg_share`` and, when this step's masks came from scores,
+        ``attn/fg_auroc.<modality>`` of the last micro-batch
+        (:func:`multimae_att.diagnostics.step_diagnostics`); nothing without
+        ``data.background_classes`` or semseg labels. Every process computes the same keys
+        (scores drawn only for pictures on the main process are left out)."""
+        res, bg = self.last_res, self.cfg.data.background_classes
+        if res is None or not bg or "semseg" not in res.inputs:
+            return {}
+        from multimae_att.diagnostics import step_diagnostics
+
+        scores = res.plan.scores if (self.policy.needs_scores(self.epoch) or self.attg == "scores") else None
+        return step_diagnostics(res.inputs["semseg"], input_grids(self.weights, res.inputs), res.plan.hidden,
+                                scores, bg)
+
+    def saved(self, step: int) -> None:
+        if self.refresher is not None:
+            self.refresher.last_saved = step
+
+    def record(self, step: int, means: Mapping[str, float]) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "losses": {k: v for k, v in means.items() if k not in ("loss", "guided") and "/" not in k},
+            "visible": {k.split("/", 1)[1]: v for k, v in means.items() if k.startswith("visible/")},
+            "guided_fraction": means["guided"]}
+        thrown = {k.split("/", 1)[1]: v for k, v in means.items() if k.startswith("thrown/")}
+        if thrown:
+            rec["thrown"] = thrown
+        # other group/name scalars (masking diagnostics: NaN = nothing to measure -> null)
+        rec.update({k: (v if v == v else None) for k, v in means.items()
+                    if "/" in k and not k.startswith(("visible/", "thrown/"))})
+        if self.policy.adaptive is not None:
+            rec["alphas"] = [float(a) for a in self.policy.current_alphas()]
+        return rec
+
+    def extra_state(self) -> dict[str, Any]:
+        predictor = None if self.predictor is None else self.predictor.state_dict()
+        return {"masking": self.policy.state_dict(), "loss_predictor": predictor}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.policy.load_state_dict(state["masking"])
+        if (state.get("loss_predictor") is None) != (self.predictor is None):
+            raise ValueError("training state and config disagree on the loss predictor "
+                             "(masking.score_source)")
+        if self.predictor is not None:
+            self.predictor.load_state_dict(state["loss_predictor"], strict=True)
 
 
-def _loop(cfg, run, step, module, optimizer, planner, policy, stream, store, logger, accelerator,
-          refresher=None, init=None):
-    accum, rank, seed = cfg.optim.accum_steps, accelerator.process_index, cfg.train.seed
-    attg = cfg.loss.attg.source if cfg.loss.attg.enabled else None
-    specs = {"semseg": LossSpec("ce", ignore_index=cfg.loss.semseg_ignore_index)}
-    bar = tqdm(total=run.total_steps, initial=step, desc="pretrain", dynamic_ncols=True,
-               disable=not (accelerator.is_main_process and cfg.log.progress))
-    device = accelerator.device
-    while step < run.total_steps:
-        if refresher is not None:  # full-image cache refresh at the start of a window
-            refresher.maybe_refresh(step, step / run.steps_per_epoch, lambda: _save(
-                store, step, stream, module, optimizer, policy, cfg, accelerator, init))
-        t0 = time.perf_counter()
-        lr = run.schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch = step / run.steps_per_epoch
-        tau = tau_schedule(step, run.total_steps, cfg.loss.attg.tau0, cfg.loss.attg.tau_end)
-        pictures = (accelerator.is_main_process and cfg.log.pictures_every > 0
-                    and ((step + 1) % cfg.log.pictures_every == 0 or step + 1 == run.total_steps))
-        torch.manual_seed(step_seed(seed, step, rank, "torch"))  # drop-path etc.
-        totals: dict[str, float] = {}
-        for j in range(accum):
-            batch = stream.next()
-            gen = torch.Generator(device=device).manual_seed(step_seed(seed, step, j, "masks"))
-            sync = nullcontext() if j == accum - 1 else accelerator.no_sync(module)
-            with sync:
-                res = forward_loss(module, batch, planner, epoch=epoch, generator=gen,
-                                   in_modalities=list(cfg.model.in_modalities),
-                                   standardize_depth=cfg.data.standardize_depth,
-                                   loss_weights=cfg.loss.weights, specs=specs, attg=attg, tau=tau,
-                                   attg_normalize=cfg.loss.attg.normalize,
-                                   loss_prediction_weight=cfg.loss.loss_prediction_weight,
-                                   want_scores=pictures and j == accum - 1, device=device)
-                accelerator.backward(res.loss / accum)
-            _accumulate(totals, res, accum)
-        if (step + 1) % cfg.log.every == 0 or step + 1 == run.total_steps:
-            totals.update(_masking_diagnostics(cfg, res, accelerator.unwrap_model(module).model, policy,
-                                               epoch, attg))
-        if cfg.optim.clip_grad is not None:
-            accelerator.clip_grad_norm_(module.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses = _reduce(totals, accelerator)
-        policy.update_losses({m: losses[m] for m in cfg.model.in_modalities if m in losses})
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['total']:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.log.every == 0 or step == run.total_steps:
-            rec = _record(step, epoch, lr, tau, losses, res, stream, time.perf_counter() - t0, policy)
-            logger.log(rec)
-            if accelerator.log_with:
-                accelerator.log({k: v for k, v in _flat(rec).items() if isinstance(v, (int, float))},
-                                step=step)
-        if pictures:
-            save_pictures(Path(cfg.output_dir) / "pictures", step, res.inputs, res.preds,
-                          res.plan.hidden, res.plan.thrown, res.plan.scores,
-                          input_grids(accelerator.unwrap_model(module).model, res.inputs),
-                          cfg.log.pictures_samples)
-        if step % cfg.train.save_every == 0 or step == run.total_steps:
-            _save(store, step, stream, module, optimizer, policy, cfg, accelerator, init)
-            if refresher is not None:
-                refresher.last_saved = step
-    bar.close()
-
-
-def _accumulate(totals: dict[str, Any], res: Any, accum: int) -> None:
-    """Sum this micro-batch's losses (1/accum each) and token counts into ``totals``."""
-    totals["total"] = totals.get("total", 0.0) + res.loss.detach().float() / accum
-    for k, v in {**res.parts, **res.extras}.items():
-        totals[k] = totals.get(k, 0.0) + v.float() / accum
-    for i, m in enumerate(res.plan.hidden):
-        key = f"visible/{m}"
-        totals[key] = totals.get(key, 0.0) + res.plan.visible[:, i].float().mean() / accum
-        if res.plan.thrown is not None:
-            key = f"thrown/{m}"
-            totals[key] = totals.get(key, 0.0) + res.plan.thrown[m].float().sum(1).mean() / accum
-    totals["guided"] = totals.get("guided", 0.0) + res.plan.guided.float().mean() / accum
-
-
-def _masking_diagnostics(cfg, res, model, policy, epoch, attg) -> dict[str, Any]:
-    """Log-step masking diagnostics of the last micro-batch (:func:`multimae_att.diagnostics.
-    step_diagnostics`): ``mask/hidden_fg_share`` and, when this step's masks came from scores,
-    ``attn/fg_auroc.<modality>``; nothing without ``data.background_classes`` or semseg labels.
-    Every process computes the same keys (scores drawn only for pictures on the main process are
-    left out), so the values reduce like the losses."""
-    bg = cfg.data.background_classes
-    if not bg or "semseg" not in res.inputs:
-        return {}
-    from multimae_att.diagnostics import step_diagnostics
-
-    scores = res.plan.scores if (policy.needs_scores(epoch) or attg == "scores") else None
-    return step_diagnostics(res.inputs["semseg"], input_grids(model, res.inputs), res.plan.hidden, scores, bg)
-
-
-def _reduce(totals: dict[str, Any], accelerator: Any) -> dict[str, float]:
-    """Mean over processes (one collective for all values); python floats."""
-    keys = sorted(totals)
-    vec = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32, device=accelerator.device)
-                       for k in keys])
+def _mean_over_processes(values: Mapping[str, torch.Tensor], accelerator) -> dict[str, float]:
+    keys = sorted(values)
+    vec = torch.stack([values[k].float() for k in keys])
     if accelerator.num_processes > 1:
         vec = accelerator.reduce(vec, reduction="mean")
     return dict(zip(keys, vec.tolist()))
-
-
-def _record(step, epoch, lr, tau, losses, res, stream, seconds, policy) -> dict[str, Any]:
-    rec: dict[str, Any] = {"step": step, "epoch": round(epoch, 6), "lr": lr,
-                           "loss": losses["total"],
-                           "losses": {k: v for k, v in losses.items()
-                                      if k not in ("total", "guided") and "/" not in k},
-                           "visible": {k.split("/", 1)[1]: v for k, v in losses.items()
-                                       if k.startswith("visible/")},
-                           "guided_fraction": losses["guided"],
-                           "skipped_samples": int(stream.loader.skipped.value),
-                           "step_time": round(seconds, 4)}
-    thrown = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("thrown/")}
-    if thrown:
-        rec["thrown"] = thrown
-    if policy.adaptive is not None:
-        rec["alphas"] = [float(a) for a in policy.current_alphas()]
-    lossp = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith("lossp/")}
-    if lossp:  # loss predictor: ranking loss and Spearman of its scores vs the actual losses
-        rec["lossp"] = lossp
-    # masking diagnostics (log steps with data.background_classes); NaN (nothing to measure) -> null
-    rec.update({k: (v if v == v else None) for k, v in losses.items() if k.startswith(("mask/", "attn/"))})
-    return rec
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
-        elif isinstance(v, (list, tuple)):
-            out[key] = str(v)
-        else:
-            out[key] = v
-    return out
-
-
-def _save(store, step, stream, module, optimizer, policy, cfg, accelerator, init) -> None:
-    """Training state (main process writes; all wait so no rank runs ahead of a save)."""
-    if accelerator.is_main_process:
-        state = {
-            "model": accelerator.unwrap_model(module).model.state_dict(),
-            "loss_predictor": _predictor_state(accelerator.unwrap_model(module)),
-            "optimizer": optimizer.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "step": step,
-            "epoch": step / max(stream.per_epoch / cfg.optim.accum_steps, 1e-12),
-            "data_position": {"consumed_batches": step * cfg.optim.accum_steps,
-                              "batches_per_epoch": stream.per_epoch},
-            "masking": policy.state_dict(),
-            "rng": capture_rng(),
-            "world_size": accelerator.num_processes,
-            "config": config_to_dict(cfg),
-            "init_checkpoint": init,
-        }
-        store.save(state, step)
-    accelerator.wait_for_everyone()
-
-
-def _restore(state, module, optimizer, policy, accelerator) -> int:
-    """Load a training state into the prepared objects; returns its step."""
-    inner = accelerator.unwrap_model(module)
-    inner.model.load_state_dict(state["model"], strict=True)
-    if (state.get("loss_predictor") is None) != (inner.loss_predictor is None):
-        raise ValueError("training state and config disagree on the loss predictor "
-                         "(masking.score_source)")
-    if inner.loss_predictor is not None:
-        inner.loss_predictor.load_state_dict(state["loss_predictor"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler") is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    policy.load_state_dict(state["masking"])
-    # Global RNG states are re-seeded every step (see the module docstring); nothing to restore.
-    return int(state["step"])
 
 
 def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
@@ -362,14 +270,11 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
         accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
 
 
-def _predictor_state(inner) -> dict | None:
-    return None if inner.loss_predictor is None else inner.loss_predictor.state_dict()
-
-
 def _export(model, cfg: PretrainConfig, step: int, path: Path, prov: dict, loss_predictor=None) -> None:
     """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config', 'provenance'}``
     (atomic), plus ``'loss_predictor'`` (its own state dict, outside ``'model'``) when one is given."""
     from multimae_att.checkpoint import export_weights
+    from multimae_att.config import config_to_dict
 
     extra = {"step": step, "config": config_to_dict(cfg), "provenance": prov}
     if loss_predictor is not None:

@@ -1,43 +1,21 @@
-"""Assembling a pretraining run from its config: accelerator, data, model, optimizer, init weights.
+"""Assembling a pretraining run from its config: data, model, masking policy, optimizer, init weights.
 
 Everything here fails fast with a message naming the config key or file at fault.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from multimae_att.config import ConfigError
 from multimae_att.pretrain.config import PretrainConfig
 
-__all__ = ["make_accelerator", "check_data_source", "build_pretrain_loader", "build_refresh_loader",
+__all__ = ["check_data_source", "build_pretrain_loader", "build_refresh_loader",
            "build_model", "build_policy", "label_ranges",
-           "param_groups", "load_init_checkpoint", "tensorboard_available"]
-
-
-def tensorboard_available() -> bool:
-    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
-
-
-def make_accelerator(cfg: PretrainConfig):
-    """Accelerator for CPU, one GPU or ``accelerate launch`` (multi-GPU / multi-node)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    mp = cfg.train.mixed_precision
-    on_cpu = cfg.train.cpu or not torch.cuda.is_available()
-    if mp == "fp16" and on_cpu:
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
-    if mp == "bf16" and not on_cpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.mixed_precision=bf16: this GPU has no bf16; use fp16 or no")
-    log_with = "tensorboard" if cfg.log.tensorboard and tensorboard_available() else None
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
-    return Accelerator(cpu=cfg.train.cpu, mixed_precision=mp, kwargs_handlers=[ddp],
-                       log_with=log_with, project_dir=cfg.output_dir)
+           "param_groups", "load_init_checkpoint"]
 
 
 def check_data_source(cfg: PretrainConfig) -> None:
