@@ -15,7 +15,7 @@ hardest. Here (the ``predicted_loss`` score source, ``masking.score_source``):
   tokens plus mask tokens), so the ranking objective also trains the encoder (its paper reports
   that objective alone helps), and uses an EMA copy of the model over the full image to predict.
   The twin would cost one more decoder per modality in every step and the EMA copy a second
-  model; the head here costs a LayerNorm and a linear map per token on top of the scoring pass.
+  model; the head here costs a LayerNorm and a 32-wide MLP per token on top of the scoring pass.
 
 Why a ranking loss: per-patch losses differ in scale between images and modalities and drift
 during training; only their order within a sample and modality is used (by the strategies) and
@@ -37,9 +37,14 @@ TensorDict = dict[str, Tensor]
 
 
 class LossPredictor(nn.Module):
-    """One head per input modality: ``LayerNorm(D) -> Linear(D, 1)`` (``hidden = 0``, the
-    default: D weights per modality) or ``LayerNorm(D) -> Linear(D, hidden) -> GELU ->
-    Linear(hidden, 1)``.
+    """One head per input modality: ``LayerNorm(D) -> Linear(D, hidden) -> GELU ->
+    Linear(hidden, 1)`` (default ``hidden = 32``), or ``LayerNorm(D) -> Linear(D, 1)`` with
+    ``hidden = 0`` (D weights per modality).
+
+    Why 32: fitted on the same frozen no-mask features of the tiny demo model (96-d), the
+    held-out Spearman of the predicted order was 0.69 (linear), 0.76 (16), 0.77 (32), 0.78 (64
+    and 128): 32 gets nearly all of the gain at a cost that is negligible next to the no-mask
+    pass it reads (``D x 32`` multiply-adds per token, against ~``12 D^2`` per block).
 
     ``forward(features)``: dict modality -> ``[B, N_m, D]`` -> dict modality -> float32
     ``[B, N_m]`` (a predicted *order*: only differences within a sample and modality mean
@@ -49,7 +54,7 @@ class LossPredictor(nn.Module):
     State-dict names: ``heads.<modality>.{1,...}.weight`` (and ``.bias`` inside the MLP).
     """
 
-    def __init__(self, modalities: Sequence[str], dim: int, hidden: int = 0) -> None:
+    def __init__(self, modalities: Sequence[str], dim: int, hidden: int = 32) -> None:
         super().__init__()
         if hidden < 0:
             raise ValueError(f"loss predictor hidden width must be >= 0, got {hidden}")

@@ -74,6 +74,8 @@ def test_defaults_agree_with_the_code_they_configure():
     from multimae_att.pretrain.step import MaskPlanner
     share = inspect.signature(MaskPlanner).parameters["cached_train_share"].default
     assert LossPredictorConfig().cached_train_share == share
+    from multimae_att.loss_prediction import LossPredictor
+    assert LossPredictorConfig().hidden == inspect.signature(LossPredictor).parameters["hidden"].default
     hp = inspect.signature(hpm).parameters
     from multimae_att.masking import STRATEGIES
     assert STRATEGIES["hpm"].defaults == {k: hp[k].default for k in ("share_start", "share_end")}

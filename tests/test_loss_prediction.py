@@ -111,17 +111,20 @@ def test_loss_targets_sum_weighted_outputs_per_input():
 
 
 def test_predictor_shapes_and_errors():
-    head = LossPredictor(["rgb", "depth"], dim=8)
+    head = LossPredictor(["rgb", "depth"], dim=8, hidden=0)
     out = head({"rgb": torch.randn(3, 5, 8), "depth": torch.randn(3, 2, 8)})
     assert out["rgb"].shape == (3, 5) and out["depth"].dtype == torch.float32
     assert sum(p.numel() for p in head.parameters()) == 2 * 8   # one linear map of D per modality
     mlp = LossPredictor(["rgb"], dim=8, hidden=4)
     assert mlp({"rgb": torch.randn(1, 3, 8)})["rgb"].shape == (1, 3)
+    assert sum(p.numel() for p in mlp.parameters()) == 8 * 4 + 4 + 4   # no bias after the last map
+    assert LossPredictor(["rgb"], dim=8).hidden == 32
     with pytest.raises(KeyError, match="semseg"):
         head({"semseg": torch.randn(1, 2, 8)})
-    empty = head({"rgb": torch.randn(0, 5, 8)})["rgb"]   # no sample this step: still in the graph
-    empty.sum().backward()
-    assert all(p.grad is not None and not p.grad.any() for p in head.heads["rgb"].parameters())
+    for h in (head, mlp):
+        empty = h({"rgb": torch.randn(0, 5, 8)})["rgb"]   # no sample this step: still in the graph
+        empty.sum().backward()
+        assert all(p.grad is not None and not p.grad.any() for p in h.heads["rgb"].parameters())
 
 
 def test_ranking_loss_trains_the_head_and_not_the_encoder():

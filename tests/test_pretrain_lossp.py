@@ -28,7 +28,8 @@ def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):  #
     for r in recs:
         assert r["lossp/loss"] > 0 and -1 <= r["lossp/spearman"] <= 1
     state = TrainStateStore(out / "checkpoints").load_latest()
-    assert set(state["loss_predictor"]) == {f"heads.{m}.1.weight" for m in ("rgb", "depth", "semseg")}
+    assert set(state["loss_predictor"]) == {f"heads.{m}.{k}" for m in ("rgb", "depth", "semseg")
+                                            for k in ("1.weight", "1.bias", "3.weight")}
     final = torch.load(out / "final.pth", weights_only=True)
     assert "loss_predictor" not in final
     _tiny_model().load_state_dict(final["model"], strict=True)       # MultiMAE layout, all keys

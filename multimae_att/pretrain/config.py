@@ -101,7 +101,7 @@ class LossPredictorConfig:
     """The loss-prediction head of ``masking.score_source=predicted_loss``
     (:class:`multimae_att.loss_prediction.LossPredictor`)."""
 
-    hidden: int = setting(0, ge=0)                       # 0: LayerNorm + linear; > 0: an MLP this wide
+    hidden: int = setting(32, ge=0)                      # MLP width; 0: LayerNorm + linear
     cached_train_share: float = setting(0.0625, ge=0, le=1)  # with masking.cache: samples that train it
 
 
