@@ -87,3 +87,21 @@ def test_multimae_recipes():
     d = load("nyuv2_depth_2000e_multimae-b.yaml")
     assert (d.train.epochs, d.data.image_size, d.head_kind(), d.task.loss) == (2000, 256, "dpt", "berhu")
     assert d.head.hooks == [2, 5, 8, 11] and d.task.mask_valid
+
+
+def test_mixup_is_a_function_of_step_micro_batch_and_process():
+    """Mixup/CutMix draws one weight (and box) per batch: the micro-batches and processes of one
+    step must not all draw the same one, and a repeated (step, micro, rank) must draw it again."""
+    cfg = load_finetune_config(None, ["task.name=cls", "model.size=tiny", "task.num_classes=4",
+                                      "task.mixup=0.8", "task.cutmix=1.0"])
+    task = make_task(cfg)
+    g = torch.Generator().manual_seed(0)
+    batch = {"rgb": torch.randn(4, 3, 16, 16, generator=g), "cls": torch.tensor([0, 1, 2, 3])}
+    draws = {key: task.train_batch(dict(batch), *key)["soft_target"] for key in
+             [(5, 0, 0), (5, 1, 0), (5, 0, 1), (6, 0, 0)]}
+    again = task.train_batch(dict(batch), 5, 1, 0)["soft_target"]
+    assert torch.equal(again, draws[(5, 1, 0)])
+    keys = list(draws)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not torch.equal(draws[a], draws[b]), (a, b)

@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from multimae_att.runstate import MetricsLogger
 from test_pretrain import REPO, make_synthetic, tiny_config
@@ -18,6 +20,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.mark.parametrize("cache", [False, True])
 def test_two_processes_match_one(tmp_path, cache):
     data = make_synthetic(tmp_path / "data")
+    if not cache:  # labels out of range: skipped and counted by whichever process draws them
+        for png in sorted((data / "train" / "semseg").rglob("*.png"))[::4]:
+            labels = np.array(Image.open(png))
+            labels[0, 0] = 200
+            Image.fromarray(labels).save(png)
     # Adam's eps well above the float noise of gradient all-reduce keeps the comparison tight.
     masking = {"strategy": "noisy"}
     steps = 3
@@ -39,8 +46,9 @@ def test_two_processes_match_one(tmp_path, cache):
     r1, r2 = MetricsLogger.read(one / "metrics.jsonl"), MetricsLogger.read(two / "metrics.jsonl")
     assert [r["step"] for r in r2] == list(range(1, steps + 1))
     if cache:  # the two processes together refreshed every cell of every sample at epoch 1
-        import numpy as np
         assert (np.load(two / "attention_cache" / "stamps.npy") == 1).all()
+    if not cache:  # the run's count, summed over the processes
+        assert r2[-1]["skipped_samples"] == r1[-1]["skipped_samples"] > 0
     for a, b in zip(r1, r2):
         assert a["lr"] == b["lr"] and a["visible"] == b["visible"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)

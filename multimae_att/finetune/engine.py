@@ -219,7 +219,8 @@ class FinetuneJob(Job):
 
     def micro_step(self, batch: Dict[str, Any], step: int, micro: int):
         from accelerate.utils import send_to_device
-        batch = self.task.train_batch(send_to_device(batch, self.run.acc.device), step)
+        batch = self.task.train_batch(send_to_device(batch, self.run.acc.device), step, micro,
+                                      self.run.acc.process_index)
         with self.run.acc.autocast():
             loss = self.task.loss(self.task.forward(self.module, batch), batch)
         return loss, {}

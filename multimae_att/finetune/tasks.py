@@ -162,8 +162,9 @@ class TaskSpec:
     def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_batch(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
-        """Batch-level training augmentation (Mixup/CutMix for cls); identity by default."""
+    def train_batch(self, batch: Dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> Dict[str, Any]:
+        """Batch-level training augmentation (Mixup/CutMix for cls) of micro-batch ``micro`` of
+        ``step`` on process ``rank``; identity by default."""
         return batch
 
     def best_key(self) -> str:
@@ -196,11 +197,13 @@ class ClassificationTask(TaskSpec):
         return LinearOutputAdapter(self.cfg.task.num_classes, use_mean_pooling=h.use_mean_pooling,
                                    init_scale=h.init_scale)
 
-    def train_batch(self, batch: Dict[str, Any], step: int) -> Dict[str, Any]:
+    def train_batch(self, batch: Dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> Dict[str, Any]:
         if self.mixup is None:
             return batch
-        # timm's Mixup draws from numpy's global RNG: seed it per step so a resumed run mixes alike
-        np.random.seed(step_seed(self.cfg.train.seed, step, "mixup") % (2 ** 32))
+        # timm's Mixup draws from numpy's global RNG: seed it per (step, micro-batch, process) so a
+        # resumed run mixes alike, and the micro-batches and processes of one step do not all draw
+        # the same mixing weight and CutMix box (one draw per batch in mode="batch").
+        np.random.seed(step_seed(self.cfg.train.seed, step, micro, rank, "mixup") % (2 ** 32))
         rgb, soft = self.mixup(batch["rgb"], batch["cls"])
         return {**batch, "rgb": rgb, "soft_target": soft}
 

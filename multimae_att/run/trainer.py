@@ -400,15 +400,19 @@ class Run:
         return step * accum // job.batches_per_epoch > (step - 1) * accum // job.batches_per_epoch
 
     def _log_window(self, job: Job, step: int, lr: float, loader: Any) -> None:
-        means = self.window.means(self.acc, job.log_values(step))
+        extra = dict(job.log_values(step))
+        skipped = getattr(loader, "skipped", None)
+        if skipped is not None:   # each process counts the samples of its own share of the data
+            extra["skipped_samples"] = torch.tensor(float(skipped.value))
+        means = self.window.means(self.acc, extra)
+        skipped_total = means.pop("skipped_samples", None)
         first = step - self.window.count + 1
         if not math.isfinite(means["loss"]):
             raise FloatingPointError(f"non-finite training loss {means['loss']} in steps {first}..{step}")
         record: dict[str, Any] = {"step": step, "epoch": round(step / job.steps_per_epoch, 6), "lr": lr,
                                   "loss": means["loss"], **job.record(step, means)}
-        skipped = getattr(loader, "skipped", None)
-        if skipped is not None:
-            record["skipped_samples"] = int(skipped.value)
+        if skipped_total is not None:   # the run's count: the mean over processes times their number
+            record["skipped_samples"] = round(skipped_total * self.acc.num_processes)
         record["step_time"] = round(self.window.seconds_per_step(), 4)
         self.window.reset()
         self.last_record = record
