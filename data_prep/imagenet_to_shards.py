@@ -14,13 +14,16 @@ list (written to ``OUT/classes.txt``). Samples are written in a seeded random or
 shard holds many classes and a modest shuffle buffer mixes well.
 
 Output: ``OUT/shards/<split>-NNNNNN.tar`` (``KEY.rgb.jpg`` as stored, ``KEY.depth.png``,
-``KEY.semseg.png``, ``KEY.cls``, ``KEY.json``), ``OUT/shards/<split>.json`` and ``.keys.txt``.
+``KEY.semseg.png``, ``KEY.cls``, ``KEY.json``), ``OUT/shards/<split>.json`` and ``.keys.txt``;
+with semseg, ``OUT/semseg_classes.json``: the 133 COCO-panoptic class names by label index (the
+training pictures name the classes from it).
 
 Usage: ``python data_prep/imagenet_to_shards.py --imagenet DIR --pseudo-labels DIR --out DIR``
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tarfile
@@ -35,6 +38,27 @@ from shard_writer import ShardSink, index_files, pair_by_stem, report_unpaired, 
 TarRef = tuple[Path, int, int]  # (tar path, data offset, size)
 FileRef = Union[Path, TarRef]
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
+# MultiMAE's semseg pseudo labels are Mask2Former's COCO-panoptic semantic output (arg-max over its
+# 133 channels): label k = the k-th category of COCO panoptic sorted by category id (80 things,
+# then 53 stuff), detectron2's contiguous ids.
+COCO_PANOPTIC_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
+    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "bridge",
+    "cardboard", "counter", "curtain", "door-stuff", "floor-wood", "flower", "fruit", "gravel", "house",
+    "light", "mirror-stuff", "net", "pillow", "platform", "playingfield", "railroad", "river", "road",
+    "roof", "sand", "sea", "shelf", "snow", "stairs", "tent", "towel", "wall-brick", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "window-blind", "window-other", "tree-merged", "fence-merged",
+    "ceiling-merged", "sky-other-merged", "cabinet-merged", "table-merged", "floor-other-merged",
+    "pavement-merged", "mountain-merged", "grass-merged", "dirt-merged", "paper-merged",
+    "food-other-merged", "building-other-merged", "rock-merged", "wall-other-merged", "rug-merged",
+)
 
 
 def read_ref(ref: FileRef) -> bytes:
@@ -110,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     wnids, samples = collect(args)
     write_classes(args.out, wnids)
+    if "semseg" in args.modalities:
+        names = {str(k): name for k, name in enumerate(COCO_PANOPTIC_CLASSES)}
+        (args.out / "semseg_classes.json").write_text(json.dumps(names, indent=1) + "\n")
     if args.shuffle:
         random.Random(args.seed).shuffle(samples)
     with ShardSink(args.out, args.split, args.shard_size) as sink:

@@ -33,7 +33,7 @@ QUERIES = ("global", "mean")
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m multimae_att.diagnose", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (final.pth, a training "
-                   "state, or a MultiMAE file with --config)")
+                   "state, or a MultiMAE file with --config): a path, a URL or a published name")
     p.add_argument("--data", required=True, help="dataset root or shard spec with rgb/depth/semseg")
     p.add_argument("--split", default="val")
     p.add_argument("--config", default=None, help="pretraining config describing the model, for "
@@ -44,7 +44,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=None, help="score only the first N images")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-weights reference")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=None, help="JSON output (default: CKPT_DIR/diagnose-<split>.json)")
+    p.add_argument("--out", default=None, help="JSON output (default: CKPT_DIR/diagnose-<split>.json; "
+                   "./diagnose-<split>.json for a URL or a published name)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config")
     return p.parse_args(argv)
 
@@ -173,20 +174,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import multimae_att  # noqa: F401  (torchvision guard before timm)
     from multimae_att.checkpoint import load_checkpoint
     from multimae_att.config import ConfigError
+    from multimae_att.hub import CheckpointHashError, resolve_checkpoint
     from multimae_att.runstate import write_text_atomic
 
     args = _parse(argv)
     try:
-        if not Path(args.checkpoint).is_file():
-            raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
-        ckpt = load_checkpoint(args.checkpoint)
-        cfg = _pretrain_config(ckpt, args.checkpoint, args.config, args.overrides)
-        result = diagnose(cfg, args.checkpoint, args.data, args.split, args.background_classes,
+        path = str(resolve_checkpoint(args.checkpoint))  # a path, a URL or a published name
+        ckpt = load_checkpoint(path)
+        cfg = _pretrain_config(ckpt, path, args.config, args.overrides)
+        result = diagnose(cfg, path, args.data, args.split, args.background_classes,
                           args.batch_size, args.max_images, args.seed, args.device, loaded=ckpt)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointHashError) as e:
         sys.exit(f"diagnose: {e}")
     print(format_table(result))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"diagnose-{args.split}.json"
+    # next to a local checkpoint; a downloaded one lives in the torch hub cache: write here instead
+    local = Path(args.checkpoint).is_file()
+    out = Path(args.out) if args.out else (Path(args.checkpoint).parent if local else Path(".")) / \
+        f"diagnose-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

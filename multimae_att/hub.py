@@ -17,9 +17,11 @@ default ``~/.cache/torch/hub``), the same place and file name as
 convention ``<name>-<hex>.<ext>`` (at least 8 hex digits, the start of the file's sha256; all four
 published files do), the download is checked against it and a mismatch is refused: nothing is left
 in the cache. A cached file with such a name is checked too before its first use in a process (a
-file put there by hand gets the same check). Offline (``HF_HUB_OFFLINE=1``, or no network) a cached file is used;
-a missing one is an error naming the exact path to put it at. ``file://`` URLs are local copies
-and work offline.
+file put there by hand gets the same check). Other URLs are not verified and are cached under
+``by-url/<sha256 of the URL>/`` (two URLs ending in ``final.pth`` never share a file); a
+``file://`` URL without a hash in its name is the file itself, not a copy. Offline
+(``HF_HUB_OFFLINE=1``, or no network) a cached file is used; a missing one is an error naming the
+exact path to put it at. ``file://`` URLs need no network and work offline.
 
 What the published files hold is stated in each entry as far as MultiMAE's public code and README
 tell; nobody here could open the files (no network), so those statements are marked *unverified*.
@@ -45,11 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
 
 import torch.hub
 
 __all__ = ["PublishedCheckpoint", "PUBLISHED", "RELEASE_URL", "CheckpointUnavailableError",
-           "CheckpointHashError", "resolve_checkpoint", "cache_dir", "cached_path", "hash_prefix_of",
+           "CheckpointHashError", "resolve_checkpoint", "local_path", "cache_dir", "cached_path", "hash_prefix_of",
            "is_offline", "main"]
 
 RELEASE_URL = "https://github.com/EPFL-VILAB/MultiMAE/releases/download/pretrained-weights/"
@@ -179,9 +182,14 @@ def _file_name(url: str) -> str:
 
 
 def cached_path(name_or_url: str) -> Path:
-    """Where a published name or URL lives in the cache (whether or not it is there)."""
+    """Where a published name or URL lives in the cache (whether or not it is there): the file
+    name, as torch.hub keeps it, when it carries a hash; else under ``by-url/<sha256(url)[:16]>/``
+    so that two URLs ending in the same name (``.../final.pth``) never share a cached file."""
     url = PUBLISHED[name_or_url].url if name_or_url in PUBLISHED else name_or_url
-    return cache_dir() / _file_name(url)
+    name = _file_name(url)
+    if hash_prefix_of(name) is not None:
+        return cache_dir() / name
+    return cache_dir() / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
 def hash_prefix_of(file_name: str) -> str | None:
@@ -204,6 +212,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 # ----------------------------------------------------------------------------- resolving
+def local_path(spec: str | os.PathLike) -> Path:
+    """The local file ``spec`` stands for, without downloading or checking anything (it may not
+    exist): a path as is, a published name or URL its place in the cache, a ``file://`` URL
+    without a hash in its name the file itself. What :func:`resolve_checkpoint` returns once the
+    file is there (run provenance identifies ``init.checkpoint`` by this file's hash)."""
+    if isinstance(spec, os.PathLike):
+        return Path(spec)
+    spec = str(spec)
+    parsed = urlparse(spec)
+    if spec not in PUBLISHED and parsed.scheme == "file" and hash_prefix_of(_file_name(spec)) is None:
+        return Path(url2pathname(parsed.path))
+    if spec in PUBLISHED or parsed.scheme in URL_SCHEMES:
+        return cached_path(spec)
+    return Path(spec).expanduser()
+
+
 def resolve_checkpoint(spec: str | os.PathLike, progress: bool = True) -> Path:
     """A published name, a URL or a path -> the local file to load (see the module docstring).
 
@@ -219,7 +243,10 @@ def resolve_checkpoint(spec: str | os.PathLike, progress: bool = True) -> Path:
         return _fetch(entry.url, entry.hash_prefix, progress, label=f"published checkpoint {spec!r}")
     scheme = urlparse(spec).scheme
     if scheme in URL_SCHEMES:
-        return _fetch(spec, hash_prefix_of(_file_name(spec)), progress, label=spec)
+        prefix = hash_prefix_of(_file_name(spec))
+        if scheme == "file" and prefix is None:  # nothing to verify: the file itself, not a copy
+            return _local(local_path(spec))
+        return _fetch(spec, prefix, progress, label=spec)
     if "://" in spec:
         raise ValueError(f"checkpoint {spec!r}: unsupported URL scheme {scheme!r} "
                          f"(use {', '.join(s + '://' for s in URL_SCHEMES)}, a path or a published name)")
@@ -236,7 +263,7 @@ def _local(path: Path) -> Path:
 
 def _fetch(url: str, hash_prefix: str | None, progress: bool, label: str) -> Path:
     """The cached copy of ``url``, downloaded (and checked) first if it is missing."""
-    dst = cache_dir() / _file_name(url)
+    dst = cached_path(url)
     if not dst.is_file():
         if is_offline() and urlparse(url).scheme != "file":
             raise CheckpointUnavailableError(

@@ -78,6 +78,23 @@ def test_file_url_is_copied_into_the_cache_and_checked(tmp_path, cache):
     assert resolve_checkpoint(src.as_uri(), progress=False) == got
 
 
+def test_urls_without_a_hash(tmp_path, cache, monkeypatch):
+    """file://: the file itself; http(s): cached per URL, so equal file names never collide."""
+    local = tmp_path / "run" / "final.pth"
+    local.parent.mkdir()
+    local.write_bytes(b"weights")
+    assert resolve_checkpoint(local.as_uri()) == local and _cache_files(cache) == []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        assert hash_prefix is None
+        Path(dst).write_text(url)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    a, b = (resolve_checkpoint(f"https://example.invalid/{run}/final.pth") for run in ("a", "b"))
+    assert a != b and a.name == b.name == "final.pth" and a.is_relative_to(cache / "by-url")
+    assert a.read_text().endswith("/a/final.pth") and b.read_text().endswith("/b/final.pth")
+
+
 def test_wrong_hash_is_refused_and_nothing_is_cached(tmp_path, cache):
     src, digest = _weights_file(tmp_path / "remote", "tiny")
     wrong = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
@@ -228,3 +245,35 @@ def test_inspect_and_the_module_command_line(published, cache, capsys):
     run = subprocess.run([sys.executable, "-m", "multimae_att.checkpoint", "download", "mae-b"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "put it at" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, monkeypatch):
+    """python -m multimae_att.diagnose --checkpoint accepts names / URLs like the runners; its
+    default output does not land in the torch hub cache."""
+    from multimae_att.checkpoint import export_weights
+    from multimae_att.diagnose import main as diagnose_main
+    from multimae_att.model import create_pretrain_model
+    from test_pretrain import make_synthetic, tiny_config
+
+    data = make_synthetic(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "c.yaml", data)
+    src = tmp_path / "release" / "tiny.pth"
+    export_weights(create_pretrain_model("tiny", image_size=32, semseg_num_classes=10), src)
+    monkeypatch.chdir(tmp_path)
+    result = diagnose_main(["--checkpoint", src.as_uri(), "--data", str(data), "--split", "train",
+                            "--config", str(cfg), "--background-classes", "0", "1", "--max-images", "2"])
+    assert result["checkpoint"] == str(src) and result["images"] == 2      # file:// without a hash: the file
+    assert (tmp_path / "diagnose-train.json").is_file() and not (src.parent / "diagnose-train.json").exists()
+
+
+def test_local_path_is_where_resolve_puts_the_file(published, cache, tmp_path):
+    """Run provenance identifies init.checkpoint by hub.local_path without downloading: it must
+    name the file resolve_checkpoint returns."""
+    entry, src, _ = published
+    plain = tmp_path / "run" / "final.pth"
+    plain.parent.mkdir()
+    plain.write_bytes(b"w")
+    for spec in ("tiny-test", src.as_uri(), plain.as_uri(), str(plain), plain):
+        assert hub.local_path(spec) == resolve_checkpoint(spec, progress=False)
+    assert hub.local_path("https://example.invalid/a/final.pth") == \
+        hub.cached_path("https://example.invalid/a/final.pth")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
+from multimae_att.pretrain.pictures import read_semseg_class_names
 
 from test_data import _write_tar as _tar, load_prep
 
@@ -73,6 +74,9 @@ def test_imagenet_to_shards_pairs_folders_and_tars(tmp_path, capsys):
                                         "--out", str(tmp_path / "out"), "--shard-size", "2"])
     assert "1 stems have no semseg file, e.g. ['n02_1']" in capsys.readouterr().out
     assert (tmp_path / "out/classes.txt").read_text().split() == ["n01", "n02"]
+    names = read_semseg_class_names(tmp_path / "out")        # what the training pictures show
+    assert len(names) == 133 and (names[0], names[79], names[80], names[132]) == (
+        "person", "toothbrush", "banner", "rug-merged")
     ds = build_dataset(tmp_path / "out", ["rgb", "depth", "semseg", "cls"], layout="shards", image_size=(20, 28),
                        train=False, eval_full_image=True, semseg_scale=1)
     samples = {s["sample_id"]: s for s in ds}

@@ -225,8 +225,11 @@ def test_init_checkpoint_identity_of_a_url_is_its_cached_copy(tmp_path, monkeypa
     from multimae_att.run.provenance import checkpoint_identity
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    source = tmp_path / "weights.pth"
-    _export_tiny(source, 1)
+    plain = tmp_path / "weights.pth"
+    _export_tiny(plain, 1)
+    # a file:// URL without a hash in its name is the file itself (nothing to verify, no copy)
+    assert checkpoint_identity(plain.as_uri())["file"] == str(plain.resolve())
+    source = plain.rename(tmp_path / f"weights-{file_sha256(plain)[:8]}.pth")   # torch.hub's naming
     url = source.as_uri()
     assert checkpoint_identity(url) == {"path": url, "file": None, "sha256": None}   # nothing downloaded
     assert not cached_path(url).exists()

@@ -24,7 +24,7 @@ from multimae_att.config import ConfigError
 from multimae_att.losses import LossSpec
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
-from multimae_att.pretrain.pictures import save_pictures
+from multimae_att.pretrain.pictures import picture_info, save_pictures
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
                                          load_init_checkpoint, param_groups)
@@ -133,6 +133,7 @@ class PretrainJob(Job):
         self.planner = None
         self.refresher = None
         self.pictures = False
+        self.picture_info = picture_info(cfg) if run.acc.is_main_process else None
         self.epoch, self.tau = 0.0, cfg.loss.attg.tau0
         self.last_res = None
 
@@ -177,8 +178,7 @@ class PretrainJob(Job):
                            standardize_depth=cfg.data.standardize_depth, loss_weights=cfg.loss.weights,
                            specs=self.specs, attg=self.attg, tau=self.tau,
                            attg_normalize=cfg.loss.attg.normalize,
-                           loss_prediction_weight=cfg.loss.loss_prediction_weight,
-                           want_scores=self.pictures and last, device=self.device)
+                           loss_prediction_weight=cfg.loss.loss_prediction_weight, device=self.device)
         if last:
             self.last_res = res
         scalars = {k: v.float() for k, v in {**res.parts, **res.extras}.items()}
@@ -195,12 +195,13 @@ class PretrainJob(Job):
             losses = _mean_over_processes({m: values[m] for m in mods}, self.run.acc)
             self.policy.update_losses(losses)
         res = self.last_res
-        if self.pictures:
-            paths = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
+        if self.pictures:  # score panels only when the masks came from scores (no extra scoring pass)
+            drawn = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
                                   res.plan.hidden, res.plan.thrown, res.plan.scores,
-                                  input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples)
-            for p in paths:
-                self.run.log_image(f"pictures/{p.stem.rsplit('_', 1)[-1]}", p, step)
+                                  input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples,
+                                  info=self.picture_info, guided=res.plan.guided)
+            for m, image in drawn.items():
+                self.run.log_image(f"pictures/{m}", image, step)
 
     def log_values(self, step: int) -> dict[str, torch.Tensor]:
         """``mask/hidden_fg_share`` and, when this step's masks came from scores,

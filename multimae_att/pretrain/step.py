@@ -152,7 +152,7 @@ class MaskPlanner:
 
     def __call__(self, model: MultiMAE, tokens: Tokens, batch: Mapping[str, Any], epoch: float,
                  generator: torch.Generator, want_scores: bool = False) -> MaskPlan:
-        """Masks for the local micro-batch; ``want_scores`` forces a scoring pass (AttG, pictures)."""
+        """Masks for the local micro-batch; ``want_scores`` forces a scoring pass (AttG with ``source: scores``)."""
         first = next(iter(tokens.values()))
         B, W, dev = first.shape[0], self.world_size, first.device
         rows = torch.arange(B, device=dev) * W + self.rank     # local rows in the global batch

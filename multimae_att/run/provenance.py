@@ -24,15 +24,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def local_checkpoint(spec: str) -> Path | None:
-    """The local file ``init.checkpoint`` stands for, without downloading anything: a path as
-    is, a published name or URL its copy in the hub cache (:mod:`multimae_att.hub`); None when
-    that file is not there."""
-    from urllib.parse import urlparse
+    """The local file ``init.checkpoint`` stands for, without downloading anything
+    (:func:`multimae_att.hub.local_path`: a path as is, a published name or URL its copy in the
+    hub cache); None when that file is not there."""
+    from multimae_att.hub import local_path
 
-    from multimae_att.hub import PUBLISHED, URL_SCHEMES, cached_path
-
-    p = cached_path(spec) if spec in PUBLISHED or urlparse(spec).scheme in URL_SCHEMES \
-        else Path(spec).expanduser()
+    p = local_path(spec)
     return p if p.is_file() else None
 
 
