@@ -20,6 +20,7 @@ from test_pretrain import REPO, make_synthetic
 
 from multimae_att.config import save_config
 from multimae_att.study.cli import main as study_main
+from multimae_att.study.collect import BOOKKEEPING_COLUMNS, FIXED_COLUMNS
 from multimae_att.study.config import load_study_config
 from multimae_att.study.plan import build_plan
 from multimae_att.study.report import write_report
@@ -74,6 +75,13 @@ def test_summary_and_paired_difference_by_hand():
     assert fmt(2.0, 1.0, signed=True) == "+2.00 ± 1.00" and fmt(float("nan"), 1.0) == "–"
 
 
+def _results(step: int, outputs: list[str], **metrics) -> str:
+    """A metrics.json as the runners write it: the metrics, then the run's bookkeeping."""
+    return json.dumps({**metrics, "step": step, "outputs": outputs,
+                       "cost": {"seconds_per_step": 0.5, "timed_steps": step, "peak_memory_mb": None},
+                       "provenance": {"step": step, "config_hash": "0" * 16, "init_checkpoint": None}})
+
+
 def _fake_finished(cells, values: dict, s_per_step: dict) -> None:
     """Write what finished runs leave behind, with hand-made numbers."""
     for c in cells:
@@ -86,10 +94,12 @@ def _fake_finished(cells, values: dict, s_per_step: dict) -> None:
                       "mask/hidden_fg_share": 0.2 if c.variant == "high" else 0.1} for i in (1, 2, 3)]
             (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
             (out / "final.pth").write_bytes(b"weights")
+            (out / "metrics.json").write_text(_results(3, ["final.pth"], task="pretrain", loss=1.7))
         elif c.kind == "eval":
             save_config(c.config, out / "config.yaml")
-            (out / "metrics.json").write_text(json.dumps(
-                {"task": "knn", "knn_top1": values[c.variant, c.seed], "per_class": [1, 2]}))
+            (out / "metrics.json").write_text(_results(
+                12, [], task="knn", knn_top1=values[c.variant, c.seed], per_class=[1, 2], skipped_eval_samples=0,
+                report="best", report_epoch=2, report_step=8))
         else:
             (out / "diagnose.json").write_text(json.dumps(
                 {"configured": {"auroc": {"rgb": 0.25 + 0.5 * (c.variant == "high")}},
@@ -117,6 +127,78 @@ def test_report_on_hand_made_metrics(tmp_path, data_root):
     assert float(row["pretrain_s_per_step"]) == pytest.approx(0.15)
     for name in ("summary.png", "pretrain_loss.png", "knn.knn_top1.png"):
         assert (tmp_path / "study" / "figures" / name).stat().st_size > 1000
+
+    # Only the model's metrics are metric columns; the run's bookkeeping has its own, after them.
+    columns = (tmp_path / "study" / "results.csv").read_text().splitlines()[0].split(",")
+    metric_columns = columns[len(FIXED_COLUMNS):columns.index("step")]
+    assert metric_columns == ["fg_auroc.rgb", "fg_token_share.rgb", "hidden_fg_share", "knn_top1", "loss"]
+    assert columns[len(FIXED_COLUMNS) + len(metric_columns):][:4] == BOOKKEEPING_COLUMNS
+    assert (row["step"], row["report_epoch"], row["report_step"], row["skipped_eval_samples"]) == ("12", "2", "8", "0")
+    pre = next(r for r in rows if r["cell"] == "pretrain/high/seed1")
+    assert pre["step"] == "3" and pre["report_step"] == ""
+    assert "report_step" not in report and "Missing" not in report
+
+
+def test_report_names_a_metric_no_cell_wrote_and_refuses_bookkeeping_as_metric(tmp_path, data_root):
+    from multimae_att.config import ConfigError
+
+    cfg = micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study")
+    study = load_study_config(str(cfg), ["evals.knn.metrics=[knn_top1,knn_top5]"])
+    cells = build_plan(study)
+    _fake_finished(cells, {(v, s): 1.0 for v in ("random", "high") for s in (0, 1)}, {})
+    report = write_report(study, cells, {c.id: cell_status(c).state for c in cells}).read_text()
+    assert "**Missing:** no finished `knn` cell has `knn_top5` in its metrics.json (they have: knn_top1)" in report
+    assert "`knn_top1` in its" not in report
+    with pytest.raises(ConfigError, match=r"evals.knn.metrics: \['report_step'\] describe the run"):
+        load_study_config(str(cfg), ["evals.knn.metrics=[knn_top1,report_step]"])
+
+
+def test_cell_status_is_the_run_folders_lifecycle_status(tmp_path, data_root):
+    """A run cell's status is :func:`multimae_att.run.run_status` of its folder, plus the study's
+    staleness (another config, a replaced starting checkpoint)."""
+    from multimae_att.run import run_status
+
+    cells = {c.id: c for c in build_plan(load_study_config(
+        str(micro_study(tmp_path / "s.yaml", data_root, tmp_path / "study"))))}
+    warm, cell = cells["warm_start"], cells["pretrain/high/seed0"]
+    out = Path(cell.out_dir)
+
+    def both() -> tuple[str, str]:
+        return cell_status(cell).state, run_status(out).status
+
+    assert both() == ("empty", "empty")                       # no folder
+    out.mkdir(parents=True)
+    save_config(cell.config, out / "config.yaml")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert both() == ("empty", "empty")                       # nothing to resume: the runner starts fresh
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "state_00000002.pth").write_bytes(b"state")
+    assert both() == ("in_progress", "in_progress")
+    (out / "metrics.json").write_text(_results(3, ["final.pth"], loss=1.5))
+    assert both() == ("in_progress", "in_progress")           # metrics.json without the final.pth it lists
+    (out / "final.pth").write_bytes(b"weights")
+    assert both() == ("finished", "finished")
+
+    # The warm start (this cell's init) rewritten after the run: stale unless its content is the
+    # one recorded in the run's provenance.
+    Path(warm.out_dir).mkdir(parents=True)
+    Path(warm.output).write_bytes(b"warm weights")
+    from multimae_att.run.provenance import file_sha256
+
+    ident = {"path": str(warm.output), "file": str(warm.output), "sha256": file_sha256(warm.output)}
+    results = json.loads(_results(3, ["final.pth"], loss=1.5))
+    results["provenance"]["init_checkpoint"] = ident
+    (out / "metrics.json").write_text(json.dumps(results))
+    os.utime(out / "metrics.json", (1, 1))                    # the init checkpoint is newer ...
+    assert both() == ("finished", "finished")                 # ... but the same file (a copy, a touch)
+    Path(warm.output).write_bytes(b"other warm weights")
+    status = cell_status(cell)
+    assert status.state == "stale" and "was replaced" in status.reason
+    os.utime(Path(warm.output), (0, 0))                       # older than the results: trusted
+    assert cell_status(cell).state == "finished"
+    save_config(cells["pretrain/random/seed0"].config, out / "config.yaml")
+    status = cell_status(cell)
+    assert status.state == "stale" and "masking.strategy" in status.reason
 
 
 def test_changed_variant_makes_its_finished_cells_stale(tmp_path, data_root, capsys):

@@ -157,7 +157,8 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
             os.environ.update(env)
     record["wall_s"] = round(time.perf_counter() - t0, 3)
     record["cpu_s"] = round(_cpu_seconds() - c0, 3)
-    record["peak_rss_mb"] = round(_peak_rss_mb(), 1) if rss_reset and _peak_rss_mb() else None
+    peak = _peak_rss_mb() if rss_reset else None   # without the reset it would be the worker's peak
+    record["peak_rss_mb"] = round(peak, 1) if peak is not None else None
     record["peak_cuda_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                               if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     record["load_after"] = os.getloadavg()[0]

@@ -3,16 +3,20 @@
 Per kind, the metric columns:
 
 - ``pretrain`` / ``warm_start`` (``metrics.jsonl``): ``loss`` (mean of the last quarter of the
-  logged steps), ``steps``,
-  ``s_per_step`` (median of the logged ``step_time``), and the means over the logged steps of
-  ``mask/hidden_fg_share`` and ``attn/fg_auroc.<modality>`` when the run logged them;
+  logged steps) and the means over the logged steps of ``mask/hidden_fg_share`` and
+  ``attn/fg_auroc.<modality>`` when the run logged them;
 - ``diagnose`` (``diagnose.json``): ``fg_auroc.<modality>`` at the run's configured readout and
   ``fg_token_share.<modality>``;
-- ``eval`` (``metrics.json``): every scalar metric (lists such as ``per_class_iou`` stay in the file).
+- ``eval`` (``metrics.json``): every scalar metric of the model (lists such as ``per_class_iou``
+  stay in the file). The run's bookkeeping in the same file (:data:`BOOKKEEPING_KEYS`: ``step``,
+  ``report_epoch``, ``report_step``, ``skipped_eval_samples``, provenance, ...) is no metric.
 
-Every row also carries its cell's cost from the study records (``cpu_s``, ``wall_s``,
-``peak_rss_mb``, ``peak_cuda_mb``), and eval / diagnose rows the cost of the pretraining run they
-evaluate (``pretrain_s_per_step``, ``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
+Bookkeeping columns, after the metrics: ``step`` (the step of the results; for pretraining the
+last logged step), ``report_epoch``, ``report_step`` (which evaluation ``train.report`` chose) and
+``skipped_eval_samples``. Cost columns, last: the cell's cost from the study records (``cpu_s``,
+``wall_s``, ``peak_rss_mb``, ``peak_cuda_mb``), ``s_per_step`` of a pretraining run (median of the
+logged ``step_time``), and for eval / diagnose rows the cost of the pretraining run they evaluate
+(``pretrain_s_per_step``, ``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
 """
 from __future__ import annotations
 
@@ -27,10 +31,17 @@ from multimae_att.study.local import record_path
 from multimae_att.study.plan import Cell
 from multimae_att.study.records import read_record
 
-__all__ = ["collect_rows", "write_csv", "loss_curve", "FIXED_COLUMNS"]
+__all__ = ["collect_rows", "write_csv", "loss_curve", "FIXED_COLUMNS", "BOOKKEEPING_KEYS", "BOOKKEEPING_COLUMNS",
+           "COST_COLUMNS"]
 
 FIXED_COLUMNS = ["cell", "kind", "variant", "seed", "eval", "status"]
-COST_COLUMNS = ["cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb", "pretrain_s_per_step",
+# Keys of a run's metrics.json that describe the run, not the model: the run skeleton's
+# (multimae_att.run.trainer.Run.finish: step, outputs, cost, provenance), the finetuning report's
+# (task, report, report_epoch, report_step) and the evaluation's count of corrupt samples left out.
+BOOKKEEPING_KEYS = frozenset({"task", "step", "epoch", "outputs", "cost", "provenance", "report", "report_epoch",
+                              "report_step", "skipped_eval_samples", "skipped_samples"})
+BOOKKEEPING_COLUMNS = ["step", "report_epoch", "report_step", "skipped_eval_samples"]
+COST_COLUMNS = ["s_per_step", "cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb", "pretrain_s_per_step",
                 "pretrain_peak_rss_mb", "pretrain_cpu_s"]
 
 
@@ -57,7 +68,7 @@ def pretrain_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
     times = [r["step_time"] for r in recs if isinstance(r.get("step_time"), (int, float))]
     tail = recs[-max(1, len(recs) // 4):]          # one batch's loss is noisy: the last quarter's mean
-    out: dict[str, Any] = {"loss": sum(r["loss"] for r in tail) / len(tail), "steps": recs[-1].get("step"),
+    out: dict[str, Any] = {"loss": sum(r["loss"] for r in tail) / len(tail), "step": recs[-1].get("step"),
                            "s_per_step": statistics.median(times) if times else None}
     keys = sorted({k for r in recs for k in r if k.startswith(("mask/", "attn/"))})
     for k in keys:
@@ -77,9 +88,16 @@ def _diagnose_metrics(path: Path) -> dict[str, Any]:
     return out
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _eval_metrics(path: Path) -> dict[str, Any]:
+    """The model's scalar metrics, and the bookkeeping columns, of a finetuning ``metrics.json``."""
     d = json.loads(path.read_text())
-    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: v for k, v in d.items() if k not in BOOKKEEPING_KEYS and _number(v)}
+    out.update({k: d[k] for k in BOOKKEEPING_COLUMNS if _number(d.get(k))})
+    return out
 
 
 def collect_rows(cells: list[Cell], states: dict[str, str], study_dir: str) -> list[dict[str, Any]]:
@@ -109,11 +127,11 @@ def collect_rows(cells: list[Cell], states: dict[str, str], study_dir: str) -> l
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> list[str]:
-    """Write ``rows`` (union of their keys as columns: fixed, metrics sorted, then cost); returns
-    the columns."""
+    """Write ``rows`` (union of their keys as columns: fixed, metrics sorted, bookkeeping, cost);
+    returns the columns."""
     keys = {k for r in rows for k in r}
-    metrics = sorted(keys - set(FIXED_COLUMNS) - set(COST_COLUMNS))
-    columns = FIXED_COLUMNS + metrics + [c for c in COST_COLUMNS if c in keys]
+    metrics = sorted(keys - set(FIXED_COLUMNS) - set(BOOKKEEPING_COLUMNS) - set(COST_COLUMNS))
+    columns = FIXED_COLUMNS + metrics + [c for c in BOOKKEEPING_COLUMNS + COST_COLUMNS if c in keys]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:

@@ -145,6 +145,12 @@ class StudyConfig:
                 raise ValueError(f"evals.{name}.config: the finetune config file is required")
             if not ev.metrics:
                 raise ValueError(f"evals.{name}.metrics: list the metrics.json keys for the report")
+            from multimae_att.study.collect import BOOKKEEPING_KEYS   # (collect imports this module)
+
+            kept = sorted(set(ev.metrics) & BOOKKEEPING_KEYS)
+            if kept:
+                raise ValueError(f"evals.{name}.metrics: {kept} describe the run, not the model (results.csv "
+                                 "keeps them in their own columns); list metrics such as top1, miou, rmse")
             _check_overrides(f"evals.{name}.overrides", ev.overrides)
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")

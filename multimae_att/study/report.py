@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multimae_att.study.collect import collect_rows, loss_curve, write_csv
+from multimae_att.study.collect import (BOOKKEEPING_COLUMNS, COST_COLUMNS, FIXED_COLUMNS, collect_rows,
+                                       loss_curve, write_csv)
 from multimae_att.study.config import StudyConfig
 from multimae_att.study.plan import Cell
 from multimae_att.study.records import read_invocations
@@ -122,6 +123,7 @@ def write_report(study: StudyConfig, cells: list[Cell], states: dict[str, str],
 
     lines += ["## Results", "", "Mean ± std over seeds (sample std); ↑ / ↓: higher / lower is better.", ""]
     lines += _table(["metric"] + head, [_summary_row(label, vals, variants) for _, _, label, vals in panels])
+    lines += _missing_metrics(panels, rows)
     if others:
         lines += ["", "## Difference to the baseline", "",
                   f"Paired over seeds (variant − {baseline}, same seed): mean difference ± its standard "
@@ -170,6 +172,19 @@ def write_report(study: StudyConfig, cells: list[Cell], states: dict[str, str],
 
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out
+
+
+def _missing_metrics(panels, rows) -> list[str]:
+    """A line per reported metric that no finished cell of its eval wrote (a typo in the study
+    file, or another task's metric), naming the metrics those cells have."""
+    lines = []
+    for name, metric, _, vals in panels:
+        done = [r for r in rows if r["kind"] == "eval" and r["eval"] == name and r["status"] == "finished"]
+        if done and not vals:
+            have = sorted({k for r in done for k in r} - set(FIXED_COLUMNS + BOOKKEEPING_COLUMNS + COST_COLUMNS))
+            lines.append(f"**Missing:** no finished `{name}` cell has `{metric}` in its metrics.json "
+                         f"(they have: {', '.join(have)}); check `evals.{name}.metrics`.")
+    return ["", *lines] if lines else []
 
 
 def _diagnostics_section(study: StudyConfig, rows, variants, head) -> list[str]:
