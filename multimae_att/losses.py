@@ -36,6 +36,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from multimae_att.device_checks import check
+
 __all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
            "attg_weights", "masked_loss", "multimodal_loss", "input_modality_of"]
 
@@ -173,7 +175,7 @@ def _dense_patch_losses(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec
 
 def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                          spec: LossSpec, grid: tuple[int, int],
-                         gather_up_to: float | None = None) -> torch.Tensor:
+                         gather_up_to: float | None = None, max_count: int | None = None) -> torch.Tensor:
     """Per-patch losses ``[B, h * w]`` float32, computed only where ``mask`` (1 = counted) is set.
 
     ``pred``: ``[B, C, H, W]``; ``target``: ``[B, C, H, W]`` or int labels ``[B, H, W]``;
@@ -181,6 +183,11 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     equals the per-pixel loss map averaged per patch, on the counted patches. When more than
     ``gather_up_to`` (default: :data:`GATHER_UP_TO` of the spec's flavour, read at call time)
     of the patches count in the fullest sample, every pixel is scored instead (same values).
+
+    ``max_count``: an upper bound on the counted patches of any sample, known without reading
+    ``mask`` (the masking policy's :meth:`~multimae_att.masking.MaskingPolicy.max_counted`): it
+    replaces the fullest sample's count, which is a host sync on a GPU. A mask that exceeds it
+    fails a (sync-free) device check.
     """
     if target.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"{spec.kind} target {tuple(target.shape)} and prediction "
@@ -189,8 +196,14 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
         gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
     mask = mask.bool()
     B, N = mask.shape
-    # Flavours never gathered skip the count: it is a host sync on a GPU.
-    P = int(mask.sum(1).max()) if mask.numel() and gather_up_to > 0 else N
+    # Flavours never gathered skip the count: it is a host sync on a GPU (a given bound is not).
+    if gather_up_to <= 0 or not mask.numel():
+        P = N
+    elif max_count is not None:
+        P = max(0, min(int(max_count), N))
+        check(mask.sum(1) <= P, f"{spec.kind} loss: a sample has more than max_count={P} counted patches")
+    else:
+        P = int(mask.sum(1).max())
     if gather_up_to <= 0 or P > gather_up_to * N:
         per_patch = _dense_patch_losses(pred, target, spec, grid)
         return torch.where(mask, per_patch, torch.zeros_like(per_patch))
@@ -213,7 +226,8 @@ def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
     sum of the per-sample means by this instead of by the local count of valid samples (the
     runner passes the count over the whole global batch divided by the number of processes,
     so that averaging gradients over processes gives the global-batch mean exactly).
-    Returns a scalar (0 with a graph when nothing is masked, so backward still works).
+    Returns a scalar (0 with a graph when nothing is masked, so backward still works). Never
+    reads a value to the host (a tensor ``denominator`` stays on the device).
     """
     m = mask.to(per_patch.dtype)
     num = (per_patch * m if weights is None else per_patch * m * weights).sum(1)
@@ -221,11 +235,11 @@ def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
     den = (m * weights).sum(1) if normalize_weights and weights is not None else m.sum(1)
     per_sample = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)).clamp_min(1e-12),
                              torch.zeros_like(num))
-    if denominator is not None:
-        return per_sample.sum() / max(float(denominator), 1e-12)
-    if not bool(valid.any()):
-        return per_patch.sum() * 0.0
-    return per_sample.sum() / valid.sum()
+    if denominator is None:
+        denominator = valid.sum()
+    if torch.is_tensor(denominator):
+        return per_sample.sum() / denominator.to(per_sample.dtype).clamp_min(1e-12)
+    return per_sample.sum() / max(float(denominator), 1e-12)
 
 
 def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -246,17 +260,18 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, 
                 denominator: float | torch.Tensor | None = None,
                 normalize_weights: bool = False,
                 patch_losses: dict[str, torch.Tensor] | None = None,
-                name: str = "") -> torch.Tensor:
+                name: str = "", max_count: int | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
     ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
-    ``denominator`` and ``normalize_weights``: see :func:`masked_mean`. ``patch_losses``: when a
-    dict is given, ``patch_losses[name]`` receives the detached per-patch losses ``[B, N]`` (0 on
-    patches that do not count), e.g. as targets of a loss predictor.
+    ``denominator`` and ``normalize_weights``: see :func:`masked_mean`; ``max_count``: see
+    :func:`counted_patch_losses`. ``patch_losses``: when a dict is given, ``patch_losses[name]``
+    receives the detached per-patch losses ``[B, N]`` (0 on patches that do not count), e.g. as
+    targets of a loss predictor.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
-    per_patch = counted_patch_losses(pred, target, mask, spec, grid)
+    per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
     if patch_losses is not None:
         patch_losses[name] = per_patch.detach()
     return masked_mean(per_patch, mask, weights, denominator, normalize_weights)
@@ -271,15 +286,17 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
                     tau: float = 0.75,
                     denominators: Mapping[str, float | torch.Tensor] | None = None,
                     attg_normalize: bool = False,
-                    patch_losses: dict[str, torch.Tensor] | None = None
+                    patch_losses: dict[str, torch.Tensor] | None = None,
+                    max_counted: Mapping[str, int] | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-output-modality masked losses.
 
     ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks, AttG
-    scores and ``denominators`` (see :func:`masked_mean`) likewise. ``loss_weights`` defaults
-    to 1 per output. ``attg_normalize``: AttG weights rescaled to mean 1 per sample (see the
-    module docstring). ``patch_losses``: a dict to receive each output's detached per-patch losses
-    (see :func:`masked_loss`). Returns ``(total,
+    scores, ``denominators`` (see :func:`masked_mean`) and ``max_counted`` (see
+    :func:`counted_patch_losses`) likewise. ``loss_weights`` defaults to 1 per output.
+    ``attg_normalize``: AttG weights rescaled to mean 1 per sample (see the module docstring).
+    ``patch_losses``: a dict to receive each output's detached per-patch losses (see
+    :func:`masked_loss`). Returns ``(total,
     {output: loss})`` with the unweighted per-modality losses (for logging and adaptive budgets).
     """
     specs = {**DEFAULT_SPECS, **(specs or {})}
@@ -293,7 +310,8 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
         parts[out] = masked_loss(pred, targets[src], hidden[src], specs[out],
                                  thrown=None if thrown is None else thrown.get(src), weights=w,
                                  denominator=None if denominators is None else denominators[src],
-                                 normalize_weights=attg_normalize, patch_losses=patch_losses, name=out)
+                                 normalize_weights=attg_normalize, patch_losses=patch_losses, name=out,
+                                 max_count=None if max_counted is None else max_counted.get(src))
         term = parts[out] * (1.0 if loss_weights is None else loss_weights.get(out, 1.0))
         total = term if total is None else total + term
     if total is None:

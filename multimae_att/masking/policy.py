@@ -94,6 +94,24 @@ class MaskingPolicy:
         return sample_budgets(num_tokens, K, batch_size, self.current_alphas(), generator,
                               sample_tasks_uniformly=self.sample_tasks_uniformly, device=device)
 
+    def kept_range(self, num_tokens: Mapping[str, int], K: int, epoch: float) -> dict[str, tuple[int, int]]:
+        """modality -> (fewest, most) tokens a sample keeps (visible or hidden, i.e. not thrown) at
+        this epoch with ``K`` visible per sample, from the configuration alone (no mask is read).
+        Random masks throw nothing (``N_m``); with ``prob < 1`` some samples are random. The
+        decoders and the losses size their tensors by it (equal ends: no padding)."""
+        out = {}
+        total = sum(int(n) for n in num_tokens.values())
+        for m, n in num_tokens.items():
+            n = int(n)
+            if self.strategy.thrown_range is None or not self.guided_now(epoch):
+                out[m] = (n, n)
+                continue
+            # Visible in this modality: at most K, at least what the others cannot hold.
+            v_min, v_max = max(0, int(K) - (total - n)), min(int(K), n)
+            lo, hi = (max(0, min(n, int(x))) for x in self.strategy.thrown_range(n, v_min, v_max, self.params))
+            out[m] = (n - hi, n if self.prob < 1.0 else n - lo)
+        return out
+
     def update_losses(self, losses: Mapping[str, float | Tensor]) -> None:
         """Feed per-modality losses to adaptive alpha (no-op when it is off)."""
         if self.adaptive is not None:

@@ -220,6 +220,8 @@ class TrainConfig:
     keep_last: int = setting(2, ge=1)
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
     export_loss_predictor: bool = False      # also store the loss predictor in final.pth
+    attention: Literal["auto", "fused", "explicit"] = "auto"  # attention kernel; auto: chosen per pass
+    compile: bool = False                    # torch.compile the encoder blocks and decoders
 
 
 @dataclass
@@ -291,7 +293,8 @@ class PretrainConfig:
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
                     "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-                    "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters")
+                    "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters",
+                    "train.attention", "train.compile")
 RESUME_FREE_SECTIONS = ("init.", "log.")
 # The run length sets AttG's tau schedule (a half cosine over the run's steps) and the share of a
 # curriculum strategy (hpm).

@@ -22,6 +22,7 @@ import torch
 
 from multimae_att.config import ConfigError
 from multimae_att.losses import LossSpec
+from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.pretrain.pictures import picture_info, save_pictures
@@ -85,8 +86,8 @@ def train(cfg: PretrainConfig) -> Path:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
     source, predictor = build_scoring(cfg.masking, list(cfg.model.in_modalities), model.dim_tokens)
     module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters), loss_predictor=predictor)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, extra=predictor), lr=0.0,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, extra=predictor), acc.device, lr=0.0,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)  # fused where the device has it
     if init_opt is not None and cfg.init.load_optimizer:
         _try_load_optimizer(optimizer, init_opt, acc)
     module, optimizer = acc.prepare(module, optimizer)
@@ -266,7 +267,7 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
         accelerator.print(f"init.checkpoint: optimizer state not used (groups {theirs} vs {ours})")
         return
     try:
-        optimizer.load_state_dict(state)
+        load_optimizer_state(optimizer, state)  # keeps our AdamW kernel
     except (ValueError, KeyError, RuntimeError) as e:
         accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
 

@@ -79,11 +79,14 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     m = cfg.model
     dec = {k: v for k, v in (("decoder_dim", m.decoder_dim), ("decoder_depth", m.decoder_depth),
                              ("decoder_heads", m.decoder_heads)) if v is not None}
-    return create_pretrain_model(m.size, in_domains=m.in_modalities, out_domains=m.out_modalities,
-                                 extra_norm_rgb=m.extra_norm_rgb, patch_size=m.patch_size,
-                                 image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
-                                 drop_path_rate=m.drop_path_rate,
-                                 semseg_num_classes=m.semseg_num_classes, **dec)
+    from multimae_att.model.compile import apply_speed_options
+
+    model = create_pretrain_model(m.size, in_domains=m.in_modalities, out_domains=m.out_modalities,
+                                  extra_norm_rgb=m.extra_norm_rgb, patch_size=m.patch_size,
+                                  image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
+                                  drop_path_rate=m.drop_path_rate,
+                                  semseg_num_classes=m.semseg_num_classes, **dec)
+    return apply_speed_options(model, cfg.train.attention, cfg.train.compile)
 
 
 def build_policy(cfg: PretrainConfig):

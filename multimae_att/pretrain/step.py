@@ -55,7 +55,7 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
         x = batch[m].to(device, non_blocking=True)
         if m == "depth" and standardize_depth:
             valid = batch.get("mask_valid")
-            x = robust_standardize_depth(x, None if valid is None else valid.to(device))
+            x = robust_standardize_depth(x, None if valid is None else valid.to(device, non_blocking=True))
         out[m] = x.long() if m == "semseg" else x.float()
     return out
 
@@ -66,8 +66,12 @@ class MaskPlan:
 
     ``hidden``/``thrown``: modality -> bool ``[B, N_m]`` (1 = hidden / thrown); ``scores``:
     modality -> float ``[B, N_m]`` head-averaged (None when no scoring pass ran); ``visible``:
-    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> (samples of the
-    global micro-batch with at least one hidden, non-thrown token) / number of processes.
+    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> scalar tensor on the
+    masks' device, (samples of the global micro-batch with at least one hidden, non-thrown
+    token) / number of processes. ``num_visible``: K, the visible tokens of every sample;
+    ``kept_range``: modality -> (fewest, most) tokens a sample keeps (not thrown), known
+    without reading the masks. Both are host ints, so the model and the losses need no host
+    sync to size their tensors (None: read from the masks).
 
     Loss prediction (``predicted_loss`` source, else None): ``features`` modality -> detached
     no-mask features ``[b, N_m, D]`` of the local rows ``feature_rows`` (int64 ``[b]``; all rows
@@ -81,7 +85,9 @@ class MaskPlan:
     scores: Optional[TensorDict]
     visible: torch.Tensor
     guided: torch.Tensor
-    denominators: dict[str, float]
+    denominators: dict[str, torch.Tensor]
+    num_visible: int | None = None
+    kept_range: dict[str, tuple[int, int]] | None = None
     features: Optional[TensorDict] = None
     feature_rows: Optional[torch.Tensor] = None
     lossp_pairs: Optional[torch.Tensor] = None
@@ -142,7 +148,14 @@ class MaskPlanner:
         if self.cache is None or per_head:
             return self.source(model, tokens, per_head=per_head)
         grids = token_grids(model, tokens)
-        cached, valid = self.cache.lookup(batch, grids, int(epoch), device=next(iter(tokens.values())).device)
+        # The cache lives on the host: keep `valid` there, so finding the misses reads no device
+        # value; the scores go up from pinned memory (a pageable copy would wait for the GPU).
+        cached, valid = self.cache.lookup(batch, grids, int(epoch))
+        dev = next(iter(tokens.values())).device
+        if dev.type == "cuda":
+            cached = {m: s.pin_memory().to(dev, non_blocking=True) for m, s in cached.items()}
+        elif dev.type != "cpu":
+            cached = {m: s.to(dev) for m, s in cached.items()}
 
         def score_fn(index: torch.Tensor) -> TensorDict:
             sub = Tokens({m: t[index.to(t.device)] for m, t in tokens.items()}, tokens.image_size)
@@ -171,7 +184,7 @@ class MaskPlanner:
                             progress=self.progress(epoch))
         counted = {m: masks.hidden[m] if masks.thrown is None else masks.hidden[m] & ~masks.thrown[m]
                    for m in masks.hidden}
-        denominators = {m: float(c.any(dim=1).sum()) / W for m, c in counted.items()}
+        denominators = {m: c.any(dim=1).sum() / W for m, c in counted.items()}  # on the device: no sync
         if scores is not None and self.policy.per_head:
             scores = {m: s.mean(dim=1) for m, s in scores.items()}
         plan = MaskPlan(hidden={m: h[rows] for m, h in masks.hidden.items()},
@@ -179,7 +192,8 @@ class MaskPlanner:
                         scores=scores, visible=visible[rows],
                         guided=(masks.guided[rows] if masks.guided is not None
                                 else torch.ones(B, dtype=torch.bool, device=dev)),
-                        denominators=denominators)
+                        denominators=denominators, num_visible=self.K,
+                        kept_range=self.policy.kept_range(sizes, self.K, epoch))
         if self.trains_predictor:
             self._predictor_features(plan, model, tokens, scored, counted, rows, generator)
         return plan
@@ -235,8 +249,8 @@ class PretrainModule(nn.Module):
                 ) -> tuple[TensorDict, MaskPlan]:
         tokens = self.model.embed(inputs)
         plan = plan_fn(self.model, tokens)
-        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown,
-                                          fp32_output_adapters=self.fp32_output_adapters)
+        preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown, num_visible=plan.num_visible,
+                                          kept_range=plan.kept_range, fp32_output_adapters=self.fp32_output_adapters)
         if self.loss_predictor is not None:
             if plan.features is None:
                 raise ValueError("PretrainModule has a loss predictor but the planner gave no "
@@ -261,7 +275,7 @@ def attg_scores_from_data(batch: Mapping[str, Any], grids: Mapping[str, tuple[in
     """``batch['att_map']`` ``[B, h, w]`` pooled to each modality's token grid -> ``[B, N_m]``."""
     if "att_map" not in batch:
         raise KeyError("loss.attg.source=data needs 'att_map' in the batch (precomputed maps)")
-    maps = batch["att_map"].to(device).float().unsqueeze(1)
+    maps = batch["att_map"].to(device, non_blocking=True).float().unsqueeze(1)
     return {m: F.adaptive_avg_pool2d(maps, hw).flatten(1) for m, hw in grids.items()}
 
 
@@ -298,7 +312,10 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
     patches: dict[str, torch.Tensor] | None = {} if plan.lossp_pred is not None else None
     loss, parts = multimodal_loss(preds, inputs, plan.hidden, plan.thrown, loss_weights, specs,
                                   attg_scores=attg_scores, tau=tau, denominators=plan.denominators,
-                                  attg_normalize=attg_normalize, patch_losses=patches)
+                                  attg_normalize=attg_normalize, patch_losses=patches,
+                                  # counted (hidden, not thrown) <= kept
+                                  max_counted=None if plan.kept_range is None else
+                                  {m: hi for m, (_, hi) in plan.kept_range.items()})
     extras: dict[str, torch.Tensor] = {}
     if plan.lossp_pred is not None:
         targets = loss_targets(patches, loss_weights, list(plan.hidden))
