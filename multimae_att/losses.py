@@ -17,10 +17,13 @@ that is cheaper than scoring every pixel (:data:`GATHER_UP_TO`): for ce over man
 norm_pix when few patches count (AMT); both paths give the same values and gradients.
 
 Steps 1-2 equal MultiMAE's per-pixel masked means (every patch has the same pixel count), but
-fold in per-patch weights naturally. AttG (based on "attention-guided loss weighting"):
+fold in per-patch weights naturally. AttG (Sick et al., "Attention-Guided Masked Autoencoders"):
 ``w = exp(M_norm / tau)``, ``M_norm`` the per-image min-max normalised scores of the token's
-modality, normalised by the number of hidden patches (not by ``sum w``), so emphasising
-attended patches raises their share of the gradient without rescaling the others.
+modality. As in the paper (``L = L_rec * M_scaled``) the weighted sum is divided by the number
+of counted patches (not by ``sum w``), so the loss scale grows with the weights; with
+``normalize_weights`` (``loss.attg.normalize``) it is divided by ``sum w`` instead, i.e. the
+weights are divided by their mean over each sample's counted patches and the loss keeps the scale
+of the unweighted loss.
 
 Which loss each output gets and which input modality's mask it reads (``norm_rgb`` -> ``rgb``)
 come from the modality table (multimae_att/modalities.py).
@@ -198,10 +201,13 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None,
-                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                denominator: float | torch.Tensor | None = None,
+                normalize_weights: bool = False) -> torch.Tensor:
     """Mean over samples of ``sum(m w l) / sum(m)``; samples with no masked patch are skipped.
 
-    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. ``denominator``: divide the
+    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. ``normalize_weights``: divide
+    by ``sum(m w)`` instead of ``sum(m)`` (weights rescaled to mean 1 over each sample's counted
+    patches, so uniform weights of any size give the unweighted loss). ``denominator``: divide the
     sum of the per-sample means by this instead of by the local count of valid samples (the
     runner passes the count over the whole global batch divided by the number of processes,
     so that averaging gradients over processes gives the global-batch mean exactly).
@@ -210,9 +216,10 @@ def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
     """
     m = mask.to(per_patch.dtype)
     num = (per_patch * m if weights is None else per_patch * m * weights).sum(1)
-    den = m.sum(1)
-    valid = den > 0
-    per_sample = torch.where(valid, num / den.clamp_min(1.0), torch.zeros_like(num))
+    valid = m.sum(1) > 0
+    den = (m * weights).sum(1) if normalize_weights and weights is not None else m.sum(1)
+    per_sample = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)).clamp_min(1e-12),
+                             torch.zeros_like(num))
     if denominator is None:
         denominator = valid.sum()
     if torch.is_tensor(denominator):
@@ -236,16 +243,23 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, 
                 thrown: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None,
                 denominator: float | torch.Tensor | None = None,
-                max_count: int | None = None) -> torch.Tensor:
+                normalize_weights: bool = False,
+                patch_losses: dict[str, torch.Tensor] | None = None,
+                name: str = "", max_count: int | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
     ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
-    ``denominator``: see :func:`masked_mean`; ``max_count``: see :func:`counted_patch_losses`.
+    ``denominator`` and ``normalize_weights``: see :func:`masked_mean`; ``max_count``: see
+    :func:`counted_patch_losses`. ``patch_losses``: when a dict is given, ``patch_losses[name]``
+    receives the detached per-patch losses ``[B, N]`` (0 on patches that do not count), e.g. as
+    targets of a loss predictor.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
     per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
-    return masked_mean(per_patch, mask, weights, denominator)
+    if patch_losses is not None:
+        patch_losses[name] = per_patch.detach()
+    return masked_mean(per_patch, mask, weights, denominator, normalize_weights)
 
 
 def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
@@ -256,14 +270,18 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
                     attg_scores: Mapping[str, torch.Tensor] | None = None,
                     tau: float = 0.75,
                     denominators: Mapping[str, float | torch.Tensor] | None = None,
+                    attg_normalize: bool = False,
+                    patch_losses: dict[str, torch.Tensor] | None = None,
                     max_counted: Mapping[str, int] | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-output-modality masked losses.
 
     ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks, AttG
     scores, ``denominators`` (see :func:`masked_mean`) and ``max_counted`` (see
-    :func:`counted_patch_losses`) likewise. ``loss_weights`` defaults
-    to 1 per output. Returns ``(total,
+    :func:`counted_patch_losses`) likewise. ``loss_weights`` defaults to 1 per output.
+    ``attg_normalize``: AttG weights rescaled to mean 1 per sample (see the module docstring).
+    ``patch_losses``: a dict to receive each output's detached per-patch losses (see
+    :func:`masked_loss`). Returns ``(total,
     {output: loss})`` with the unweighted per-modality losses (for logging and adaptive budgets).
     """
     specs = {**DEFAULT_SPECS, **(specs or {})}
@@ -277,6 +295,7 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
         parts[out] = masked_loss(pred, targets[src], hidden[src], specs[out],
                                  thrown=None if thrown is None else thrown.get(src), weights=w,
                                  denominator=None if denominators is None else denominators[src],
+                                 normalize_weights=attg_normalize, patch_losses=patch_losses, name=out,
                                  max_count=None if max_counted is None else max_counted.get(src))
         term = parts[out] * (1.0 if loss_weights is None else loss_weights.get(out, 1.0))
         total = term if total is None else total + term

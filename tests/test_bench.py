@@ -43,11 +43,15 @@ def test_json_has_every_key(result, capsys):
     assert set(result["mask_generation_samples_per_s"]) == {"random", "high", "amt"}
     assert result["data_pipeline_samples_per_s"] > 0
     assert {"torch", "torch_threads", "cpu", "device"} <= set(result["machine"])
-    assert len(RATIOS) + 1 == len(result["ratios"])
+    assert len(RATIOS) + 2 == len(result["ratios"])
     # The runner's default (full-image refresh every 40 epochs) amortised over the window.
     med = result["runs"]["fp32"]["median_s"]
     assert result["ratios"]["cached_step+refresh/random_step"] == pytest.approx(
         (med["cached_step"] + med["scoring_pass"] / 40) / med["random_step"])
+    assert result["ratios"]["cached_hpm_step+training+refresh/random_step"] == pytest.approx(
+        (med["cached_hpm_step"] + (0.0625 + 1 / 40) * med["inference_forward"]) / med["random_step"])
+    for name in ("hpm_step/random_step", "hpm_step/attention_step", "cached_hpm_step/random_step"):
+        assert result["ratios"][name] > 0
 
 
 def test_amt_split_and_cache_hits(result):

@@ -41,7 +41,9 @@ def bench(tmp_path_factory):
     return BenchCases(PRESETS["micro"], torch.device("cpu"), "fp32", str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.mark.parametrize("case", ["random_step", "attention_step", "cached_step", "amt_step"])
+# cached_hpm_step is left out: with the cache, the samples that train the loss predictor are
+# drawn on the device and gathered by a data-dependent nonzero (one read per step).
+@pytest.mark.parametrize("case", ["random_step", "attention_step", "cached_step", "amt_step", "hpm_step"])
 def test_training_step_reads_nothing_from_the_device(bench, case):
     step = bench.cases()[case]
     step()  # optimizer state exists from here on

@@ -11,7 +11,9 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   ``mask_generation_samples_per_s`` per strategy; ``amt_split``; ``cache_hit_rate_by_epoch``
   (share of cache hits per epoch of a refresh period filled by crop passes alone, the runner's
   ``masking.cache.refresh=crops``); every ratio block also holds ``cached_step+refresh/random_step``
-  (the runner's default ``refresh=full``: cached steps plus one scoring pass per batch per 40);
+  (the runner's default ``refresh=full``: cached steps plus one scoring pass per batch per 40)
+  and ``cached_hpm_step+training+refresh/random_step`` (cached ``hpm`` steps plus the expected
+  no-mask passes that train the loss predictor and refresh its maps);
 * ``flops`` per case (one call, :func:`multimae_att.bench.flops.count_flops`) and ``efficiency``
   per case (achieved FLOP/s over ``matmul_peak_flops``, a large matrix product in the same dtype;
   timed by process CPU time on a CPU, wall time on a GPU);
@@ -34,16 +36,20 @@ from multimae_att.bench.cases import BenchCases, cache_hit_rates, data_throughpu
 from multimae_att.bench.flops import count_flops, matmul_peak
 from multimae_att.bench.presets import PRESETS, Preset
 from multimae_att.bench.timing import PeakMemory, bf16_supported, machine_info, measure, median, paired_ratio
+from multimae_att.pretrain.config import LossPredictorConfig
 
 __all__ = ["PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench", "run_dtype"]
 
 CASES = ("random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
-         "cache_lookup")
+         "cache_lookup", "hpm_step", "cached_hpm_step")
 RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"), ("amt_step", "random_step"),
-          ("attention_step", "random_step"))
+          ("attention_step", "random_step"), ("hpm_step", "random_step"), ("hpm_step", "attention_step"),
+          ("cached_hpm_step", "random_step"))
 UPSTREAM = "upstream_random_step"
 UPSTREAM_RATIOS = tuple((case, UPSTREAM) for case in ("random_step", "attention_step", "cached_step", "amt_step"))
 REFRESH_EVERY = 40  # epochs per full-image cache refresh (masking.cache.refresh_every default)
+# masking.loss_predictor.cached_train_share default: expected share of a no-mask pass per cached step
+CACHED_TRAIN_SHARE = LossPredictorConfig().cached_train_share
 
 
 def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int,
@@ -80,6 +86,7 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
     cpu = block["cpu_median_s"]
     block["cpu_time_ratios"] = {f"{a}/{b}": cpu[a] / max(cpu[b], 1e-9) for a, b in ratios}
     _amortized_refresh(block, times)
+    _amortized_lossp(block, times)
     # The clock that means something here: CPU time on a (shared) CPU, wall time on a GPU.
     clock = block["cpu_median_s"] if device.type == "cpu" else block["median_s"]
     block["matmul_peak_flops"] = matmul_peak(device, dtype, max(p.matmul_size, 8192) if device.type == "cuda"
@@ -91,21 +98,34 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
     return block
 
 
-def _amortized_refresh(block: dict, times: dict) -> None:
-    """Add ``cached_step+refresh/random_step``: the runner's full-image refresh scores every sample
-    once per window of ``REFRESH_EVERY`` epochs, i.e. one scoring pass per batch per
-    ``REFRESH_EVERY`` steps over it, spread over those steps."""
-    key, k = "cached_step+refresh/random_step", REFRESH_EVERY
-
+def _amortized(block: dict, times: dict, key: str, case: str, pass_case: str, share: float) -> None:
+    """Add ratio ``key`` = (``case`` + ``share`` x ``pass_case``) / ``random_step`` to every ratio
+    block: a step plus, in expectation, a share of an extra pass spread over the steps."""
     def amortized(t: dict) -> float:
-        return (t["cached_step"] + t["scoring_pass"] / k) / max(t["random_step"], 1e-9)
+        return (t[case] + share * t[pass_case]) / max(t["random_step"], 1e-9)
 
     block["ratios"][key] = amortized(block["median_s"])
     block["min_ratios"][key] = amortized(block["min_s"])
     block["cpu_time_ratios"][key] = amortized(block["cpu_median_s"])
-    rounds = zip(times["cached_step"], times["scoring_pass"], times["random_step"])
-    block["paired_ratios"][key] = median([amortized({"cached_step": c, "scoring_pass": s, "random_step": r})
-                                          for c, s, r in rounds])
+    rounds = zip(times[case], times[pass_case], times["random_step"])
+    block["paired_ratios"][key] = median([amortized({case: c, pass_case: p, "random_step": r})
+                                          for c, p, r in rounds])
+
+
+def _amortized_refresh(block: dict, times: dict) -> None:
+    """Add ``cached_step+refresh/random_step``: the runner's full-image refresh scores every sample
+    once per window of ``REFRESH_EVERY`` epochs, i.e. one scoring pass per batch per
+    ``REFRESH_EVERY`` steps over it, spread over those steps."""
+    _amortized(block, times, "cached_step+refresh/random_step", "cached_step", "scoring_pass", 1 / REFRESH_EVERY)
+
+
+def _amortized_lossp(block: dict, times: dict) -> None:
+    """Add ``cached_hpm_step+training+refresh/random_step``: a cached ``hpm`` step plus, in
+    expectation, ``CACHED_TRAIN_SHARE`` of a no-mask pass over the batch (the samples drawn to
+    train the loss predictor) and ``1 / REFRESH_EVERY`` of one (the full-image refresh of the
+    predicted-loss maps); ``inference_forward`` is that pass (the head on top is negligible)."""
+    _amortized(block, times, "cached_hpm_step+training+refresh/random_step", "cached_hpm_step",
+               "inference_forward", CACHED_TRAIN_SHARE + 1 / REFRESH_EVERY)
 
 
 def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.device | None = None,

@@ -146,8 +146,9 @@ class AdaptiveAlpha:
     A modality whose loss is above average gets a smaller alpha, hence a smaller expected share
     ``alpha_m / sum_j alpha_j`` of the visible tokens, hence MORE hidden tokens to reconstruct.
     ``strength = 0`` gives the fixed ``base`` alphas. Losses of different modalities live on
-    different scales (MSE vs. cross-entropy); with ``relative_to_initial=True`` each EMA is
-    divided by its own first value before comparing, so "harder" means "improving more slowly".
+    different scales (MSE vs. cross-entropy); with ``relative_to_initial=True`` (the default)
+    each EMA is divided by its own first value before comparing, so "harder" means "improving
+    more slowly"; ``False`` compares the raw losses (only meaningful on one scale).
 
     Config keys (``masking.adaptive.*``): ``enabled`` (runner side), ``momentum``, ``strength``,
     ``min_alpha``, ``max_alpha``, ``relative_to_initial``; ``base`` comes from ``masking.alphas``.
@@ -155,7 +156,7 @@ class AdaptiveAlpha:
 
     def __init__(self, modalities: Sequence[str], base: float | Sequence[float] = 1.0,
                  momentum: float = 0.99, strength: float = 1.0, min_alpha: float = 0.1,
-                 max_alpha: float = 10.0, relative_to_initial: bool = False) -> None:
+                 max_alpha: float = 10.0, relative_to_initial: bool = True) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"adaptive momentum must be in [0, 1), got {momentum}")
         if strength < 0:

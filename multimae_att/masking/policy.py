@@ -69,6 +69,11 @@ class MaskingPolicy:
         """True if the strategy wants per-head scores ``[B, H, N_m]``."""
         return self.strategy.per_head
 
+    @property
+    def uses_progress(self) -> bool:
+        """True if the strategy follows the run's progress (a curriculum such as ``hpm``)."""
+        return self.strategy.uses_progress
+
     def guided_now(self, epoch: float) -> bool:
         """True if the attention-guided strategy is active at this epoch (warm-up over, p > 0)."""
         return (self.strategy.name != "random" and epoch >= self.warmup_epochs
@@ -114,12 +119,14 @@ class MaskingPolicy:
 
     def __call__(self, scores: Mapping[str, Tensor] | None, visible: Tensor, epoch: float,
                  generator: torch.Generator | None = None,
-                 num_tokens: Mapping[str, int] | None = None) -> Masks:
+                 num_tokens: Mapping[str, int] | None = None,
+                 progress: float | None = None) -> Masks:
         """Masks for one step; ``.guided`` [B] says which samples used the strategy.
 
         ``scores``: dict modality -> ``[B, N_m]`` (``[B, H, N_m]`` if :attr:`per_head`), or None
         when :meth:`needs_scores` is False — then ``num_tokens`` (modality -> N_m, in order)
-        gives the shapes. ``visible``: int ``[B, M]``.
+        gives the shapes. ``visible``: int ``[B, M]``. ``progress``: position in the run in
+        [0, 1], needed by curriculum strategies (:attr:`uses_progress`, e.g. ``hpm``).
         """
         B = visible.shape[0]
         dev = visible.device
@@ -134,7 +141,8 @@ class MaskingPolicy:
             guided = draw("uniform", (B,), dev, generator) < self.prob
         if scores is None:  # score-free strategy: only shapes matter
             scores = self._dummy(num_tokens, B, dev)
-        out = make_masks(self.strategy.name, scores, visible, generator, **self.params)
+        out = make_masks(self.strategy.name, scores, visible, generator, progress=progress,
+                         **self.params)
         if self.prob >= 1.0:
             return Masks(out.hidden, out.thrown, guided)
         rnd = self._random(scores, visible, generator, num_tokens, guided=False)

@@ -21,6 +21,7 @@ after every real token and is never hidden or visible.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -64,7 +65,8 @@ class Strategy:
     ``fn(key_input, n, hide, generator, **params) -> (hidden, thrown_or_None)`` works on padded
     stacks: ``key_input`` float ``[B, M, N_max]`` (``[B, M, H, N_max]`` if ``per_head``), ``n``
     int64 ``[M]`` token counts, ``hide`` int64 ``[B, M]`` = ``N_m - visible``; it returns bool
-    ``[B, M, N_max]`` masks (False on padding).
+    ``[B, M, N_max]`` masks (False on padding). A strategy with ``uses_progress`` (a curriculum)
+    also gets ``progress``: the position in the run, 0 at the first step and 1 at the last.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Strategy:
     deterministic: bool = False  # True: the generator is not used (masks depend on scores only)
     origin: str = ""
     summary: str = ""
+    uses_progress: bool = False  # True: fn takes ``progress`` in [0, 1] (see make_masks)
     # (N_m, v_min, v_max, params) -> (fewest, most) tokens of a modality with N_m tokens that a
     # sample with v_min..v_max of them visible gets thrown; None = (0, 0), the strategy throws
     # nothing. Lets the decoders and the losses size their tensors without reading the masks.
@@ -87,13 +90,14 @@ STRATEGIES: dict[str, Strategy] = {}
 def register_strategy(name: str, defaults: Mapping[str, Any] | None = None, *,
                       needs_scores: bool = True, per_head: bool = False,
                       deterministic: bool = False, origin: str = "",
-                      summary: str = "", thrown_range: Callable | None = None) -> Callable:
+                      summary: str = "", uses_progress: bool = False,
+                      thrown_range: Callable | None = None) -> Callable:
     """Decorator adding ``fn`` to :data:`STRATEGIES` under ``name`` with its parameter defaults."""
     def deco(fn: Callable) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"masking strategy {name!r} is already registered")
         STRATEGIES[name] = Strategy(name, fn, dict(defaults or {}), needs_scores, per_head,
-                                    deterministic, origin, summary, thrown_range)
+                                    deterministic, origin, summary, uses_progress, thrown_range)
         return fn
     return deco
 
@@ -168,14 +172,22 @@ def draw(kind: str, shape: tuple[int, ...], device: torch.device,
 # ----------------------------------------------------------------------------- entry points
 
 def make_masks(name: str, scores: Mapping[str, Tensor], visible: Tensor,
-               generator: torch.Generator | None = None, **params: Any) -> Masks:
+               generator: torch.Generator | None = None, *, progress: float | None = None,
+               **params: Any) -> Masks:
     """Masks from strategy ``name`` (see the module docstring for shapes and conventions).
 
+    ``progress``: position in the run in [0, 1] (step / total steps), required by curriculum
+    strategies (``Strategy.uses_progress``, e.g. ``hpm``) and ignored by the others.
     Raises ValueError for an unknown strategy or parameter, a wrong ``visible`` shape or range,
-    or non-finite scores for a score-driven strategy.
+    non-finite scores for a score-driven strategy, or a missing or non-finite ``progress``.
     """
     strat = get_strategy(name)
     p = check_params(name, params)
+    if strat.uses_progress:
+        if progress is None or not math.isfinite(float(progress)):
+            raise ValueError(f"masking strategy {name!r} follows the run's progress: pass "
+                             f"progress in [0, 1] (got {progress})")
+        p["progress"] = min(max(float(progress), 0.0), 1.0)
     mods = list(scores)
     if not mods:
         raise ValueError("make_masks needs at least one modality in scores")

@@ -235,6 +235,27 @@ class MultiMAE(nn.Module):
         sizes = [t.shape[1] for t in tokens.values()]
         return dict(zip(tokens.keys(), probs.split(sizes, dim=-1)))
 
+    @torch.no_grad()
+    def encoder_features(self, x: Mapping[str, torch.Tensor]) -> TensorDict:
+        """Last-layer encoder features of an unmasked pass (every block in full); no grad.
+
+        ``x``: raw inputs or tokens, as for :meth:`attention_scores`; eval mode likewise.
+        Returns dict modality -> ``[B, N_m, D]`` (global tokens dropped), canonical order.
+        The cost of a plain inference forward (what the loss-prediction score source reads).
+        """
+        tokens = self._as_tokens(x) if self.is_token_dict(x) else self.embed(x)
+        z = self._with_global(torch.cat([t.detach() for t in tokens.values()], dim=1))
+        training = self.encoder.training
+        if training:
+            self.encoder.eval()
+        try:
+            z = self.encoder(z)
+        finally:
+            if training:
+                self.encoder.train()
+        sizes = [t.shape[1] for t in tokens.values()]
+        return dict(zip(tokens.keys(), z[:, :sum(sizes)].split(sizes, dim=1)))
+
     # ------------------------------------------------------------------ masked pass
     def _visible_ids(self, tokens: Tokens, hidden: Mapping[str, torch.Tensor],
                      thrown: Optional[Mapping[str, torch.Tensor]], num_visible: int | None = None) -> torch.Tensor:

@@ -101,17 +101,22 @@ def build_policy(cfg: PretrainConfig):
     return build_masker(section, list(cfg.model.in_modalities))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms (1-D tensors) and ``no_weight_decay()`` names."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None
+                 ) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms (1-D tensors) and ``no_weight_decay()`` names.
+
+    ``extra``: another module trained alongside (the loss predictor), same rule, same two groups.
+    """
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    for module in (model,) if extra is None else (model, extra):
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip):
+                no_decay.append(p)
+            else:
+                decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
