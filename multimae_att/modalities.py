@@ -49,7 +49,7 @@ SEMSEG_NUM_CLASSES = 133  # COCO panoptic classes of MultiMAE's pseudo labels
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How one output is scored (:mod:`multimae_att.losses`): ``mse``, ``l1`` or ``ce`` per
+    """How one output is scored (:mod:`multimae_att.pretrain.losses`): ``mse``, ``l1`` or ``ce`` per
     pixel, averaged per token patch; ``norm_pix``: the target is standardised per patch first
     (MAE's normalised pixels); ``ignore_index``: ``ce`` pixels with this label count as 0."""
 

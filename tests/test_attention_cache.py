@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimae_att.attention_cache import MISSING, AttentionCache, crop_affine
+from multimae_att.scoring.cache import MISSING, AttentionCache, crop_affine
 
 
 def linear(y, x):
@@ -281,7 +281,7 @@ def test_refresh_from_full_image_batches_fills_every_map(tmp_path):
     full = full_batch(IDS, SIZES)
     full.update({m: torch.zeros(len(IDS), 1) for m in MODS})
     model = _PatternModel(full, (14, 14))
-    from multimae_att.attention_cache import refresh_cache
+    from multimae_att.scoring.cache import refresh_cache
 
     assert refresh_cache(cache, model, [full], epoch=20, layer=-1) == len(IDS)
     crops = random_crops(np.random.default_rng(5), IDS, SIZES)

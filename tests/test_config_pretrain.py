@@ -70,11 +70,11 @@ def test_defaults_agree_with_the_code_they_configure():
     assert AdaptiveConfig().relative_to_initial is True
     attg = AttGConfig()
     assert (attg.tau0, attg.tau_end, attg.normalize) == (0.75, 1.5, False)   # increasing, as the paper
+    from multimae_att.masking.planner import MaskPlanner
     from multimae_att.pretrain.config import LossPredictorConfig
-    from multimae_att.pretrain.step import MaskPlanner
     share = inspect.signature(MaskPlanner).parameters["cached_train_share"].default
     assert LossPredictorConfig().cached_train_share == share
-    from multimae_att.loss_prediction import LossPredictor
+    from multimae_att.scoring.loss_prediction import LossPredictor
     assert LossPredictorConfig().hidden == inspect.signature(LossPredictor).parameters["hidden"].default
     hp = inspect.signature(hpm).parameters
     from multimae_att.masking import STRATEGIES

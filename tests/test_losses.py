@@ -9,10 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import multimae_att.losses as losses_mod
-
-from multimae_att.losses import (LossSpec, attg_weights, counted_patch_losses, masked_loss,
-                                 masked_mean, multimodal_loss)
+import multimae_att.pretrain.losses as losses_mod
+from multimae_att.pretrain.losses import (
+    LossSpec,
+    attg_weights,
+    counted_patch_losses,
+    masked_loss,
+    masked_mean,
+    multimodal_loss,
+)
 
 torch.set_num_threads(1)
 

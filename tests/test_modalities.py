@@ -50,8 +50,7 @@ def test_lookups_name_the_nearest_entry():
 def test_losses_read_the_table_with_multimae_s_losses():
     """The losses each output gets (MultiMAE's: MSE on rgb, MSE on per-patch normalised rgb, L1 on
     depth, cross-entropy on semseg) and the mask each reads come from the table."""
-    from multimae_att import losses
-
+    from multimae_att.pretrain import losses
     assert {name: dataclasses.astuple(spec) for name, spec in losses.DEFAULT_SPECS.items()} == {
         "rgb": ("mse", False, -100), "norm_rgb": ("mse", True, -100), "depth": ("l1", False, -100),
         "semseg": ("ce", False, -100)}

@@ -202,6 +202,7 @@ def test_attention_cache_feeds_the_step(tmp_path, data_root):
 
 def test_attg_from_precomputed_maps(tmp_path, data_root):
     import shutil
+
     from PIL import Image
 
     root = tmp_path / "with_maps"
@@ -222,8 +223,8 @@ def test_masks_do_not_depend_on_world_size(data_root, strategy):
     # The rows a process keeps from the global draw equal the 1-process masks of its samples.
     from multimae_att.data import build_loader
     from multimae_att.masking import MaskingPolicy
+    from multimae_att.masking.planner import MaskPlanner
     from multimae_att.model import create_pretrain_model
-    from multimae_att.pretrain.step import MaskPlanner
 
     model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
     mods = ["rgb", "depth", "semseg"]

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from multimae_att.attention_cache import MISSING, AttentionCache
-from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point
 from test_pretrain import data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
 from test_resume import ENV, comparable_metrics, kill_once_logged, pretrain_command
+
+from multimae_att.scoring.cache import MISSING, AttentionCache
+from multimae_att.scoring.refresh import REFRESH_RECORD, refresh_point
 
 STEPS = 12  # 16 samples, 2 per micro-batch, 2 micro-batches per step: 4 steps per epoch
 

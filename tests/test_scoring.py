@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multimae_att.loss_prediction import LossPredictor
-from multimae_att.masking import STRATEGIES, Masks, MaskingPolicy, sample_budgets, validate
+from multimae_att.masking import STRATEGIES, MaskingPolicy, Masks, sample_budgets, validate
+from multimae_att.masking.planner import MaskPlanner
 from multimae_att.model import create_pretrain_model
-from multimae_att.pretrain.step import MaskPlanner
-from multimae_att.scoring import (AttentionScores, PredictedLossScores, build_score_source, head_minmax,
-                                  loss_strengths)
+from multimae_att.scoring.loss_prediction import LossPredictor
+from multimae_att.scoring.sources import (
+    AttentionScores,
+    PredictedLossScores,
+    build_score_source,
+    head_minmax,
+    loss_strengths,
+)
 
 MODS = ["rgb", "depth", "semseg"]
 

@@ -3,9 +3,9 @@ decoders and losses give the same result when padded to it as when sized by the 
 import pytest
 import torch
 
-from multimae_att.losses import LossSpec, counted_patch_losses
 from multimae_att.masking import MaskingPolicy, sample_budgets
 from multimae_att.model import create_pretrain_model
+from multimae_att.pretrain.losses import LossSpec, counted_patch_losses
 
 N = {"rgb": 16, "depth": 16, "semseg": 16}
 

@@ -1,7 +1,7 @@
 """The timed cases of the benchmark, all on one model, one batch and one device.
 
 Training steps go through the runner's own step (:func:`multimae_att.pretrain.step.forward_loss`
-with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and AdamW, as in
+with a :class:`~multimae_att.masking.planner.MaskPlanner`), then backward and AdamW, as in
 ``run_pretrain.py`` minus Accelerate's bookkeeping (bf16 via ``torch.autocast``, as Accelerate does).
 
 | case | what runs |
@@ -32,18 +32,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multimae_att.attention_cache import AttentionCache, refresh_cache
 from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
 from multimae_att.bench.timing import median, synchronize
-from multimae_att.loss_prediction import LossPredictor
 from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
+from multimae_att.masking.planner import MaskPlanner
 from multimae_att.model.attention import ATTENTION_MODES, set_fused
 from multimae_att.model.compile import compile_model
 from multimae_att.optim import build_adamw
 from multimae_att.pretrain.config import LossConfig
 from multimae_att.pretrain.setup import param_groups
-from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
-from multimae_att.scoring import PredictedLossScores
+from multimae_att.pretrain.step import PretrainModule, forward_loss
+from multimae_att.scoring.cache import AttentionCache, refresh_cache
+from multimae_att.scoring.loss_prediction import LossPredictor
+from multimae_att.scoring.sources import PredictedLossScores
 
 AMT_THROW_RATIO = 0.40
 
@@ -227,7 +228,7 @@ def cache_hit_rates(p: Preset, epochs: int = 8, samples: int = 256, seed: int = 
 
     Geometry only (constant scores): each epoch draws the data pipeline's random-resized crop and
     flip per sample, looks it up, and writes the missing ones back, as the runner's
-    :class:`~multimae_att.pretrain.step.MaskPlanner` does. Epoch 0 is all misses by definition.
+    :class:`~multimae_att.masking.planner.MaskPlanner` does. Epoch 0 is all misses by definition.
     """
     import tempfile
 

@@ -27,7 +27,7 @@ from torch import nn
 from multimae_att.device_checks import check
 from multimae_att.model.attention import check_attention_mode, set_fused, use_fused
 from multimae_att.model.output_adapters import drop_path_rates
-from multimae_att.model.readout import readout_attention
+from multimae_att.scoring.readout import readout_attention
 
 TensorDict = Dict[str, torch.Tensor]
 

@@ -83,7 +83,7 @@ class DataConfig:
 
 @dataclass
 class AttentionCacheConfig:
-    """The crop-aware attention cache (``multimae_att.attention_cache``): scores of earlier
+    """The crop-aware attention cache (``multimae_att.scoring.cache``): scores of earlier
     passes, kept over the source image, instead of a scoring pass every step (defaults off)."""
 
     enabled: bool = False
@@ -96,7 +96,7 @@ class AttentionCacheConfig:
     refresh_every: int | None = setting(40, ge=1)   # all maps expire at multiples of this many epochs (null: never)
     max_age: int | None = setting(None, ge=1)       # a cell older than this many epochs is stale (null: never)
     # full: a full-image scoring pass over the training split at the start of each refresh window
-    # (multimae_att.attention_cache.refresh_cache), so every lookup hits and resume stays bit-exact;
+    # (multimae_att.scoring.cache.refresh_cache), so every lookup hits and resume stays bit-exact;
     # crops: no such pass, each step's crop pass writes its misses back (fewer hits; a resumed run
     # may see writes made after its saved state, so it is not bit-exact)
     refresh: Literal["full", "crops"] = "full"
@@ -122,7 +122,7 @@ class AdaptiveConfig:
 @dataclass
 class LossPredictorConfig:
     """The loss-prediction head of ``masking.score_source=predicted_loss``
-    (:class:`multimae_att.loss_prediction.LossPredictor`)."""
+    (:class:`multimae_att.scoring.loss_prediction.LossPredictor`)."""
 
     hidden: int = setting(32, ge=0)                      # MLP width; 0: LayerNorm + linear
     cached_train_share: float = setting(0.0625, ge=0, le=1)  # with masking.cache: samples that train it
@@ -190,7 +190,7 @@ class AttGConfig:
 
 @dataclass
 class LossConfig:
-    """Masked reconstruction losses (``multimae_att.losses``; one per output, the modality table's
+    """Masked reconstruction losses (``multimae_att.pretrain.losses``; one per output, the modality table's
     loss spec)."""
 
     # weight of each output's loss in the total: rgb, norm_rgb, depth, semseg
@@ -349,7 +349,8 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
     length only without AttG and curriculum strategies) or that exist on one side only (an older
     or newer schema). Built on :func:`multimae_att.config.resume_config_changes`.
     """
-    from multimae_att.config import config_to_dict, resume_config_changes as changes
+    from multimae_att.config import config_to_dict
+    from multimae_att.config import resume_config_changes as changes
     from multimae_att.masking import STRATEGIES
 
     sections = tuple(f"{s}*" for s in RESUME_FREE_SECTIONS)

@@ -34,7 +34,7 @@ under that crop (cells within one cell of the crop, so a later read of the same 
 a full-image pass (``crop_box`` = the whole source, ``flip`` False) fills it all. A full-image pass
 is the better source (complete coverage, one pass per refresh, as AMT does every 40 epochs): the
 runner runs :func:`refresh_cache` over whole training images at the start of each refresh window
-(``masking.cache.refresh=full``, default; :mod:`multimae_att.pretrain.cache`). With
+(``masking.cache.refresh=full``, default; :mod:`multimae_att.scoring.refresh`). With
 ``refresh=crops`` it runs no such pass and the training step's own crop passes fill the cache.
 
 Freshness: a cell is fresh at epoch e when it was written at epoch s with ``e - s < max_age``

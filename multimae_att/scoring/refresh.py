@@ -1,7 +1,7 @@
 """The runner's side of the attention cache (``masking.cache.*``): creation and full-image refreshes.
 
 With ``masking.cache.refresh=full`` (default) the maps come from a full-image scoring pass over
-the training split (:func:`multimae_att.attention_cache.refresh_cache`, an evaluation-mode loader
+the training split (:func:`multimae_att.scoring.cache.refresh_cache`, an evaluation-mode loader
 with ``eval_full_image=True``: crop box = the whole source, no flip) at the start of every
 refresh window. Every later lookup in that window hits, so training writes nothing to the cache.
 
@@ -33,8 +33,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from multimae_att.pretrain.config import PretrainConfig
 from multimae_att.atomic import write_text_atomic
+from multimae_att.pretrain.config import PretrainConfig
 
 __all__ = ["build_cache", "refresh_point", "window_end", "window_reads_cache", "CacheRefresher",
            "REFRESH_RECORD"]
@@ -47,7 +47,7 @@ def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
     c = cfg.masking.cache
     if not c.enabled:
         return None
-    from multimae_att.attention_cache import AttentionCache
+    from multimae_att.scoring.cache import AttentionCache
 
     path = Path(c.path or Path(cfg.output_dir) / "attention_cache")
     if accelerator.is_main_process and not (path / "meta.json").exists():
@@ -164,15 +164,15 @@ class CacheRefresher:
     def _refresh(self, step: int, epoch: int, point: int) -> None:
         import torch
 
-        from multimae_att.attention_cache import refresh_cache
         from multimae_att.pretrain.setup import build_refresh_loader
         from multimae_att.pretrain.step import model_inputs
+        from multimae_att.scoring.cache import refresh_cache
 
         acc = self.accelerator
         if acc.is_main_process:
             self.record_file.unlink(missing_ok=True)  # an interrupted refresh leaves no record
         # Each process scores a disjoint share of the samples of its node (the cache directory
-        # is per node, see multimae_att.attention_cache): local rank / local world size.
+        # is per node, see multimae_att.scoring.cache): local rank / local world size.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         loader = build_refresh_loader(self.cfg, acc.local_process_index, local_world)
         loader.set_epoch(0)
