@@ -103,7 +103,7 @@ def diagnose(model_cfg, checkpoint: str, data: str, split: str = "val",
     sums: dict[tuple, torch.Tensor] = {}
     counts: dict[tuple, torch.Tensor] = {}
     fg_tokens = {m: torch.zeros((), dtype=torch.float64) for m in mods}
-    all_tokens = {m: 0 for m in mods}
+    all_tokens = dict.fromkeys(mods, 0)
     images = 0
     for batch in loader:
         if max_images is not None and images >= max_images:

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_finetune_cli import SMALL, run_finetune
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli
 
 from multimae_att.run.metrics_log import MetricsLogger
-from test_finetune_cli import SMALL, run_finetune
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

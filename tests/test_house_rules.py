@@ -1,6 +1,11 @@
-"""House rules of the repository: its text points only at files that are in it."""
+"""House rules of the repository: its text points only at files that are in it, and ruff is clean."""
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _TEXT = ("*.py", "*.md", "*.yaml", "*.sh", "*.cfg", "*.toml")
@@ -33,3 +38,12 @@ def test_referenced_repository_files_exist():
     missing = [f"{rel}: {m.group(1)}" for rel, text in _files() for m in path.finditer(text)
                if m.group(1) not in _PLACEHOLDERS and not (ROOT / m.group(1)).exists()]
     assert not missing, "references to files that do not exist:\n" + "\n".join(missing)
+
+
+def test_ruff_is_clean():
+    """Lint and import order as configured in pyproject.toml (ruff comes with the test extra)."""
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -c constraints.txt -e '.[test]')")
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "."], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config  # noqa: F401  (shared fixtures)
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.masking import MaskingPolicy
 from multimae_att.scoring.refresh import REFRESH_RECORD, refresh_point, window_end, window_reads_cache

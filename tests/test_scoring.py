@@ -71,7 +71,7 @@ def test_predicted_loss_source_is_softmax_of_head_on_full_pass(tiny):
     model, tokens = tiny
     head = LossPredictor(MODS, model.dim_tokens)
     out = PredictedLossScores(head)(model, tokens)
-    z = model._with_global(torch.cat([t for t in tokens.values()], 1))
+    z = model._with_global(torch.cat(list(tokens.values()), 1))
     with torch.no_grad():
         z = model.encoder(z)                                  # the plain forward, every block
     start = 0

@@ -6,16 +6,23 @@ with a :class:`~multimae_att.masking.planner.MaskPlanner`), then backward and Ad
 
 | case | what runs |
 |---|---|
-| ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss, backward, AdamW) |
+| ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss,
+  backward, AdamW) |
 | ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
 | ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
-| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused whatever ``--attn``) |
-| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a full-image refresh pass, as the runner) |
+| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the
+  floor (fused whatever ``--attn``) |
+| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a
+  full-image refresh pass, as the runner) |
 | ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
 | ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
-| ``hpm_step`` | ``hpm`` masks (HPM's final share, 0.5) on predicted losses from a fresh no-mask pass + loss-prediction head; the head's ranking loss trained in the step |
-| ``cached_hpm_step`` | the same on predicted losses read from the cache (filled by a full-image refresh); no sample's no-mask pass for the head (its expected cost, ``masking.loss_predictor.cached_train_share`` of a pass, is added in a derived ratio) |
-| ``upstream_random_step`` | with ``--vs-upstream``: the original MultiMAE's step on the same batch and weights (:mod:`multimae_att.bench.upstream`) |
+| ``hpm_step`` | ``hpm`` masks (HPM's final share, 0.5) on predicted losses from a fresh no-mask pass +
+  loss-prediction head; the head's ranking loss trained in the step |
+| ``cached_hpm_step`` | the same on predicted losses read from the cache (filled by a full-image
+  refresh); no sample's no-mask pass for the head (its expected cost,
+  ``masking.loss_predictor.cached_train_share`` of a pass, is added in a derived ratio) |
+| ``upstream_random_step`` | with ``--vs-upstream``: the original MultiMAE's step on the same batch and
+  weights (:mod:`multimae_att.bench.upstream`) |
 
 The attention kernel of each pass follows ``attn`` (``auto``: the runner's default, chosen per
 pass by :meth:`MultiMAE.set_attention`); ``compile`` compiles the encoder blocks and decoders as
@@ -26,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -81,7 +88,7 @@ class BenchCases:
         self.loss_weights = LossConfig().weights
         self.batch = synthetic_batch(p, device, seed)
         self.inputs = {m: self.batch[m] for m in MODALITIES}
-        self.grids = {m: p.grid for m in MODALITIES}
+        self.grids = dict.fromkeys(MODALITIES, p.grid)
         self.num_tokens = [p.grid[0] * p.grid[1]] * len(MODALITIES)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.cache = AttentionCache.create(cache_dir, self.batch["sample_id"], MODALITIES, grid=p.cache_grid,
@@ -246,7 +253,7 @@ def cache_hit_rates(p: Preset, epochs: int = 8, samples: int = 256, seed: int = 
             batch = {"sample_id": ids, "crop_box": torch.tensor([g.box for g in geoms]),
                      "flip": torch.tensor([g.flip for g in geoms]),
                      "source_size": torch.tensor([src] * samples)}
-            _, valid = cache.lookup(batch, {m: p.grid for m in MODALITIES}, epoch)
+            _, valid = cache.lookup(batch, dict.fromkeys(MODALITIES, p.grid), epoch)
             rates.append(float(valid.float().mean()))
             missing = (~valid).nonzero().squeeze(1)
             ones = {m: torch.ones(len(missing), n) for m in MODALITIES}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 from PIL import Image
 
@@ -22,7 +21,7 @@ MODALITIES = IMAGE_MODALITIES + ("cls",)
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
 _LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 
-Source = Union[bytes, str, os.PathLike]
+Source = bytes | str | os.PathLike
 
 
 class CorruptSample(Exception):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     """
     if not images:
         raise ValueError("a sample needs at least one image modality")
-    check_labels(images, cls, cfg, where or {m: sample_id for m in (*images, "cls")})
+    check_labels(images, cls, cfg, where or dict.fromkeys((*images, "cls"), sample_id))
     ref = next(m for m in MODALITIES if m in images)   # table order: rgb first
     src_w, src_h = images[ref].size
     for modality, image in images.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.modalities import MODEL_MODALITIES
@@ -71,7 +71,7 @@ class ModelConfig:
 class HeadConfig:
     """Task head. semseg: ``kind`` convnext (default) or dpt; depth: dpt; cls: linear."""
     kind: Literal["auto", "linear", "convnext", "dpt"] = "auto"   # auto: by task
-    main_modalities: Optional[list[str]] = None        # tokens the head reads; None = all inputs
+    main_modalities: list[str] | None = None        # tokens the head reads; None = all inputs
     embed_dim: int = setting(6144, ge=1)                # convnext
     preds_per_patch: int = setting(16, ge=1)            # convnext: a square dividing embed_dim
     depth: int = setting(4, ge=1)                       # convnext: blocks
@@ -91,7 +91,7 @@ class DataConfig:
     layout: Literal["auto", "folder", "shards"] = "auto"    # auto: by what data.root holds
     image_size: int = setting(224, ge=1, le=4096)   # px (the bound catches typos)
     batch_size: int = setting(128, ge=1)      # per process and micro-batch
-    eval_batch_size: Optional[int] = setting(None, ge=1)     # None = batch_size
+    eval_batch_size: int | None = setting(None, ge=1)     # None = batch_size
     num_workers: int = setting(8, ge=0)                     # DataLoader workers per process
     crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1)   # rrc: share of the area (min, max)
     hflip: float = setting(0.5, ge=0, le=1)                 # flip probability
@@ -108,7 +108,7 @@ class DataConfig:
     # at image_size, targets resized with it (nearest); letterbox (multimae): longest side to
     # image_size + padding, scored at that size with the padding ignored; auto: by protocol/task
     eval_mode: Literal["auto", "full", "center_crop", "letterbox"] = "auto"
-    max_eval_samples: Optional[int] = setting(None, ge=1)   # evaluate on a seed-0 permutation's first N (folder layout)
+    max_eval_samples: int | None = setting(None, ge=1)   # evaluate on a seed-0 permutation's first N (folder layout)
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
     # A corrupt evaluation sample (unreadable file, label outside [0, task.num_classes)): error =
     # stop naming the file; skip = leave it out of the metrics, list it in metrics.json
@@ -126,16 +126,16 @@ class DataConfig:
 class OptimConfig:
     """AdamW with layer-wise LR decay. lr = ``lr`` if set, else ``blr * global_batch / 256``."""
     blr: float = setting(5e-4, gt=0)                 # lr per 256 samples of global batch
-    lr: Optional[float] = setting(None, gt=0)         # absolute lr; null: from blr
+    lr: float | None = setting(None, gt=0)         # absolute lr; null: from blr
     min_lr: float = setting(1e-6, ge=0)               # end of the cosine
     warmup_epochs: float = setting(5.0, ge=0)         # linear warm-up
     weight_decay: float = setting(0.05, ge=0)         # not on 1-d parameters and no_weight_decay() names
     layer_decay: float = setting(0.65, gt=0, le=1)    # lr x layer_decay ** (layers above), head last
     betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)   # AdamW
     eps: float = setting(1e-8, gt=0)                  # AdamW
-    clip_grad: Optional[float] = setting(None, gt=0)  # max gradient norm; null: no clipping
+    clip_grad: float | None = setting(None, gt=0)  # max gradient norm; null: no clipping
     accum_steps: int = setting(1, ge=1)               # micro-batches per optimizer step
-    recipe_global_batch: Optional[int] = setting(None, ge=1)   # processes x batch x accum the recipe is for (warns if not)
+    recipe_global_batch: int | None = setting(None, ge=1)   # processes x batch x accum the recipe is for (warns if not)
 
 
 @dataclass
@@ -143,13 +143,13 @@ class TrainConfig:
     """Run length, evaluation, seed, precision and training states (Accelerate)."""
 
     epochs: float = setting(100.0, ge=0)                    # 0: evaluate only
-    max_steps: Optional[int] = setting(None, ge=0)   # stop after this many optimizer steps (0: evaluate only)
+    max_steps: int | None = setting(None, ge=0)   # stop after this many optimizer steps (0: evaluate only)
     eval_every: int = setting(1, ge=1)                      # epochs between evaluations (and the last one)
-    max_eval_batches: Optional[int] = setting(None, ge=1)   # smoke tests only: evaluate on a prefix
+    max_eval_batches: int | None = setting(None, ge=1)   # smoke tests only: evaluate on a prefix
     seed: int = setting(0, ge=0)                 # every random draw is a function of (seed, position)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"   # autocast
     cpu: bool = False                            # run on the CPU even where a GPU is
-    find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
+    find_unused_parameters: bool | None = None       # None = True for DPT heads
     save_every: int = setting(0, ge=0)        # optimizer steps between training states (0 = epoch ends)
     keep_last: int = setting(2, ge=1)
     # attention kernel: fused (SDPA) or explicit (softmax of the logits); auto: explicit only for
@@ -166,7 +166,7 @@ class InitConfig:
     """Where the encoder starts, and what a used run folder means (README Finetuning, Resume)."""
 
     # a published name (multimae-b), a URL or a path: ours or MultiMAE's, MultiMAE or timm layout
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     resume: bool = True                       # continue from output_dir's latest training state
     allow_config_change: bool = False         # resume even if result-changing keys differ (README Resume)
     overwrite: bool = False                   # start over in a used output_dir (old contents -> previous-<time>/)
@@ -308,12 +308,13 @@ RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers"
 def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     """``(blocking, notes)`` for a finetune resume from a state saved with config dict ``saved``
     (see :func:`multimae_att.run.resume.resume_config_changes`)."""
-    from multimae_att.config import config_to_dict, resume_config_changes as changes
+    from multimae_att.config import config_to_dict
+    from multimae_att.config import resume_config_changes as changes
 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))
 
 
-def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
+def load_finetune_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()
                          ) -> FinetuneConfig:
     """Schema defaults <- YAML ``path`` <- ``overrides``; raises :class:`ConfigError`."""
     return load_config(FinetuneConfig, path, overrides)

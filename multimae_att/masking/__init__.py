@@ -13,10 +13,10 @@ The pretraining step's :class:`~multimae_att.masking.planner.MaskPlanner` (score
 budgets -> masks for one micro-batch) is in :mod:`multimae_att.masking.planner`,
 imported on its own (it needs the model).
 """
-from multimae_att.masking import guided as _guided  # noqa: F401,E402  (registers the strategies)
-from multimae_att.masking import hpm as _hpm  # noqa: F401,E402  (registers 'hpm')
+from multimae_att.masking import guided as _guided  # noqa: F401  (registers the strategies)
+from multimae_att.masking import hpm as _hpm  # noqa: F401  (registers 'hpm')
 from multimae_att.masking.budgets import AdaptiveAlpha, expected_shares, sample_budgets, sample_shares, shares_to_counts
-from multimae_att.masking.policy import MaskingPolicy, build_masker  # noqa: E402
+from multimae_att.masking.policy import MaskingPolicy, build_masker
 from multimae_att.masking.strategies import (
     STRATEGIES,
     Masks,

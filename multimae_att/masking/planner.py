@@ -12,8 +12,9 @@ Process layout: local sample ``i`` of rank ``r`` is row ``i * W + r`` of the glo
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -47,17 +48,17 @@ class MaskPlan:
     """
 
     hidden: TensorDict
-    thrown: Optional[TensorDict]
-    scores: Optional[TensorDict]
+    thrown: TensorDict | None
+    scores: TensorDict | None
     visible: torch.Tensor
     guided: torch.Tensor
     denominators: dict[str, torch.Tensor]
     num_visible: int | None = None
     kept_range: dict[str, tuple[int, int]] | None = None
-    features: Optional[TensorDict] = None
-    feature_rows: Optional[torch.Tensor] = None
-    lossp_pairs: Optional[torch.Tensor] = None
-    lossp_pred: Optional[TensorDict] = None
+    features: TensorDict | None = None
+    feature_rows: torch.Tensor | None = None
+    lossp_pairs: torch.Tensor | None = None
+    lossp_pred: TensorDict | None = None
 
     def counted(self) -> TensorDict:
         """modality -> bool ``[B, N_m]``: hidden and not thrown (the tokens the loss reads)."""

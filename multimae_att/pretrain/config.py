@@ -8,7 +8,7 @@ value is checked before any work starts. See README "Pretraining" for the table 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.modalities import MODEL_MODALITIES, OUTPUTS
@@ -32,9 +32,9 @@ class ModelConfig:
     num_global_tokens: int = setting(1, ge=1)   # learned tokens appended to the encoder input
     drop_path_rate: float = setting(0.0, ge=0, lt=1)   # stochastic depth of the encoder blocks
     semseg_num_classes: int = setting(133, ge=1)   # labels must lie in [0, classes): semseg is an input
-    decoder_dim: Optional[int] = setting(None, ge=1)     # null: the size's default
-    decoder_depth: Optional[int] = setting(None, ge=1)   # null: the size's default
-    decoder_heads: Optional[int] = setting(None, ge=1)   # null: the size's default
+    decoder_dim: int | None = setting(None, ge=1)     # null: the size's default
+    decoder_depth: int | None = setting(None, ge=1)   # null: the size's default
+    decoder_heads: int | None = setting(None, ge=1)   # null: the size's default
 
     def __post_init__(self) -> None:
         known = MODEL_MODALITIES
@@ -71,10 +71,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = setting((0.2, 1.0), gt=0, le=1)   # share of the area: (min, max)
     hflip: float = setting(0.5, ge=0, le=1)         # flip probability
     standardize_depth: bool = True   # robust per-sample standardisation (input and target)
-    samples_per_epoch: Optional[int] = setting(None, ge=1)  # shards: per rank; None = from the shard index
+    samples_per_epoch: int | None = setting(None, ge=1)  # shards: per rank; None = from the shard index
     # semseg labels that are background for the masking diagnostics (foreground = the others;
     # synthetic scenes: [0, 1] = wall, floor); None = no foreground diagnostics
-    background_classes: Optional[list[int]] = setting(None, ge=0)
+    background_classes: list[int] | None = setting(None, ge=0)
 
     def __post_init__(self) -> None:
         if self.crop_scale[0] > self.crop_scale[1]:
@@ -135,7 +135,7 @@ class MaskingConfig:
     strategy: str = "high"       # a registered strategy (README Masking strategies)
     params: dict[str, Any] = field(default_factory=dict)   # e.g. {alpha: 0.5} for noisy
     num_encoded_tokens: int = setting(98, ge=1)     # visible tokens K, all modalities: < token count
-    alphas: Union[float, list[float]] = setting(1.0, gt=0)   # Dirichlet concentration(s)
+    alphas: float | list[float] = setting(1.0, gt=0)   # Dirichlet concentration(s)
     sample_tasks_uniformly: bool = False
     score_source: Literal["attention", "predicted_loss"] = "attention"   # what the strategies rank tokens by
     score_norm: Literal["none", "head_minmax"] = "none"   # attention: AMT's per-head min-max
@@ -206,13 +206,13 @@ class OptimConfig:
     """AdamW. lr = ``lr`` if set, else ``blr * global_batch / 256``; times ``lr_scale``."""
 
     blr: float = setting(1e-4, gt=0)             # lr per 256 samples of global batch
-    lr: Optional[float] = setting(None, gt=0)     # absolute lr; null: from blr
+    lr: float | None = setting(None, gt=0)     # absolute lr; null: from blr
     lr_scale: float = setting(1.0, gt=0)          # multiplies the lr
     min_lr: float = setting(0.0, ge=0)            # end of the cosine
     weight_decay: float = setting(0.05, ge=0)     # not on biases, norms and no_weight_decay() names
     betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)   # AdamW
     eps: float = setting(1e-8, gt=0)              # AdamW
-    clip_grad: Optional[float] = setting(None, gt=0)   # max gradient norm; null: no clipping
+    clip_grad: float | None = setting(None, gt=0)   # max gradient norm; null: no clipping
     # micro-batches per optimizer step: global batch = data.batch_size x processes x accum_steps
     accum_steps: int = setting(1, ge=1)
 
@@ -240,7 +240,7 @@ class TrainConfig:
     """Run length, seed, precision and training states (Accelerate)."""
 
     epochs: float = setting(100.0, gt=0)         # run length, epochs of the training split
-    max_steps: Optional[int] = setting(None, ge=0)   # stop after this many optimizer steps (0: export the init)
+    max_steps: int | None = setting(None, ge=0)   # stop after this many optimizer steps (0: export the init)
     seed: int = setting(0, ge=0)                 # every random draw is a function of (seed, position)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"   # autocast (bf16 also on CPU)
     cpu: bool = False                            # run on the CPU even where a GPU is
@@ -262,7 +262,7 @@ class InitConfig:
 
     # a published name (multimae-b, README From the public checkpoint), a URL or a path to a
     # MultiMAE or exported checkpoint; null: random initialisation
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     load_optimizer: bool = True              # when the file has a compatible optimizer state
     resume: bool = True                      # continue from output_dir's latest training state
     allow_config_change: bool = False        # resume even if result-changing keys differ (README Resume)
@@ -360,7 +360,7 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
                    quiet_missing=sections, whole=_RESUME_WHOLE)
 
 
-def load_pretrain_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
+def load_pretrain_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()
                          ) -> PretrainConfig:
     """Schema defaults <- YAML ``path`` <- ``overrides``; raises :class:`ConfigError`."""
     return load_config(PretrainConfig, path, overrides)

@@ -129,9 +129,14 @@ def load_init_checkpoint(model: nn.Module, spec: str) -> dict | None:
     :mod:`multimae_att.checkpoint`'s (positional grids are resized to ``data.image_size``). A
     file for another architecture raises :class:`ConfigError` listing the differences.
     """
-    from multimae_att.checkpoint import (CheckpointKeyError, UnreadableCheckpointError,
-                                         UnsafeCheckpointError, load_checkpoint, load_weights,
-                                         model_state)
+    from multimae_att.checkpoint import (
+        CheckpointKeyError,
+        UnreadableCheckpointError,
+        UnsafeCheckpointError,
+        load_checkpoint,
+        load_weights,
+        model_state,
+    )
     from multimae_att.hub import CheckpointHashError, resolve_checkpoint
 
     try:

@@ -17,8 +17,9 @@ Process layout: local sample ``i`` of rank ``r`` is row ``i * W + r`` of the glo
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def attg_scores_from_data(batch: Mapping[str, Any], grids: Mapping[str, tuple[in
 def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlanner, *,
                  epoch: float, generator: torch.Generator, in_modalities: list[str],
                  standardize_depth: bool, loss_weights: Mapping[str, float],
-                 specs: Mapping[str, LossSpec] | None = None, attg: Optional[str] = None,
+                 specs: Mapping[str, LossSpec] | None = None, attg: str | None = None,
                  tau: float = 0.75, attg_normalize: bool = False, want_scores: bool = False,
                  loss_prediction_weight: float = 1.0,
                  device: torch.device | None = None) -> StepResult:

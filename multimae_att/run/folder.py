@@ -11,8 +11,9 @@ Both runners write the same layout into ``output_dir``::
 
 :func:`run_status` says which of three states a folder is in: *empty* (nothing to resume or
 report: no training state, no results), *in progress* (training states, no complete results) or
-*finished* (``metrics.json`` and every exported file it lists under ``outputs``). The study runner and ``python -m multimae_att.show`` use it to
-skip finished runs and to report on a folder; the runners use it to decide between a fresh
+*finished* (``metrics.json`` and every exported file it lists under ``outputs``). The study runner
+and ``python -m multimae_att.show`` use it to skip finished runs
+and to report on a folder; the runners use it to decide between a fresh
 start, a resume and "nothing to do".
 """
 from __future__ import annotations

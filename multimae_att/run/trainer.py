@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -359,7 +360,7 @@ class Run:
         step = self.step
         started, first = time.perf_counter(), step
         while step < job.total_steps:
-            job.before_step(step, lambda: self.save(step, job))
+            job.before_step(step, lambda step=step: self.save(step, job))
             lr = job.lr(step)
             for group in job.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)

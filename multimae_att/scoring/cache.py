@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ class AttentionCache:
     @classmethod
     def create(cls, path: str | os.PathLike, sample_ids: Sequence[str], modalities: Sequence[str],
                grid: int = 32, dtype: str = "float16", normalize: bool = True,
-               overwrite: bool = False, source: str = "attention", **kwargs) -> "AttentionCache":
+               overwrite: bool = False, source: str = "attention", **kwargs) -> AttentionCache:
         """Create an empty cache (all cells ``MISSING``) for ``sample_ids``; main process only.
 
         ``sample_ids`` fixes the rows (row i = ``sample_ids[i]``); duplicates are an error.

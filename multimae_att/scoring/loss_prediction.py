@@ -23,7 +23,7 @@ learned (by the BCE on the order of each pair, HPM's "relative" loss).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

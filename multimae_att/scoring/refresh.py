@@ -31,7 +31,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from multimae_att.atomic import write_text_atomic
 from multimae_att.pretrain.config import PretrainConfig
@@ -67,7 +67,7 @@ def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
     return cache
 
 
-def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[int]) -> int:
+def refresh_point(epoch: int, refresh_every: int | None, max_age: int | None) -> int:
     """First epoch of the refresh window holding ``epoch`` (see the module docstring)."""
     base, rest = 0, epoch
     if refresh_every is not None:
@@ -77,7 +77,7 @@ def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[in
     return base
 
 
-def window_end(point: int, refresh_every: Optional[int], max_age: Optional[int]) -> float:
+def window_end(point: int, refresh_every: int | None, max_age: int | None) -> float:
     """First epoch after the window that starts at ``point`` (``inf`` without either limit)."""
     ends = [math.inf]
     if refresh_every is not None:
@@ -113,18 +113,18 @@ class CacheRefresher:
     """
 
     def __init__(self, cfg: PretrainConfig, cache: Any, model: Any, accelerator: Any,
-                 resumed_step: Optional[int], policy: Any = None, last_epoch: float = math.inf,
+                 resumed_step: int | None, policy: Any = None, last_epoch: float = math.inf,
                  source: Any = None) -> None:
         self.cfg, self.cache, self.model, self.accelerator = cfg, cache, model, accelerator
         self.source = source  # the run's score source (None: attention at masking.score_layer/query)
         self.policy, self.last_epoch = policy, last_epoch
         self.c = cfg.masking.cache
         self.record_file = Path(cache.path) / REFRESH_RECORD
-        self.done: Optional[int] = None   # window refreshed (or verified) in this process
+        self.done: int | None = None   # window refreshed (or verified) in this process
         self.resumed_step = resumed_step  # None: a fresh start (never trust an old record)
-        self.last_saved: Optional[int] = resumed_step
+        self.last_saved: int | None = resumed_step
 
-    def _record(self) -> Optional[dict]:
+    def _record(self) -> dict | None:
         try:
             return json.loads(self.record_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):

@@ -24,8 +24,9 @@ interface (``source(model, tokens_or_inputs, per_head=False)``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor

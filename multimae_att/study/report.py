@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multimae_att.study.collect import (BOOKKEEPING_COLUMNS, COST_COLUMNS, FIXED_COLUMNS, collect_rows,
-                                       loss_curve, write_csv)
+from multimae_att.study.collect import (
+    BOOKKEEPING_COLUMNS,
+    COST_COLUMNS,
+    FIXED_COLUMNS,
+    collect_rows,
+    loss_curve,
+    write_csv,
+)
 from multimae_att.study.config import StudyConfig
 from multimae_att.study.plan import Cell
 from multimae_att.study.records import read_invocations
