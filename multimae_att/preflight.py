@@ -89,7 +89,10 @@ def check_pretrain(cfg, print_fn: Callable[[str], None] = _print_once) -> None:
     """
     from multimae_att.model.factory import DECODER_SIZES, ENCODER_SIZES
 
-    check_data_root(cfg.data.root, {"data.split": cfg.data.split}, cfg.data.layout)
+    splits = {"data.split": cfg.data.split}
+    if cfg.log.heldout_split is not None and cfg.masking.score_source == "predicted_loss":
+        splits["log.heldout_split"] = cfg.log.heldout_split    # the loss predictor's held-out images
+    check_data_root(cfg.data.root, splits, cfg.data.layout)
     if cfg.init.checkpoint:
         check_checkpoint(cfg.init.checkpoint)
     enc = ENCODER_SIZES[cfg.model.size]

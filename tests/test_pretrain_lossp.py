@@ -25,7 +25,7 @@ def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):
     recs = MetricsLogger.read(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
-        assert r["lossp/loss"] > 0 and -1 <= r["lossp/spearman"] <= 1
+        assert r["lossp/loss"] > 0 and -1 <= r["lossp/spearman_train"] <= 1
     state = TrainStateStore(out / "checkpoints").load_latest()
     assert set(state["loss_predictor"]) == {f"heads.{m}.{k}" for m in ("rgb", "depth", "semseg")
                                             for k in ("1.weight", "1.bias", "3.weight")}
@@ -45,14 +45,14 @@ def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):
 def test_resume_continues_the_predictor_exactly(tmp_path, data_root):
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 3, "save_every": 1})
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ("--config", str(cfg), "masking.strategy=high", *LOSSP)
+    args = ("--config", str(cfg), "masking.strategy=high", *LOSSP, "log.heldout_split=val")
     run_cli(*args, f"output_dir={full}")
     run_cli(*args, f"output_dir={cut}", "train.max_steps=2")
     run_cli(*args, f"output_dir={cut}")                                # resumes at step 2
     a, b = MetricsLogger.read(full / "metrics.jsonl"), MetricsLogger.read(cut / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
-    assert [a[-1][k] for k in ("loss", "lossp/loss", "lossp/spearman")] == \
-        [b[-1][k] for k in ("loss", "lossp/loss", "lossp/spearman")]
+    keys = ("loss", "lossp/loss", "lossp/spearman_train", "lossp/spearman")
+    assert [a[-1][k] for k in keys] == [b[-1][k] for k in keys]
     sa = TrainStateStore(full / "checkpoints").load_latest()
     sb = TrainStateStore(cut / "checkpoints").load_latest()
     assert all(torch.equal(sa["loss_predictor"][k], sb["loss_predictor"][k]) for k in sa["loss_predictor"])

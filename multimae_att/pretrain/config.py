@@ -276,6 +276,10 @@ class LogConfig:
     every: int = setting(10, ge=1)               # steps per metrics.jsonl record (means over them)
     pictures_every: int = setting(500, ge=0)     # steps between training pictures; 0 = never
     pictures_samples: int = setting(2, ge=1)     # samples (rows) per picture
+    # held-out check of the loss predictor (masking.score_source=predicted_loss): lossp/spearman in
+    # each record, on the first log.heldout_samples images of this split of data.root; null: off
+    heldout_split: str | None = setting(None, nonempty=True)
+    heldout_samples: int = setting(32, ge=1)     # images of log.heldout_split (whole, fixed masks)
     # trackers through Accelerate (metrics.jsonl is always written): tensorboard, wandb, mlflow, aim
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = setting(factory=lambda: ["tensorboard"])
     tensorboard: bool = True                 # deprecated: false drops tensorboard from log.trackers

@@ -26,6 +26,7 @@ from multimae_att.masking.planner import MaskPlanner
 from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
+from multimae_att.pretrain.heldout import build_heldout_ranking
 from multimae_att.pretrain.losses import LossSpec
 from multimae_att.pretrain.pictures import picture_info, save_pictures
 from multimae_att.pretrain.setup import (
@@ -102,6 +103,7 @@ def train(cfg: PretrainConfig) -> Path:
     if not run.begin(plan.total_steps):   # finished: nothing is touched
         return out
     job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy, source, predictor)
+    job.heldout = build_heldout_ranking(cfg, source, job.specs, acc.device, acc.autocast)
     run.restore(job)
     job.start_cache()
     run.fit(job)
@@ -123,7 +125,9 @@ class PretrainJob(Job):
     ``visible`` tokens per modality, ``thrown`` (AMT), ``guided_fraction``; at the logging step
     itself: ``alphas`` (adaptive budgets) and the masking diagnostics (:meth:`log_values`). Any
     other scalar a step returns under a ``group/name`` key is logged under that key as is: the
-    loss predictor's ``lossp/loss`` and ``lossp/spearman`` (``masking.score_source=predicted_loss``).
+    loss predictor's ``lossp/loss`` and ``lossp/spearman_train`` (``masking.score_source=predicted_loss``);
+    with ``log.heldout_split`` also ``lossp/spearman`` at the logging step
+    (:mod:`multimae_att.pretrain.heldout`).
     """
 
     def __init__(self, cfg: PretrainConfig, run: Run, plan: RunPlan, module, optimizer, model, loader,
@@ -144,6 +148,7 @@ class PretrainJob(Job):
         self.picture_info = picture_info(cfg) if run.acc.is_main_process else None
         self.epoch, self.tau = 0.0, cfg.loss.attg.tau0
         self.last_res = None
+        self.heldout = None   # the loss predictor's held-out check (set by train)
 
     def start_cache(self) -> None:
         """The attention cache and its refresher, once the state (and step) are restored."""
@@ -212,19 +217,21 @@ class PretrainJob(Job):
                 self.run.log_image(f"pictures/{m}", image, step)
 
     def log_values(self, step: int) -> dict[str, torch.Tensor]:
-        """``mask/hidden_fg_share`` and, when this step's masks came from scores,
-        ``attn/fg_auroc.<modality>`` of the last micro-batch
-        (:func:`multimae_att.diagnostics.step_diagnostics`); nothing without
-        ``data.background_classes`` or semseg labels. Every process computes the same keys
+        """The loss predictor's held-out ``lossp/spearman`` (with ``log.heldout_split``,
+        :mod:`multimae_att.pretrain.heldout`); ``mask/hidden_fg_share`` and, when this step's
+        masks came from scores, ``attn/fg_auroc.<modality>`` of the last micro-batch
+        (:func:`multimae_att.diagnostics.step_diagnostics`; nothing without
+        ``data.background_classes`` or semseg labels). Every process computes the same keys
         (scores drawn only for pictures on the main process are left out)."""
+        out = {} if self.heldout is None else {"lossp/spearman": self.heldout(self.weights)}
         res, bg = self.last_res, self.cfg.data.background_classes
         if res is None or not bg or "semseg" not in res.inputs:
-            return {}
+            return out
         from multimae_att.diagnostics import step_diagnostics
 
         scores = res.plan.scores if (self.policy.needs_scores(self.epoch) or self.attg == "scores") else None
-        return step_diagnostics(res.inputs["semseg"], input_grids(self.weights, res.inputs), res.plan.hidden,
-                                scores, bg)
+        return {**out, **step_diagnostics(res.inputs["semseg"], input_grids(self.weights, res.inputs),
+                                          res.plan.hidden, scores, bg)}
 
     def saved(self, step: int) -> None:
         if self.refresher is not None:

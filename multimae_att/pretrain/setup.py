@@ -13,7 +13,7 @@ from torch import nn
 from multimae_att.config import ConfigError
 from multimae_att.pretrain.config import PretrainConfig
 
-__all__ = ["check_data_source", "build_pretrain_loader", "build_refresh_loader",
+__all__ = ["check_data_source", "build_pretrain_loader", "build_refresh_loader", "build_whole_image_loader",
            "build_model", "build_policy", "label_ranges",
            "param_groups", "load_init_checkpoint"]
 
@@ -53,23 +53,33 @@ def build_pretrain_loader(cfg: PretrainConfig, rank: int, world_size: int):
 
 
 def build_refresh_loader(cfg: PretrainConfig, rank: int, world_size: int):
-    """Whole training images for the attention cache's full-image refresh (``masking.cache``).
+    """Whole training images for the attention cache's full-image refresh (``masking.cache``),
+    split over the ranks so that together they visit every sample of ``data.split`` exactly once
+    (see :func:`build_whole_image_loader`)."""
+    return build_whole_image_loader(cfg, cfg.data.split, rank, world_size,
+                                    what="attention cache refresh")
 
-    Evaluation mode with ``eval_full_image``: crop box = the whole source resized to
-    ``data.image_size`` (aspect not kept), no flip, fixed order, no padding, no dropped batch, so
-    ranks ``0..world_size-1`` together visit every sample of the split exactly once.
-    """
+
+def build_whole_image_loader(cfg: PretrainConfig, split: str, rank: int = 0, world_size: int = 1,
+                             what: str = "", key: str = "data.root"):
+    """Whole images of ``split`` of ``data.root``, deterministic: evaluation mode with
+    ``eval_full_image`` (crop box = the whole source resized to ``data.image_size``, aspect not
+    kept), no flip, fixed order, no padding, no dropped batch; ranks ``0..world_size-1`` together
+    visit every sample once. The attention cache's refresh and the loss predictor's held-out
+    check (:mod:`multimae_att.pretrain.heldout`) read their images through it. ``what`` and
+    ``key`` name the user and the config key in errors."""
     from multimae_att.data import build_loader
 
     d = cfg.data
     try:
         return build_loader(d.root, list(cfg.model.in_modalities), batch_size=d.batch_size,
-                            num_workers=d.num_workers, split=d.split, image_size=d.image_size,
+                            num_workers=d.num_workers, split=split, image_size=d.image_size,
                             train=False, eval_full_image=True, drop_last=False, layout=d.layout,
                             seed=cfg.train.seed, rank=rank, world_size=world_size,
                             label_ranges=label_ranges(cfg))
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.root={d.root!r} (attention cache refresh): {e}") from e
+        where = f"{key}={split!r} of " if key != "data.root" else ""
+        raise ConfigError(f"{where}data.root={d.root!r}{f' ({what})' if what else ''}: {e}") from e
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:

@@ -93,7 +93,7 @@ class StepResult:
     plan: MaskPlan
     preds: TensorDict
     inputs: TensorDict
-    # detached scalars to log: 'lossp/loss' (ranking loss), 'lossp/spearman' (scores vs losses)
+    # detached scalars to log: 'lossp/loss' (ranking loss), 'lossp/spearman_train' (scores vs losses)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -120,7 +120,8 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
     (``predicted_loss`` source) the total adds ``loss_prediction_weight`` x its ranking loss on
     the counted tokens of the rows it has features for, against their per-patch losses
     (detached); ``extras`` holds ``lossp/loss`` and, when this step has scores,
-    ``lossp/spearman`` (scores, predicted before the head saw this batch, vs the actual losses).
+    ``lossp/spearman_train`` (scores, predicted before the head saw this batch, vs the actual
+    losses; the held-out figure ``lossp/spearman`` is :mod:`multimae_att.pretrain.heldout`'s).
     """
     device = device or next(module.parameters()).device
     inputs = model_inputs(batch, in_modalities, standardize_depth, device)
@@ -153,7 +154,7 @@ def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlann
         loss = loss + loss_prediction_weight * rank
         extras["lossp/loss"] = rank.detach()
         if plan.scores is not None:
-            extras["lossp/spearman"] = spearman({m: plan.scores[m] for m in targets}, targets, counted)
+            extras["lossp/spearman_train"] = spearman({m: plan.scores[m] for m in targets}, targets, counted)
     return StepResult(loss, {k: v.detach() for k, v in parts.items()}, plan, preds, inputs, extras)
 
 
