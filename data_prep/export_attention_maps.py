@@ -1,6 +1,20 @@
 #!/usr/bin/env python
 """Precompute one attention map per sample for AttG loss weighting (``loss.attg.source=data``).
 
+Two methods (``--method``):
+
+- ``attention`` (default): the model's :meth:`MultiMAE.attention_scores`, as below;
+- ``tokencut``: TokenCut object discovery (:mod:`multimae_att.tokencut`; the AttG paper's best
+  map source): the keys of the checkpoint's last attention layer (ours, or a timm / DINO ViT
+  file with ``--modalities rgb``), each modality's keys L2-normalised and concatenated per token
+  position (so the graph's similarity is the mean of the modalities' cosine similarities), a
+  normalized cut of the binary similarity graph (``--tokencut-tau``, ``--tokencut-eps``), the
+  foreground side chosen as TokenCut does (the side holding the largest-magnitude entry of the
+  second eigenvector). ``--tokencut-map eigenvector`` (default) stores that eigenvector, signed
+  foreground-positive and min-max normalised (a continuous map for AttG's min-max and exp);
+  ``component`` stores TokenCut's binary object mask (the connected foreground component that
+  holds the seed). Everything else below (whole image, grid, PNG, layout) is the same.
+
 For every sample of a split, the model's :meth:`MultiMAE.attention_scores` is run on the WHOLE
 source image (the loader's evaluation mode with ``eval_full_image``: the full source resized to
 ``--image-size``, aspect not kept, no flip), unmasked, in eval mode. The per-modality scores
@@ -29,7 +43,8 @@ Usage::
 
     python data_prep/export_attention_maps.py --data data/synthetic --checkpoint runs/demo/final.pth \\
         --image-size 96 [--split train] [--modalities rgb depth semseg] [--layer -1] \\
-        [--query global|mean] [--batch-size 16] [--out DIR] [--format folder|shards]
+        [--query global|mean] [--batch-size 16] [--out DIR] [--format folder|shards] \\
+        [--method attention|tokencut] [--tokencut-map eigenvector|component]
 """
 from __future__ import annotations
 
@@ -54,6 +69,7 @@ from multimae_att.data import build_loader, robust_standardize_depth
 from multimae_att.hub import resolve_checkpoint
 from multimae_att.model import create_pretrain_model
 from multimae_att.model.factory import ENCODER_SIZES
+from multimae_att.tokencut import last_layer_keys, ncut_maps, seed_component
 
 MODALITIES = ("rgb", "depth", "semseg")
 SCALE = 65535  # 16-bit PNG
@@ -141,11 +157,28 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def tokencut_map(model: torch.nn.Module, x: Mapping[str, torch.Tensor], grid: tuple[int, int],
+                 tau: float = 0.2, eps: float = 1e-5, output: str = "eigenvector") -> torch.Tensor:
+    """TokenCut map ``[B, gh, gw]`` in [0, 1] of the inputs ``x`` (see the module docstring)."""
+    keys = last_layer_keys(model, x)
+    feats = torch.cat([torch.nn.functional.normalize(k.float(), dim=-1) for k in keys.values()], dim=-1)
+    eigvec, foreground = ncut_maps(feats, tau, eps)
+    if output == "component":
+        return seed_component(foreground, eigvec, grid).float().view(-1, *grid)
+    if output != "eigenvector":
+        raise ValueError(f"--tokencut-map must be eigenvector or component, got {output!r}")
+    return combine_scores({"tokencut": eigvec}, grid)
+
+
 @torch.inference_mode()
 def compute_maps(model: torch.nn.Module, loader, modalities: Sequence[str], grid: tuple[int, int],
                  layer: int, query: str, standardize_depth: bool, device: torch.device,
-                 desc: str = "attention maps") -> dict[str, bytes]:
-    """sample id -> PNG bytes of its map, for every sample the loader yields (eval, full image)."""
+                 desc: str = "attention maps", method: str = "attention",
+                 tokencut: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """sample id -> PNG bytes of its map, for every sample the loader yields (eval, full image).
+
+    ``method``: ``attention`` (``layer``, ``query``) or ``tokencut`` (``tokencut``: keywords of
+    :func:`tokencut_map`)."""
     out: dict[str, bytes] = {}
     loader.set_epoch(0)
     for batch in tqdm(loader, desc=desc, unit="batch"):
@@ -155,8 +188,12 @@ def compute_maps(model: torch.nn.Module, loader, modalities: Sequence[str], grid
             if m == "depth" and standardize_depth:  # as the pretraining step feeds depth
                 t = robust_standardize_depth(t)
             x[m] = t.long() if m == "semseg" else t.float()
-        scores = model.attention_scores(x, layer=layer, query=query)
-        arrays = quantise(combine_scores({m: scores[m] for m in modalities}, grid))
+        if method == "tokencut":
+            maps = tokencut_map(model, x, grid, **dict(tokencut or {}))
+        else:
+            scores = model.attention_scores(x, layer=layer, query=query)
+            maps = combine_scores({m: scores[m] for m in modalities}, grid)
+        arrays = quantise(maps)
         for sample_id, array in zip(batch["sample_id"], arrays):
             if sample_id in out:
                 raise ValueError(f"sample id {sample_id!r} occurs twice in the data")
@@ -230,6 +267,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="side the full image is resized to (default: the checkpoint's data.image_size, else 224)")
     p.add_argument("--layer", type=int, default=-1, help="readout block (Python index)")
     p.add_argument("--query", choices=("global", "mean"), default="global")
+    p.add_argument("--method", choices=("attention", "tokencut"), default="attention",
+                   help="attention: the model's attention scores; tokencut: a normalized cut of the "
+                        "last layer's key similarities (TokenCut object discovery)")
+    p.add_argument("--tokencut-tau", type=float, default=0.2, help="TokenCut: similarity threshold of the graph")
+    p.add_argument("--tokencut-eps", type=float, default=1e-5, help="TokenCut: weight of the other edges")
+    p.add_argument("--tokencut-map", choices=("eigenvector", "component"), default="eigenvector",
+                   help="TokenCut: the foreground-positive eigenvector (continuous) or the seed's object mask")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--model-size", choices=sorted(ENCODER_SIZES), default=None)
@@ -264,7 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--format {fmt} needs a {'folder' if fmt == 'folder' else 'shard'} dataset "
                          f"(the loader reads att_map only from the layout it reads the images from)")
     maps = compute_maps(model, loader, args.modalities, grid, args.layer, args.query,
-                        not args.no_standardize_depth, device)
+                        not args.no_standardize_depth, device, desc=f"{args.method} maps", method=args.method,
+                        tokencut={"tau": args.tokencut_tau, "eps": args.tokencut_eps,
+                                  "output": args.tokencut_map})
     out = Path(args.out or args.data)
     if fmt == "folder":
         n = write_folder(maps, loader.dataset, out, args.split)
@@ -273,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if index.suffix != ".json":
             raise SystemExit("--format shards needs a dataset root or a <split>.json index as --data")
         n = write_shards(maps, index, out, args.split)
-    print(f"wrote {n} attention maps ({grid[0]}x{grid[1]}, 16-bit PNG) for {args.split} to {out}")
+    print(f"wrote {n} {args.method} maps ({grid[0]}x{grid[1]}, 16-bit PNG) for {args.split} to {out}")
     return 0
 
 

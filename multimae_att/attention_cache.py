@@ -1,14 +1,17 @@
 """Crop-aware attention cache: per-sample token scores kept on a canonical grid over the SOURCE image.
 
 Why: a scoring pass runs the encoder over all tokens (588 at 224 px) while the training pass sees
-98, so a fresh pass each step costs more than the step itself. AMT refreshes its maps every 40
-epochs but stores them in the token frame of one crop and reuses them for other crops, which puts
-high scores on the wrong tokens. Here the scores are stored in *source-image* coordinates and every
-read resamples them through the new crop box and flip, so a cached map follows the image content.
+98, so a fresh pass each step costs more than the step itself. AMT's code refreshes one map per
+image every 40 epochs from a pass over the whole image (resized to 224 x 224), but every training
+crop reads it by slicing the 14 x 14 map with pixel offsets divided by the image size, i.e. the
+top-left 2-3 cells whatever the crop (README: "Where AMT here differs"). Here the scores are
+stored in *source-image* coordinates and every read resamples them through the crop box and flip,
+so a cached map follows the image content. The maps hold whatever the run's score source gives
+(``masking.score_source``: attention or predicted losses; recorded as ``source`` in meta.json).
 
 Storage (one directory, created once by the main process with :meth:`AttentionCache.create`)::
 
-    meta.json    {"version", "modalities", "grid", "dtype", "normalize", "num_rows"}
+    meta.json    {"version", "modalities", "grid", "dtype", "normalize", "num_rows", "source"}
     ids.txt      one sample id per line; the id on line i (0-based) owns row i of the arrays
     scores.npy   [R, M, G, G] float16/float32, memory-mapped: per-modality maps over the source
                  image; cell (i, j) covers source rows [i H/G, (i+1) H/G), cols [j W/G, (j+1) W/G)
@@ -173,6 +176,8 @@ class AttentionCache:
         self.modalities: list[str] = list(meta["modalities"])
         self.grid: int = int(meta["grid"])
         self.normalize: bool = bool(meta["normalize"])
+        # what the maps hold (masking.score_source); caches written before this key held attention
+        self.source: str = str(meta.get("source", "attention"))
         ids = (self.path / "ids.txt").read_text().splitlines()
         if len(ids) != meta["num_rows"]:
             raise ValueError(f"{self.path / 'ids.txt'} has {len(ids)} ids, meta.json says {meta['num_rows']}")
@@ -190,10 +195,11 @@ class AttentionCache:
     @classmethod
     def create(cls, path: str | os.PathLike, sample_ids: Sequence[str], modalities: Sequence[str],
                grid: int = 32, dtype: str = "float16", normalize: bool = True,
-               overwrite: bool = False, **kwargs) -> "AttentionCache":
+               overwrite: bool = False, source: str = "attention", **kwargs) -> "AttentionCache":
         """Create an empty cache (all cells ``MISSING``) for ``sample_ids``; main process only.
 
         ``sample_ids`` fixes the rows (row i = ``sample_ids[i]``); duplicates are an error.
+        ``source``: what the maps will hold (``masking.score_source``), kept in meta.json.
         ``kwargs`` go to the constructor (``refresh_every``, ``max_age``).
         """
         path = Path(path)
@@ -217,7 +223,7 @@ class AttentionCache:
         del scores, stamps
         (path / "ids.txt").write_text("".join(s + "\n" for s in ids))
         meta = {"version": _FORMAT_VERSION, "modalities": list(modalities), "grid": grid,
-                "dtype": dtype, "normalize": normalize, "num_rows": len(ids)}
+                "dtype": dtype, "normalize": normalize, "num_rows": len(ids), "source": source}
         # meta last: a cache without meta.json is incomplete
         write_text_atomic(path / "meta.json", json.dumps(meta, indent=1))
         return cls(path, **kwargs)
@@ -400,8 +406,10 @@ class AttentionCache:
 @torch.no_grad()
 def refresh_cache(cache: AttentionCache, model: torch.nn.Module, batches: Iterable[Mapping], epoch: int,
                   inputs_fn: Callable[[Mapping], Mapping[str, torch.Tensor]] | None = None,
-                  token_grids: Mapping[str, tuple[int, int]] | None = None, **score_kwargs) -> int:
-    """Full-image refresh: score every batch with ``model.attention_scores`` and write it.
+                  token_grids: Mapping[str, tuple[int, int]] | None = None,
+                  source: Callable | None = None, **score_kwargs) -> int:
+    """Full-image refresh: score every batch with ``model.attention_scores`` (or with the score
+    source ``source``, see :mod:`multimae_att.scoring`) and write it.
 
     ``batches``: batches whose ``crop_box`` is the whole source and ``flip`` False (the data
     pipeline's evaluation mode with ``AugmentConfig(train=False, eval_full_image=True)``), so
@@ -414,7 +422,8 @@ def refresh_cache(cache: AttentionCache, model: torch.nn.Module, batches: Iterab
     written = 0
     for batch in batches:
         inputs = inputs_fn(batch) if inputs_fn is not None else {m: batch[m].to(device) for m in cache.modalities}
-        scores = model.attention_scores(inputs, **score_kwargs)
+        scores = (source(model, inputs).scores if source is not None
+                  else model.attention_scores(inputs, **score_kwargs))
         written += cache.update(batch, scores, epoch, token_grids=token_grids)
     cache.flush()
     return written

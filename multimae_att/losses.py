@@ -17,10 +17,13 @@ that is cheaper than scoring every pixel (:data:`GATHER_UP_TO`): for ce over man
 norm_pix when few patches count (AMT); both paths give the same values and gradients.
 
 Steps 1-2 equal MultiMAE's per-pixel masked means (every patch has the same pixel count), but
-fold in per-patch weights naturally. AttG (based on "attention-guided loss weighting"):
+fold in per-patch weights naturally. AttG (Sick et al., "Attention-Guided Masked Autoencoders"):
 ``w = exp(M_norm / tau)``, ``M_norm`` the per-image min-max normalised scores of the token's
-modality, normalised by the number of hidden patches (not by ``sum w``), so emphasising
-attended patches raises their share of the gradient without rescaling the others.
+modality. As in the paper (``L = L_rec * M_scaled``) the weighted sum is divided by the number
+of counted patches (not by ``sum w``), so the loss scale grows with the weights; with
+``normalize_weights`` (``loss.attg.normalize``) it is divided by ``sum w`` instead, i.e. the
+weights are divided by their mean over each sample's counted patches and the loss keeps the scale
+of the unweighted loss.
 
 The map output modality -> masked input modality is by name, with ``norm_rgb`` -> ``rgb``.
 """
@@ -32,6 +35,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from multimae_att.device_checks import check
 
 __all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
            "attg_weights", "masked_loss", "multimodal_loss", "input_modality_of"]
@@ -170,7 +175,7 @@ def _dense_patch_losses(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec
 
 def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                          spec: LossSpec, grid: tuple[int, int],
-                         gather_up_to: float | None = None) -> torch.Tensor:
+                         gather_up_to: float | None = None, max_count: int | None = None) -> torch.Tensor:
     """Per-patch losses ``[B, h * w]`` float32, computed only where ``mask`` (1 = counted) is set.
 
     ``pred``: ``[B, C, H, W]``; ``target``: ``[B, C, H, W]`` or int labels ``[B, H, W]``;
@@ -178,6 +183,11 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     equals the per-pixel loss map averaged per patch, on the counted patches. When more than
     ``gather_up_to`` (default: :data:`GATHER_UP_TO` of the spec's flavour, read at call time)
     of the patches count in the fullest sample, every pixel is scored instead (same values).
+
+    ``max_count``: an upper bound on the counted patches of any sample, known without reading
+    ``mask`` (the masking policy's :meth:`~multimae_att.masking.MaskingPolicy.max_counted`): it
+    replaces the fullest sample's count, which is a host sync on a GPU. A mask that exceeds it
+    fails a (sync-free) device check.
     """
     if target.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"{spec.kind} target {tuple(target.shape)} and prediction "
@@ -186,8 +196,14 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
         gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
     mask = mask.bool()
     B, N = mask.shape
-    # Flavours never gathered skip the count: it is a host sync on a GPU.
-    P = int(mask.sum(1).max()) if mask.numel() and gather_up_to > 0 else N
+    # Flavours never gathered skip the count: it is a host sync on a GPU (a given bound is not).
+    if gather_up_to <= 0 or not mask.numel():
+        P = N
+    elif max_count is not None:
+        P = max(0, min(int(max_count), N))
+        check(mask.sum(1) <= P, f"{spec.kind} loss: a sample has more than max_count={P} counted patches")
+    else:
+        P = int(mask.sum(1).max())
     if gather_up_to <= 0 or P > gather_up_to * N:
         per_patch = _dense_patch_losses(pred, target, spec, grid)
         return torch.where(mask, per_patch, torch.zeros_like(per_patch))
@@ -200,25 +216,30 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
 
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None,
-                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                denominator: float | torch.Tensor | None = None,
+                normalize_weights: bool = False) -> torch.Tensor:
     """Mean over samples of ``sum(m w l) / sum(m)``; samples with no masked patch are skipped.
 
-    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. ``denominator``: divide the
+    ``per_patch``, ``mask`` (1 = counted), ``weights``: ``[B, N]``. ``normalize_weights``: divide
+    by ``sum(m w)`` instead of ``sum(m)`` (weights rescaled to mean 1 over each sample's counted
+    patches, so uniform weights of any size give the unweighted loss). ``denominator``: divide the
     sum of the per-sample means by this instead of by the local count of valid samples (the
     runner passes the count over the whole global batch divided by the number of processes,
     so that averaging gradients over processes gives the global-batch mean exactly).
-    Returns a scalar (0 with a graph when nothing is masked, so backward still works).
+    Returns a scalar (0 with a graph when nothing is masked, so backward still works). Never
+    reads a value to the host (a tensor ``denominator`` stays on the device).
     """
     m = mask.to(per_patch.dtype)
     num = (per_patch * m if weights is None else per_patch * m * weights).sum(1)
-    den = m.sum(1)
-    valid = den > 0
-    per_sample = torch.where(valid, num / den.clamp_min(1.0), torch.zeros_like(num))
-    if denominator is not None:
-        return per_sample.sum() / max(float(denominator), 1e-12)
-    if not bool(valid.any()):
-        return per_patch.sum() * 0.0
-    return per_sample.sum() / valid.sum()
+    valid = m.sum(1) > 0
+    den = (m * weights).sum(1) if normalize_weights and weights is not None else m.sum(1)
+    per_sample = torch.where(valid, num / torch.where(valid, den, torch.ones_like(den)).clamp_min(1e-12),
+                             torch.zeros_like(num))
+    if denominator is None:
+        denominator = valid.sum()
+    if torch.is_tensor(denominator):
+        return per_sample.sum() / denominator.to(per_sample.dtype).clamp_min(1e-12)
+    return per_sample.sum() / max(float(denominator), 1e-12)
 
 
 def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
@@ -236,16 +257,24 @@ def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, spec: LossSpec,
                 thrown: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None,
-                denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+                denominator: float | torch.Tensor | None = None,
+                normalize_weights: bool = False,
+                patch_losses: dict[str, torch.Tensor] | None = None,
+                name: str = "", max_count: int | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
     ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
-    ``denominator``: see :func:`masked_mean`.
+    ``denominator`` and ``normalize_weights``: see :func:`masked_mean`; ``max_count``: see
+    :func:`counted_patch_losses`. ``patch_losses``: when a dict is given, ``patch_losses[name]``
+    receives the detached per-patch losses ``[B, N]`` (0 on patches that do not count), e.g. as
+    targets of a loss predictor.
     """
     grid = _patch_grid(pred, hidden.shape[1], grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
-    per_patch = counted_patch_losses(pred, target, mask, spec, grid)
-    return masked_mean(per_patch, mask, weights, denominator)
+    per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
+    if patch_losses is not None:
+        patch_losses[name] = per_patch.detach()
+    return masked_mean(per_patch, mask, weights, denominator, normalize_weights)
 
 
 def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
@@ -255,13 +284,19 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
                     specs: Mapping[str, LossSpec] | None = None,
                     attg_scores: Mapping[str, torch.Tensor] | None = None,
                     tau: float = 0.75,
-                    denominators: Mapping[str, float | torch.Tensor] | None = None
+                    denominators: Mapping[str, float | torch.Tensor] | None = None,
+                    attg_normalize: bool = False,
+                    patch_losses: dict[str, torch.Tensor] | None = None,
+                    max_counted: Mapping[str, int] | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-output-modality masked losses.
 
     ``targets`` is keyed by *input* modality (``norm_rgb`` reads ``targets['rgb']``); masks, AttG
-    scores and ``denominators`` (see :func:`masked_mean`) likewise. ``loss_weights`` defaults
-    to 1 per output. Returns ``(total,
+    scores, ``denominators`` (see :func:`masked_mean`) and ``max_counted`` (see
+    :func:`counted_patch_losses`) likewise. ``loss_weights`` defaults to 1 per output.
+    ``attg_normalize``: AttG weights rescaled to mean 1 per sample (see the module docstring).
+    ``patch_losses``: a dict to receive each output's detached per-patch losses (see
+    :func:`masked_loss`). Returns ``(total,
     {output: loss})`` with the unweighted per-modality losses (for logging and adaptive budgets).
     """
     specs = {**DEFAULT_SPECS, **(specs or {})}
@@ -274,7 +309,9 @@ def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, tor
         w = attg_weights(attg_scores[src], tau) if attg_scores is not None else None
         parts[out] = masked_loss(pred, targets[src], hidden[src], specs[out],
                                  thrown=None if thrown is None else thrown.get(src), weights=w,
-                                 denominator=None if denominators is None else denominators[src])
+                                 denominator=None if denominators is None else denominators[src],
+                                 normalize_weights=attg_normalize, patch_losses=patch_losses, name=out,
+                                 max_count=None if max_counted is None else max_counted.get(src))
         term = parts[out] * (1.0 if loss_weights is None else loss_weights.get(out, 1.0))
         total = term if total is None else total + term
     if total is None:

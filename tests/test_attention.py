@@ -154,8 +154,8 @@ def test_set_fused_attn_switches_every_block_and_keeps_the_function():
     with torch.no_grad():
         fused, _ = model(x, task_masks=hidden)
         model.set_fused_attn(False)
-        flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
         explicit, _ = model(x, task_masks=hidden)
+        flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]  # set by the pass
     assert len(flags) == 3 + 4 * 3 and not any(flags)  # encoder blocks + per decoder: xattn + 2 blocks
     for name in fused:
         torch.testing.assert_close(explicit[name], fused[name], atol=1e-5, rtol=1e-5)

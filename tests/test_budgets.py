@@ -96,7 +96,7 @@ def test_sample_tasks_uniformly_draws_every_subset():
 
 def test_adaptive_alpha_moves_towards_harder_modality():
     ad = AdaptiveAlpha(["rgb", "depth", "semseg"], base=1.0, momentum=0.9, strength=1.0,
-                       min_alpha=0.2, max_alpha=5.0)
+                       min_alpha=0.2, max_alpha=5.0, relative_to_initial=False)
     assert torch.equal(ad.alphas, torch.ones(3, dtype=torch.float64))
     for _ in range(50):
         a = ad.update({"rgb": 1.0, "depth": 3.0, "semseg": 1.0})
@@ -109,12 +109,19 @@ def test_adaptive_alpha_moves_towards_harder_modality():
         a = ad.update({"rgb": 1e-6, "depth": 1e6, "semseg": 1.0})
     assert (a >= 0.2).all() and (a <= 5.0).all()
     # exact formula: alpha = base * (L / mean L) ** -strength
-    ad2 = AdaptiveAlpha(["a", "b"], base=[2.0, 1.0], momentum=0.5, strength=0.5)
+    ad2 = AdaptiveAlpha(["a", "b"], base=[2.0, 1.0], momentum=0.5, strength=0.5,
+                        relative_to_initial=False)
     ad2.update({"a": 1.0, "b": 3.0})
     ad2.update({"a": 3.0, "b": 3.0})  # EMA -> a: 2, b: 3
     ema = torch.tensor([2.0, 3.0], dtype=torch.float64)
     want = torch.tensor([2.0, 1.0], dtype=torch.float64) * (ema / ema.mean()) ** -0.5
     assert torch.allclose(ad2.alphas, want)
+    # the default (as masking.adaptive.relative_to_initial) divides each EMA by its first value
+    ad3 = AdaptiveAlpha(["a", "b"], base=[2.0, 1.0], momentum=0.5, strength=0.5)
+    ad3.update({"a": 1.0, "b": 3.0})
+    ad3.update({"a": 3.0, "b": 3.0})  # EMA a: 2 (first 1), b: 3 (first 3) -> relative 2 and 1
+    rel = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(ad3.alphas, torch.tensor([2.0, 1.0], dtype=torch.float64) * (rel / rel.mean()) ** -0.5)
 
 
 def test_adaptive_alpha_resume_is_exact():

@@ -41,6 +41,9 @@ def test_required_keys_and_recipe_defaults():
     (["masking.adaptive.min_alpha=5", "masking.adaptive.max_alpha=1"], "masking.adaptive.min_alpha=5.0 exceeds"),
     (["train.mixed_precision=fp8"], "is not one of ['no', 'bf16', 'fp16']"),
     (["masking.strategy=heads", "masking.cache.enabled=true"], "needs per-head scores"),
+    (["masking.score_source=loss"], "masking.score_source"),
+    (["masking.loss_predictor.cached_train_share=2"], "cached_train_share must be in [0, 1]"),
+    (["loss.loss_prediction_weight=-1"], "loss.loss_prediction_weight must be >= 0"),
 ])
 def test_cross_field_errors(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -51,3 +54,28 @@ def test_cross_field_errors(overrides, needle):
 def test_list_and_scalar_alphas():
     assert load_pretrain_config(None, ["masking.alphas=[1, 2, 0.5]"]).masking.alphas == [1.0, 2.0, 0.5]
     assert load_pretrain_config(None, ["masking.alphas=0.5"]).masking.alphas == 0.5
+
+
+def test_defaults_agree_with_the_code_they_configure():
+    """One default per concept: the config's and the classes' (README documents these)."""
+    import inspect
+
+    from multimae_att.masking import AdaptiveAlpha
+    from multimae_att.masking.hpm import hpm
+    from multimae_att.pretrain.config import AdaptiveConfig, AttGConfig
+
+    sig = inspect.signature(AdaptiveAlpha).parameters
+    for key in ("momentum", "strength", "min_alpha", "max_alpha", "relative_to_initial"):
+        assert getattr(AdaptiveConfig(), key) == sig[key].default, key
+    assert AdaptiveConfig().relative_to_initial is True
+    attg = AttGConfig()
+    assert (attg.tau0, attg.tau_end, attg.normalize) == (0.75, 1.5, False)   # increasing, as the paper
+    from multimae_att.pretrain.config import LossPredictorConfig
+    from multimae_att.pretrain.step import MaskPlanner
+    share = inspect.signature(MaskPlanner).parameters["cached_train_share"].default
+    assert LossPredictorConfig().cached_train_share == share
+    from multimae_att.loss_prediction import LossPredictor
+    assert LossPredictorConfig().hidden == inspect.signature(LossPredictor).parameters["hidden"].default
+    hp = inspect.signature(hpm).parameters
+    from multimae_att.masking import STRATEGIES
+    assert STRATEGIES["hpm"].defaults == {k: hp[k].default for k in ("share_start", "share_end")}

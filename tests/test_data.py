@@ -278,19 +278,45 @@ def test_corrupt_samples_skipped_and_counted(synthetic, tmp_path):
         build_dataset(root, ["rgb"], image_size=16, train=False)[0]
 
 
-def test_robust_standardize_depth_matches_reference():
+def _multimae_depth_standardisation(x: np.ndarray) -> np.ndarray:
+    """MultiMAE's truncated standardisation of one sample's values (sort, slice, mean, var)."""
+    v = np.sort(x.reshape(-1).astype(np.float64))
+    kept = v[int(0.1 * len(v)): int(0.9 * len(v))]
+    return (x - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "constant", "outliers"])
+def test_robust_standardize_depth_is_multimaes_trimming(kind):
     g = torch.Generator().manual_seed(0)
+    depth = torch.rand(4, 1, 11, 13, generator=g) * 5
+    if kind == "ties":  # quantised depth: many equal values at both ends of the kept range
+        depth = torch.randint(0, 6, (4, 1, 11, 13), generator=g).float()
+    elif kind == "constant":
+        depth[1] = 2.5
+    elif kind == "outliers":
+        depth[:, 0, 0, :5] = 100.0
+        depth[:, 0, 1, :5] = -50.0
+    out = robust_standardize_depth(depth)
+    for b in range(4):
+        ref = _multimae_depth_standardisation(depth[b].numpy())
+        np.testing.assert_allclose(out[b].numpy(), ref, atol=2e-5, rtol=1e-5)
+    # the sorting path (taken with a mask) agrees when every pixel is valid
+    torch.testing.assert_close(robust_standardize_depth(depth, torch.ones_like(depth, dtype=torch.bool)), out,
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_robust_standardize_depth_with_a_mask_trims_the_valid_values():
+    g = torch.Generator().manual_seed(1)
     depth = torch.rand(3, 1, 6, 7, generator=g) * 5
     depth[1, 0, 0, :3] = 100.0  # outliers must not move the statistics
     mask = torch.rand(3, 1, 6, 7, generator=g) > 0.3
+    depth[~mask] = -1e3  # invalid values must not enter the statistics either
     out = robust_standardize_depth(depth, mask)
     for b in range(3):
-        v = np.sort(depth[b][mask[b]].numpy())
-        lo, hi = v[int(np.floor(0.1 * (len(v) - 1)))], v[int(np.ceil(0.9 * (len(v) - 1)))]
-        kept = v[(v >= lo) & (v <= hi)]
-        ref = (depth[b].numpy() - kept.mean()) / (kept.std(ddof=1) + 1e-6)
-        assert np.allclose(out[b].numpy(), ref, atol=1e-4)
-    assert torch.allclose(robust_standardize_depth(depth), robust_standardize_depth(depth, torch.ones_like(mask)))
+        v = np.sort(depth[b][mask[b]].numpy().astype(np.float64))
+        kept = v[int(0.1 * len(v)): int(0.9 * len(v))]
+        ref = (depth[b].numpy() - kept.mean()) / np.sqrt(kept.var(ddof=1) + 1e-6)
+        np.testing.assert_allclose(out[b].numpy(), ref, rtol=1e-5, atol=1e-3)
 
 
 def test_plain_imagefolder_split_for_rgb_and_cls(tmp_path):

@@ -122,6 +122,39 @@ def test_attg_weights_and_weighted_loss():
     got = masked_mean(per_patch, mask, w[:1])
     # normalised by the number of hidden patches (2), not by the sum of weights
     assert got.item() == pytest.approx((2 * math.exp(1.0) + 3 * math.exp(2.0)) / 2)
+    # loss.attg.normalize: weights rescaled to mean 1 over the counted patches = a weighted mean
+    got = masked_mean(per_patch, mask, w[:1], normalize_weights=True)
+    want = (2 * math.exp(1.0) + 3 * math.exp(2.0)) / (math.exp(1.0) + math.exp(2.0))
+    assert got.item() == pytest.approx(want)
+    # uniform weights of any size give the unweighted loss
+    flat = masked_mean(per_patch, mask, torch.full((1, 3), 7.0), normalize_weights=True)
+    assert flat.item() == pytest.approx(masked_mean(per_patch, mask).item())
+
+
+def test_multimodal_patch_losses_and_attg_normalize():
+    """``patch_losses`` receives each output's per-patch losses (0 where not counted, detached);
+    ``attg_normalize`` turns every output's AttG mean into a weighted mean, per sample."""
+    g = torch.Generator().manual_seed(3)
+    B, grid = 3, (2, 2)
+    preds = {"rgb": torch.randn(B, 3, 8, 8, generator=g, requires_grad=True),
+             "depth": torch.randn(B, 1, 8, 8, generator=g, requires_grad=True)}
+    targets = {"rgb": torch.randn(B, 3, 8, 8, generator=g), "depth": torch.randn(B, 1, 8, 8, generator=g)}
+    hidden = {m: torch.rand(B, 4, generator=g) > 0.4 for m in targets}
+    for h in hidden.values():
+        h[:, 0] = True
+    scores = {m: torch.rand(B, 4, generator=g) for m in targets}
+    patches: dict = {}
+    total, parts = multimodal_loss(preds, targets, hidden, attg_scores=scores, tau=0.75,
+                                   attg_normalize=True, patch_losses=patches)
+    assert set(patches) == {"rgb", "depth"}
+    for out, spec in (("rgb", LossSpec("mse")), ("depth", LossSpec("l1"))):
+        ref = counted_patch_losses(preds[out], targets[out], hidden[out], spec, grid)
+        assert torch.allclose(patches[out], ref) and not patches[out].requires_grad
+        assert bool((patches[out][~hidden[out]] == 0).all())
+        w = attg_weights(scores[out], 0.75)
+        m = hidden[out].float()
+        want = ((ref * m * w).sum(1) / (m * w).sum(1)).mean()
+        assert parts[out].item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_multimodal_weights_norm_rgb_and_attg():

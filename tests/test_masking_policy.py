@@ -86,14 +86,15 @@ def test_build_masker_from_config_and_errors():
 
 
 def test_adaptive_alpha_through_policy_and_resume():
-    pol = MaskingPolicy("random", alphas=1.0, adaptive={"momentum": 0.5}, modalities=list(NUM))
+    adaptive = {"momentum": 0.5, "relative_to_initial": False}  # constant losses: compare raw values
+    pol = MaskingPolicy("random", alphas=1.0, adaptive=adaptive, modalities=list(NUM))
     for _ in range(10):
         pol.update_losses({"rgb": 2.0, "depth": 0.5})
     a = pol.current_alphas()
     assert a[0] < a[1]  # rgb is harder -> smaller alpha -> fewer visible rgb tokens
     v = pol.budgets([100, 100], 50, 2000, gen(0))
     assert v[:, 0].double().mean() < v[:, 1].double().mean()
-    other = MaskingPolicy("random", alphas=1.0, adaptive={"momentum": 0.5}, modalities=list(NUM))
+    other = MaskingPolicy("random", alphas=1.0, adaptive=adaptive, modalities=list(NUM))
     other.load_state_dict(pol.state_dict())
     assert torch.equal(other.current_alphas(), a)
     with pytest.raises(ValueError, match="adaptive"):

@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -131,3 +132,40 @@ def test_pretrain_runs_on_exported_maps(setup, tmp_path):
     files = sorted((tmp_path / "m" / "train" / "att_map").glob("*/*.png"))
     assert len(files) == 8 and all(Image.open(f).size == (6, 6) and Image.open(f).mode.startswith("I;16")
                                    for f in files)
+
+
+def test_tokencut_maps_from_our_and_timm_checkpoints(setup, tmp_path):
+    """--method tokencut writes, per sample, the map of tokencut_map on the whole image (the
+    normalized cut itself is checked against SciPy in test_tokencut); a timm-layout ViT file
+    (RGB only) works with --modalities rgb."""
+    import importlib.util
+
+    tmp, model = setup
+    spec = importlib.util.spec_from_file_location("export_attention_maps", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.infer_model_options({"global_tokens": torch.zeros(1, 1, 384)}, {})["size"] == "small"  # DINO ViT-S
+    out = tmp_path / "tc"
+    log = _run(str(SCRIPT), "--data", str(tmp / "data"), "--checkpoint", str(tmp / "ck.pth"), "--image-size",
+               str(SIZE), "--method", "tokencut", "--tokencut-tau", "0.5", "--out", str(out))
+    assert "wrote 8 tokencut maps" in log.stdout
+    loader = build_loader(tmp / "data", MODS, batch_size=3, split="train", image_size=SIZE, train=False,
+                          eval_full_image=True, drop_last=False, layout="folder")
+    loader.set_epoch(0)
+    for batch in loader:
+        x = {"rgb": batch["rgb"], "depth": robust_standardize_depth(batch["depth"]), "semseg": batch["semseg"]}
+        want = script.tokencut_map(model, x, (4, 4), tau=0.5)
+        for sid, ref in zip(batch["sample_id"], want):
+            (file,) = (out / "train" / "att_map").glob(f"*/{sid}.png")
+            got = torch.from_numpy(np.array(Image.open(file), dtype=np.float32)) / 65535
+            assert torch.allclose(got, ref, atol=STEP, rtol=0), sid
+    # a timm ViT file (our tiny model's RGB adapter + encoder in timm layout), binary object masks
+    export_weights(model, tmp_path / "vit.pth", "timm")
+    _run(str(SCRIPT), "--data", str(tmp / "data"), "--checkpoint", str(tmp_path / "vit.pth"), "--image-size",
+         str(SIZE), "--method", "tokencut", "--modalities", "rgb", "--model-size", "tiny",
+         "--tokencut-map", "component", "--out", str(tmp_path / "timm"))
+    files = sorted((tmp_path / "timm" / "train" / "att_map").glob("*/*.png"))
+    assert len(files) == 8
+    for f in files:
+        values = set(np.unique(np.array(Image.open(f))).tolist())
+        assert values <= {0, 65535} and 65535 in values        # a binary mask holding the seed

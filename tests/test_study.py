@@ -316,7 +316,7 @@ def test_submitit_local_executor(tmp_path, data_root):
     assert "2/2 cells finished" in (study / "REPORT.md").read_text()
 
 
-@pytest.mark.parametrize("name,cells", [("attention_masking_synthetic", 2 + 33 * 8),
+@pytest.mark.parametrize("name,cells", [("attention_masking_synthetic", 2 + 42 * 8),
                                         ("attention_masking_multimae-b", 33 * 8)])
 def test_shipped_studies_resolve(name, cells, monkeypatch):
     monkeypatch.chdir(REPO)                           # study paths are relative to the repository root
@@ -329,3 +329,7 @@ def test_shipped_studies_resolve(name, cells, monkeypatch):
     runs = {c.variant: c.config for c in plan if c.kind == "pretrain" and c.seed == 0}
     assert runs["random"].masking.strategy == "random" and runs["high"].masking.strategy == "high"
     assert runs["lr_x10"].optim.lr_scale == 10 and runs["restart"].schedule.start_epoch == 0
+    if name == "attention_masking_synthetic":   # HPM, on either score source, and AttG on TokenCut maps
+        assert (runs["hpm"].masking.strategy, runs["hpm"].masking.score_source) == ("hpm", "predicted_loss")
+        assert runs["hpm_attention"].masking.score_source == "attention"
+        assert runs["attg_tokencut"].loss.attg.source == "data"

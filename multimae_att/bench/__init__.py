@@ -11,79 +11,132 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   ``mask_generation_samples_per_s`` per strategy; ``amt_split``; ``cache_hit_rate_by_epoch``
   (share of cache hits per epoch of a refresh period filled by crop passes alone, the runner's
   ``masking.cache.refresh=crops``); every ratio block also holds ``cached_step+refresh/random_step``
-  (the runner's default ``refresh=full``: cached steps plus one scoring pass per batch per 40);
+  (the runner's default ``refresh=full``: cached steps plus one scoring pass per batch per 40)
+  and ``cached_hpm_step+training+refresh/random_step`` (cached ``hpm`` steps plus the expected
+  no-mask passes that train the loss predictor and refresh its maps);
+* ``flops`` per case (one call, :func:`multimae_att.bench.flops.count_flops`) and ``efficiency``
+  per case (achieved FLOP/s over ``matmul_peak_flops``, a large matrix product in the same dtype;
+  timed by process CPU time on a CPU, wall time on a GPU);
+* with ``vs_upstream=PATH`` (the original MultiMAE checkout): the case ``upstream_random_step``
+  and ``vs_upstream``: ``{path, commit, clock, by_dtype: {dtype: {case: ours / upstream}}}`` for
+  ``random_step``, ``attention_step``, ``cached_step`` and ``amt_step`` against their random
+  step (``clock``: the CPU-time medians on a CPU, the wall medians on a GPU); the same ratios
+  are in every ratio block as ``<case>/upstream_random_step``;
 * ``runs``: the same block for every dtype measured (``--dtype both`` gives fp32 and bf16),
-  with every timing; ``preset``, ``machine``.
+  with every timing; ``preset``, ``machine`` (with the load average at the start and the end).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
 
 from multimae_att.bench.cases import BenchCases, cache_hit_rates, data_throughput, mask_throughput
+from multimae_att.bench.flops import count_flops, matmul_peak
 from multimae_att.bench.presets import PRESETS, Preset
 from multimae_att.bench.timing import PeakMemory, bf16_supported, machine_info, measure, median, paired_ratio
+from multimae_att.pretrain.config import LossPredictorConfig
 
-__all__ = ["PRESETS", "Preset", "RATIOS", "run_bench", "run_dtype"]
+__all__ = ["PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench", "run_dtype"]
 
 CASES = ("random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
-         "cache_lookup")
+         "cache_lookup", "hpm_step", "cached_hpm_step")
 RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"), ("amt_step", "random_step"),
-          ("attention_step", "random_step"))
+          ("attention_step", "random_step"), ("hpm_step", "random_step"), ("hpm_step", "attention_step"),
+          ("cached_hpm_step", "random_step"))
+UPSTREAM = "upstream_random_step"
+UPSTREAM_RATIOS = tuple((case, UPSTREAM) for case in ("random_step", "attention_step", "cached_step", "amt_step"))
 REFRESH_EVERY = 40  # epochs per full-image cache refresh (masking.cache.refresh_every default)
+# masking.loss_predictor.cached_train_share default: expected share of a no-mask pass per cached step
+CACHED_TRAIN_SHARE = LossPredictorConfig().cached_train_share
 
 
 def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int,
-              attn: str = "fused") -> dict:
-    """Every timed case at one dtype: medians, all timings, ratios, peak memory."""
+              attn: str = "auto", upstream=None, compile: bool = False) -> dict:
+    """Every timed case at one dtype: medians, all timings, ratios, peak memory, FLOPs and
+    efficiency. ``upstream``: a :class:`multimae_att.bench.upstream.Upstream` (adds its step)."""
     with tempfile.TemporaryDirectory(prefix="mm_bench_cache_") as cache_dir:
-        bench = BenchCases(p, device, dtype, cache_dir, attn=attn)
+        bench = BenchCases(p, device, dtype, cache_dir, attn=attn, compile=compile)
         cases = bench.cases()
+        if upstream is not None:
+            from multimae_att.bench.upstream import UpstreamStep
+
+            # Same batch and the same initial weights as ours.
+            cases[UPSTREAM] = UpstreamStep(upstream, p, device, dtype, bench.batch, bench.model.state_dict())
         times, cpu_times = measure(cases, device, warmup, repeats)
         peak = {}
         for name, fn in cases.items():  # after timing: one call each, memory only
             with PeakMemory(device) as mem:
                 fn()
             peak[name] = mem.peak_mib
+        flops = {name: count_flops(fn) for name, fn in cases.items()}
         block = {"dtype": dtype, "median_s": {n: median(t) for n, t in times.items()},
                  "min_s": {n: min(t) for n, t in times.items()}, "times_s": times,
                  "cpu_median_s": {n: median(t) for n, t in cpu_times.items()}, "cpu_times_s": cpu_times,
-                 "peak_memory_mib": peak, "amt_split": bench.amt_split(), "cache_stats": dict(bench.cache.stats)}
+                 "peak_memory_mib": peak, "amt_split": bench.amt_split(), "cache_stats": dict(bench.cache.stats),
+                 "flops": flops}
+    ratios = RATIOS + (UPSTREAM_RATIOS if upstream is not None else ())
     med = block["median_s"]
-    block["ratios"] = {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS}
-    block["paired_ratios"] = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in RATIOS}
+    block["ratios"] = {f"{a}/{b}": med[a] / med[b] for a, b in ratios}
+    block["paired_ratios"] = {f"{a}/{b}": paired_ratio(times, a, b) for a, b in ratios}
     # Best-of ratios: interference from other processes only ever adds time, so the minimum is
     # the least disturbed figure on a shared machine.
-    block["min_ratios"] = {f"{a}/{b}": block["min_s"][a] / block["min_s"][b] for a, b in RATIOS}
+    block["min_ratios"] = {f"{a}/{b}": block["min_s"][a] / block["min_s"][b] for a, b in ratios}
     cpu = block["cpu_median_s"]
-    block["cpu_time_ratios"] = {f"{a}/{b}": cpu[a] / max(cpu[b], 1e-9) for a, b in RATIOS}
+    block["cpu_time_ratios"] = {f"{a}/{b}": cpu[a] / max(cpu[b], 1e-9) for a, b in ratios}
     _amortized_refresh(block, times)
+    _amortized_lossp(block, times)
+    # The clock that means something here: CPU time on a (shared) CPU, wall time on a GPU.
+    clock = block["cpu_median_s"] if device.type == "cpu" else block["median_s"]
+    block["matmul_peak_flops"] = matmul_peak(device, dtype, max(p.matmul_size, 8192) if device.type == "cuda"
+                                             else p.matmul_size)
+    block["efficiency"] = {n: f / max(clock[n], 1e-12) / block["matmul_peak_flops"]
+                           for n, f in flops.items() if f > 0}
+    if upstream is not None:
+        block["vs_upstream"] = {a: clock[a] / max(clock[b], 1e-12) for a, b in UPSTREAM_RATIOS}
     return block
+
+
+def _amortized(block: dict, times: dict, key: str, case: str, pass_case: str, share: float) -> None:
+    """Add ratio ``key`` = (``case`` + ``share`` x ``pass_case``) / ``random_step`` to every ratio
+    block: a step plus, in expectation, a share of an extra pass spread over the steps."""
+    def amortized(t: dict) -> float:
+        return (t[case] + share * t[pass_case]) / max(t["random_step"], 1e-9)
+
+    block["ratios"][key] = amortized(block["median_s"])
+    block["min_ratios"][key] = amortized(block["min_s"])
+    block["cpu_time_ratios"][key] = amortized(block["cpu_median_s"])
+    rounds = zip(times[case], times[pass_case], times["random_step"])
+    block["paired_ratios"][key] = median([amortized({case: c, pass_case: p, "random_step": r})
+                                          for c, p, r in rounds])
 
 
 def _amortized_refresh(block: dict, times: dict) -> None:
     """Add ``cached_step+refresh/random_step``: the runner's full-image refresh scores every sample
     once per window of ``REFRESH_EVERY`` epochs, i.e. one scoring pass per batch per
     ``REFRESH_EVERY`` steps over it, spread over those steps."""
-    key, k = "cached_step+refresh/random_step", REFRESH_EVERY
+    _amortized(block, times, "cached_step+refresh/random_step", "cached_step", "scoring_pass", 1 / REFRESH_EVERY)
 
-    def amortized(t: dict) -> float:
-        return (t["cached_step"] + t["scoring_pass"] / k) / max(t["random_step"], 1e-9)
 
-    block["ratios"][key] = amortized(block["median_s"])
-    block["min_ratios"][key] = amortized(block["min_s"])
-    block["cpu_time_ratios"][key] = amortized(block["cpu_median_s"])
-    rounds = zip(times["cached_step"], times["scoring_pass"], times["random_step"])
-    block["paired_ratios"][key] = median([amortized({"cached_step": c, "scoring_pass": s, "random_step": r})
-                                          for c, s, r in rounds])
+def _amortized_lossp(block: dict, times: dict) -> None:
+    """Add ``cached_hpm_step+training+refresh/random_step``: a cached ``hpm`` step plus, in
+    expectation, ``CACHED_TRAIN_SHARE`` of a no-mask pass over the batch (the samples drawn to
+    train the loss predictor) and ``1 / REFRESH_EVERY`` of one (the full-image refresh of the
+    predicted-loss maps); ``inference_forward`` is that pass (the head on top is negligible)."""
+    _amortized(block, times, "cached_hpm_step+training+refresh/random_step", "cached_hpm_step",
+               "inference_forward", CACHED_TRAIN_SHARE + 1 / REFRESH_EVERY)
 
 
 def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.device | None = None,
-              warmup: int | None = None, repeats: int | None = None, attn: str = "fused") -> dict:
+              warmup: int | None = None, repeats: int | None = None, attn: str = "auto",
+              vs_upstream: str | None = None, compile: bool = False) -> dict:
     """Run the benchmark; ``dtype`` is ``fp32``, ``bf16``, ``both`` or ``auto`` (bf16 where the
     device supports it, else fp32); ``attn`` is the attention path of the training steps and
-    the scoring pass (``MultiMAE.set_fused_attn``). Returns the JSON-ready dict of the module doc."""
+    the scoring pass (``MultiMAE.set_attention``: ``auto``, ``fused`` or ``explicit``);
+    ``vs_upstream``: path of an original MultiMAE checkout to time its step too; ``compile``:
+    ``torch.compile`` the blocks as ``train.compile`` does. Returns the JSON-ready dict of the
+    module doc."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
@@ -98,39 +151,64 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
     repeats = p.repeats if repeats is None else repeats
     if repeats < 1 or warmup < 0:
         raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    upstream = None
+    if vs_upstream is not None:
+        from multimae_att.bench.upstream import load_upstream
+
+        upstream = load_upstream(vs_upstream)  # fails before any timing when the path is wrong
     out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats,
-                 "attn": attn}
-    runs = {d: run_dtype(p, device, d, warmup, repeats, attn) for d in dtypes}
+                 "attn": attn, "compile": compile}
+    runs = {d: run_dtype(p, device, d, warmup, repeats, attn, upstream, compile) for d in dtypes}
     primary = runs[dtypes[0]]
     out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
     out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib",
-                                          "amt_split")})
+                                          "amt_split", "flops", "efficiency", "matmul_peak_flops")})
+    if upstream is not None:
+        out["vs_upstream"] = {"path": upstream.path, "commit": upstream.commit,
+                              "clock": "cpu_time" if device.type == "cpu" else "wall",
+                              "by_dtype": {d: r["vs_upstream"] for d, r in runs.items()}}
     out["mask_generation_samples_per_s"] = mask_throughput(p, device)
     out["data_pipeline_samples_per_s"] = data_throughput(p)
     out["cache_hit_rate_by_epoch"] = cache_hit_rates(p, epochs=10, samples=min(256, p.mask_batch))
     out["runs"] = runs
+    out["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out
 
 
 def format_table(result: dict) -> str:
-    """Human-readable table: one row per case and dtype, then the ratios."""
-    lines = [f"preset {result['preset']['name']}  device {result['machine']['device']}  "
-             f"threads {result['machine']['torch_threads']}  torch {result['machine']['torch']}  "
-             f"warmup {result['warmup']}  repeats {result['repeats']}  attn {result['attn']}"]
+    """Human-readable table: one row per case and dtype (median s, CPU s, peak MiB, GFLOP,
+    efficiency), then the ratios, then ours / upstream."""
+    m = result["machine"]
+    lines = [f"preset {result['preset']['name']}  device {m['device']}  threads {m['torch_threads']}  "
+             f"torch {m['torch']}  warmup {result['warmup']}  repeats {result['repeats']}  attn {result['attn']}  "
+             f"compile {result.get('compile', False)}  load {m.get('load_average')} -> {m.get('load_average_end')}"]
     dtypes = list(result["runs"])
-    lines.append(f"{'case':<20}" + "".join(f"{d + ' median s':>16}{d + ' peak MiB':>16}" for d in dtypes))
-    for case in CASES:
-        row = f"{case:<20}"
+    cols = (("median s", "median_s", ".4f"), ("cpu s", "cpu_median_s", ".4f"), ("peak MiB", "peak_memory_mib", ".1f"))
+    lines.append(f"{'case':<22}" + "".join(f"{d + ' ' + c:>14}" for d in dtypes for c, _, _ in cols)
+                 + "".join(f"{d + ' GFLOP':>12}{d + ' eff':>10}" for d in dtypes))
+    for case in result["runs"][dtypes[0]]["median_s"]:
+        row = f"{case:<22}"
         for d in dtypes:
             run = result["runs"][d]
-            row += f"{run['median_s'][case]:>16.4f}{run['peak_memory_mib'][case]:>16.1f}"
+            row += "".join(f"{run[key][case]:>14{fmt}}" for _, key, fmt in cols)
+        for d in dtypes:
+            run = result["runs"][d]
+            eff = run["efficiency"].get(case)
+            row += f"{run['flops'][case] / 1e9:>12.1f}" + (f"{eff:>10.1%}" if eff is not None else f"{'-':>10}")
         lines.append(row)
+    lines.append("matmul peak GFLOP/s: " + ", ".join(f"{d} {result['runs'][d]['matmul_peak_flops'] / 1e9:.1f}"
+                                                    for d in dtypes))
     kinds = (("ratios", "medians"), ("paired_ratios", "paired"), ("min_ratios", "best-of"),
              ("cpu_time_ratios", "cpu-time"))
-    lines.append(f"{'ratio':<32}" + "".join(f"{d + ' ' + label:>16}" for d in dtypes for _, label in kinds))
+    lines.append(f"{'ratio':<40}" + "".join(f"{d + ' ' + label:>16}" for d in dtypes for _, label in kinds))
     for key in result["ratios"]:
-        lines.append(f"{key:<32}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
+        lines.append(f"{key:<40}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
                                             for d in dtypes for kind, _ in kinds))
+    if "vs_upstream" in result:
+        up = result["vs_upstream"]
+        lines.append(f"ours / upstream ({up['clock']} medians; {up['path']} @ {up['commit']}):")
+        for d, block in up["by_dtype"].items():
+            lines.append(f"  {d}: " + ", ".join(f"{case} {r:.3f}" for case, r in block.items()))
     masks = ", ".join(f"{k} {v:,.0f}" for k, v in result["mask_generation_samples_per_s"].items())
     lines.append(f"mask generation samples/s: {masks}")
     lines.append(f"data pipeline samples/s (1 process): {result['data_pipeline_samples_per_s']:.1f}")

@@ -22,8 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "both"), default="auto",
                         help="auto = bf16 autocast where supported (CUDA bf16, CPU AMX/AVX512-BF16), else fp32")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--attn", choices=("fused", "explicit"), default="fused",
-                        help="attention path of the training steps and scoring pass (the floor is always fused)")
+    parser.add_argument("--attn", choices=("auto", "fused", "explicit"), default="auto",
+                        help="attention path of the training steps and scoring pass, as train.attention "
+                             "(auto: chosen per pass; the floor is always fused)")
+    parser.add_argument("--vs-upstream", metavar="PATH", default=None,
+                        help="a checkout of the original MultiMAE (github.com/EPFL-VILAB/MultiMAE): "
+                             "time its training step next to ours and report ours/upstream")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks, as train.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
@@ -32,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = run_bench(args.preset, args.dtype, args.device, args.warmup, args.repeats, args.attn)
+    try:
+        result = run_bench(args.preset, args.dtype, args.device, args.warmup, args.repeats, args.attn,
+                           vs_upstream=args.vs_upstream, compile=args.compile)
+    except FileNotFoundError as e:  # --vs-upstream PATH is not a MultiMAE checkout
+        parser.error(str(e))
     print(format_table(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

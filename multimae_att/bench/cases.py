@@ -9,10 +9,17 @@ with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and Adam
 | ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss, backward, AdamW) |
 | ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
 | ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
-| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused even with ``--attn explicit``) |
+| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused whatever ``--attn``) |
 | ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a full-image refresh pass, as the runner) |
 | ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
 | ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
+| ``hpm_step`` | ``hpm`` masks (HPM's final share, 0.5) on predicted losses from a fresh no-mask pass + loss-prediction head; the head's ranking loss trained in the step |
+| ``cached_hpm_step`` | the same on predicted losses read from the cache (filled by a full-image refresh); no sample's no-mask pass for the head (its expected cost, ``masking.loss_predictor.cached_train_share`` of a pass, is added in a derived ratio) |
+| ``upstream_random_step`` | with ``--vs-upstream``: the original MultiMAE's step on the same batch and weights (:mod:`multimae_att.bench.upstream`) |
+
+The attention kernel of each pass follows ``attn`` (``auto``: the runner's default, chosen per
+pass by :meth:`MultiMAE.set_attention`); ``compile`` compiles the encoder blocks and decoders as
+``train.compile`` does.
 """
 from __future__ import annotations
 
@@ -28,10 +35,15 @@ from PIL import Image
 from multimae_att.attention_cache import AttentionCache, refresh_cache
 from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
 from multimae_att.bench.timing import median, synchronize
+from multimae_att.loss_prediction import LossPredictor
 from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
+from multimae_att.model.attention import ATTENTION_MODES, set_fused
+from multimae_att.model.compile import compile_model
+from multimae_att.optim import build_adamw
 from multimae_att.pretrain.config import LossConfig
 from multimae_att.pretrain.setup import param_groups
 from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
+from multimae_att.scoring import PredictedLossScores
 
 AMT_THROW_RATIO = 0.40
 
@@ -49,17 +61,22 @@ class BenchCases:
     """Model, optimizer, batch and cache shared by every case (see the module table)."""
 
     def __init__(self, p: Preset, device: torch.device, dtype: str, cache_dir: str, seed: int = 0,
-                 attn: str = "fused") -> None:
-        if attn not in ("fused", "explicit"):
-            raise ValueError(f"bench attn must be 'fused' or 'explicit', got {attn!r}")
+                 attn: str = "auto", compile: bool = False) -> None:
+        if attn not in ATTENTION_MODES:
+            raise ValueError(f"bench attn must be one of {ATTENTION_MODES}, got {attn!r}")
         torch.manual_seed(seed)
         self.p, self.device, self.dtype, self.attn = p, device, dtype, attn
         self.model = build_model(p).to(device).train()
         # Training steps and the scoring pass run with the chosen attention path; the floor
         # (inference_forward) is always fused.
-        self.model.set_fused_attn(attn == "fused")
+        self.model.set_attention(attn)
+        if compile:
+            compile_model(self.model)
         self.module = PretrainModule(self.model)
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        self.predictor = LossPredictor(MODALITIES, p.dim_tokens).to(device)
+        self.lossp_module = PretrainModule(self.model, loss_predictor=self.predictor)
+        self.opt = build_adamw(param_groups(self.model, 0.05, extra=self.predictor), device, lr=1e-4,
+                               betas=(0.9, 0.95))  # as the runners
         self.loss_weights = LossConfig().weights
         self.batch = synthetic_batch(p, device, seed)
         self.inputs = {m: self.batch[m] for m in MODALITIES}
@@ -74,6 +91,12 @@ class BenchCases:
             # so the timed cached cases (random-resized crops, flips) are all hits.
             refresh_cache(self.cache, self.model, [full_image_batch(self.batch)], epoch=0,
                           inputs_fn=lambda b: {m: b[m] for m in MODALITIES})
+            self.lossp_cache = AttentionCache.create(f"{cache_dir}/predicted_loss", self.batch["sample_id"],
+                                                     MODALITIES, grid=p.cache_grid, refresh_every=40,
+                                                     source="predicted_loss")
+            refresh_cache(self.lossp_cache, self.model, [full_image_batch(self.batch)], epoch=0,
+                          inputs_fn=lambda b: {m: b[m] for m in MODALITIES},
+                          source=PredictedLossScores(self.predictor))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "bf16":
@@ -85,16 +108,24 @@ class BenchCases:
         policy = MaskingPolicy(strategy, params, modalities=list(MODALITIES))
         return MaskPlanner(policy, self.p.num_encoded, cache=self.cache if cached else None)
 
-    def train_step(self, planner: MaskPlanner) -> float:
-        """One optimizer step through the runner's own :func:`forward_loss`; returns the loss."""
+    def hpm_planner(self, cached: bool) -> MaskPlanner:
+        """``hpm`` on predicted losses at the end of its curriculum (epoch 1 of 1: share 0.5)."""
+        policy = MaskingPolicy("hpm", modalities=list(MODALITIES))
+        return MaskPlanner(policy, self.p.num_encoded, cache=self.lossp_cache if cached else None,
+                           source=PredictedLossScores(self.predictor), total_epochs=1.0, cached_train_share=0.0)
+
+    def train_step(self, planner: MaskPlanner, module: PretrainModule | None = None,
+                   epoch: float = 0.0) -> torch.Tensor:
+        """One optimizer step through the runner's own :func:`forward_loss`; returns the loss
+        (a detached tensor: the runner reads losses every ``log.every`` steps, not every step)."""
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
-            res = forward_loss(self.module, self.batch, planner, epoch=0.0, generator=self.gen,
+            res = forward_loss(module or self.module, self.batch, planner, epoch=epoch, generator=self.gen,
                                in_modalities=list(MODALITIES), standardize_depth=True,
                                loss_weights=self.loss_weights, device=self.device)
         res.loss.backward()
         self.opt.step()
-        return float(res.loss.detach())
+        return res.loss.detach()
 
     @torch.no_grad()
     def scoring_pass(self) -> dict[str, torch.Tensor]:
@@ -103,20 +134,17 @@ class BenchCases:
 
     @torch.no_grad()
     def inference_forward(self) -> torch.Tensor:
-        if self.attn != "fused":
-            self.model.set_fused_attn(True)
-        try:
-            with self.autocast():
-                z = torch.cat(list(self.tokens.values()), dim=1)
-                g = self.model.global_tokens.expand(z.shape[0], -1, -1).to(z.dtype)
-                return self.model.encoder(torch.cat([z, g], dim=1))
-        finally:
-            self.model.set_fused_attn(self.attn == "fused")
+        set_fused(self.model.encoder, True)  # the floor; every model pass sets its own kernel
+        with self.autocast():
+            z = torch.cat(list(self.tokens.values()), dim=1)
+            g = self.model.global_tokens.expand(z.shape[0], -1, -1).to(z.dtype)
+            return self.model.encoder(torch.cat([z, g], dim=1))
 
     def cases(self) -> dict[str, Callable[[], object]]:
         random, fresh = self.planner("random", False), self.planner("high", False)
         cached = self.planner("high", True)
         amt = self.planner("amt", True, throw_ratio=AMT_THROW_RATIO)
+        hpm, cached_hpm = self.hpm_planner(False), self.hpm_planner(True)
         return {
             "random_step": lambda: self.train_step(random),
             "attention_step": lambda: self.train_step(fresh),
@@ -125,6 +153,8 @@ class BenchCases:
             "cached_step": lambda: self.train_step(cached),
             "amt_step": lambda: self.train_step(amt),
             "cache_lookup": lambda: self.cache.lookup(self.batch, self.grids, epoch=0, device=self.device),
+            "hpm_step": lambda: self.train_step(hpm, self.lossp_module, epoch=1.0),
+            "cached_hpm_step": lambda: self.train_step(cached_hpm, self.lossp_module, epoch=1.0),
         }
 
     def amt_split(self) -> dict[str, float]:

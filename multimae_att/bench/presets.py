@@ -37,6 +37,7 @@ class Preset:
     mask_batch: int = 256  # batch of the mask-generation throughput test
     data_samples: int = 32  # samples of the data-pipeline throughput test
     source_size: tuple[int, int] = (480, 640)  # synthetic source images (H, W)
+    matmul_size: int = 2048  # n of the n x n matrix product that measures the peak (8192 on a GPU)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -49,7 +50,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "micro": Preset("micro", 48, 2, 2, 32, 1, 2, 64, 2, 8, warmup=1, repeats=1, semseg_classes=8,
-                    cache_grid=8, mask_batch=8, data_samples=4, source_size=(96, 128)),
+                    cache_grid=8, mask_batch=8, data_samples=4, source_size=(96, 128), matmul_size=256),
     "tiny": Preset("tiny", 96, 3, 3, 64, 2, 2, 224, 4, 98, warmup=1, repeats=5, data_samples=16),
     "small": Preset("small", 384, 12, 6, 256, 2, 8, 224, 8, 98, warmup=2, repeats=7),
     "base": Preset("base", 768, 12, 12, 256, 2, 8, 224, 64, 98, warmup=5, repeats=20,

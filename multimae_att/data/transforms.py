@@ -208,27 +208,72 @@ def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False
 
 def robust_standardize_depth(depth: torch.Tensor, mask_valid: torch.Tensor | None = None,
                              trim: tuple[float, float] = (0.1, 0.9), eps: float = 1e-6) -> torch.Tensor:
-    """Per-sample standardisation with a trimmed mean/std (values between the 10 % and 90 % quantiles).
+    """MultiMAE's truncated depth standardisation, per sample, by order statistics.
 
-    ``depth``: float ``[B, 1, H, W]``; ``mask_valid``: optional bool ``[B, 1, H, W]`` (1 = valid);
-    invalid pixels neither enter the statistics nor change (they stay at their standardised
-    value, callers mask them in losses). Batched: one sort per batch, no loop over samples.
-    Returns ``(depth - mean_b) / (std_b + eps)``; a sample with < 2 trimmed values uses std 1.
+    ``depth``: float ``[B, 1, H, W]``; ``mask_valid``: optional bool ``[B, 1, H, W]`` (1 = valid).
+    Definition (MultiMAE's pretraining step, ``run_pretraining_multimae.py``): sort the ``n``
+    values of a sample, keep the sorted positions ``int(0.1 n)`` to ``int(0.9 n)`` (end excluded;
+    ties are kept or dropped by position, exactly as the slice of the sorted row), and return
+    ``(depth - mean) / sqrt(var + eps)`` with the mean and the unbiased variance of the kept values.
+
+    Computed without sorting when every pixel is valid: two ``kthvalue`` selections give the
+    values at both ends of the kept range, and the kept multiset is every value strictly between
+    them plus the right number of copies of each end value (counted from ``<`` / ``<=``). Equal to
+    MultiMAE's values up to float summation order (tested against its sort-and-slice). With
+    ``mask_valid`` the ``n`` valid values of each sample are sorted (invalid ones last) and sliced
+    the same way; invalid pixels do not enter the statistics and are transformed like the others
+    (callers mask them in the losses). Differences from MultiMAE, only in degenerate samples:
+    fewer than 2 kept values (fewer than ~10 valid pixels) use std 1 where MultiMAE's unbiased
+    variance is NaN; a sample with no kept value is returned unchanged (mean 0).
     """
     b = depth.shape[0]
     flat = depth.reshape(b, -1).float()
-    valid = torch.ones_like(flat, dtype=torch.bool) if mask_valid is None else mask_valid.reshape(b, -1)
-    n = valid.sum(dim=1)
-    # Invalid values sort last (+inf); quantile positions are taken among the n valid ones.
+    n_all = flat.shape[1]
+    if mask_valid is None and n_all > 0:
+        start, stop = int(trim[0] * n_all), int(trim[1] * n_all)  # MultiMAE's slice bounds
+        count = torch.full((b, 1), float(max(stop - start, 0)), device=flat.device)
+        if stop > start:
+            mean, var = _trimmed_moments_by_selection(flat, start, stop)
+        else:
+            mean, var = torch.zeros_like(count), torch.zeros_like(count)
+    else:
+        mean, var, count = _trimmed_moments_by_sort(flat, mask_valid, trim)
+    std = torch.where(count > 1, (var + eps).sqrt(), torch.ones_like(var))
+    return ((flat - mean) / std).reshape(depth.shape).to(depth.dtype)
+
+
+def _trimmed_moments_by_selection(flat: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance ``[B, 1]`` of sorted positions ``start .. stop-1`` of each row,
+    without sorting (see :func:`robust_standardize_depth`); needs ``stop > start``."""
+    lo = flat.kthvalue(start + 1, dim=1, keepdim=True).values   # value at sorted position start
+    hi = flat.kthvalue(stop, dim=1, keepdim=True).values        # value at sorted position stop - 1
+    count = stop - start
+    upto_lo = (flat <= lo).sum(1, keepdim=True)
+    below_hi = (flat < hi).sum(1, keepdim=True)
+    split = lo < hi
+    # Copies of the end values inside the kept positions; lo == hi: every kept value is lo.
+    n_lo = torch.where(split, upto_lo - start, torch.full_like(upto_lo, count)).to(flat.dtype)
+    n_hi = torch.where(split, stop - below_hi, torch.zeros_like(below_hi)).to(flat.dtype)
+    inner = (flat > lo) & (flat < hi)
+    total = torch.where(inner, flat, 0.0).sum(1, keepdim=True) + n_lo * lo + n_hi * hi
+    mean = total / count
+    sq = (torch.where(inner, (flat - mean).square(), 0.0).sum(1, keepdim=True)
+          + n_lo * (lo - mean).square() + n_hi * (hi - mean).square())
+    return mean, sq / max(count - 1, 1)
+
+
+def _trimmed_moments_by_sort(flat: torch.Tensor, mask_valid: torch.Tensor | None, trim: tuple[float, float]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, unbiased variance and count ``[B, 1]`` of sorted positions ``int(trim[0] n_b) ..
+    int(trim[1] n_b) - 1`` of each row's ``n_b`` valid values (invalid values sort last)."""
+    b = flat.shape[0]
+    valid = torch.ones_like(flat, dtype=torch.bool) if mask_valid is None else mask_valid.reshape(b, -1).bool()
     ordered = torch.sort(torch.where(valid, flat, torch.full_like(flat, float("inf"))), dim=1).values
-    last = (n - 1).clamp(min=0)
-    lo_idx = torch.floor(trim[0] * last.float()).long()
-    hi_idx = torch.ceil(trim[1] * last.float()).long()
-    lo = ordered.gather(1, lo_idx[:, None])
-    hi = ordered.gather(1, hi_idx[:, None])
-    keep = valid & (flat >= lo) & (flat <= hi)
-    count = keep.sum(dim=1, keepdim=True).clamp(min=1)
-    mean = torch.where(keep, flat, 0.0).sum(dim=1, keepdim=True) / count
-    var = torch.where(keep, (flat - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
-    std = torch.where(count > 1, var.sqrt(), torch.ones_like(var))
-    return ((flat - mean) / (std + eps)).reshape(depth.shape).to(depth.dtype)
+    n = valid.sum(1, keepdim=True).double()
+    start, stop = torch.floor(trim[0] * n), torch.floor(trim[1] * n)  # int() of a positive float
+    pos = torch.arange(flat.shape[1], device=flat.device, dtype=torch.float64)[None, :]
+    keep = (pos >= start) & (pos < stop)
+    count = keep.sum(1, keepdim=True).to(flat.dtype)
+    mean = torch.where(keep, ordered, 0.0).sum(1, keepdim=True) / count.clamp_min(1)
+    var = torch.where(keep, (ordered - mean).square(), 0.0).sum(1, keepdim=True) / (count - 1).clamp_min(1)
+    return mean, var, count

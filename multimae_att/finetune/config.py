@@ -149,6 +149,8 @@ class TrainConfig:
     find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
     save_every: int = setting(0, ge=0)        # optimizer steps between training states (0 = epoch ends)
     keep_last: int = setting(2, ge=1)
+    attention: Literal["auto", "fused", "explicit"] = "auto"  # attention kernel; auto: chosen per pass
+    compile: bool = False                     # torch.compile the encoder blocks and decoders
     # metrics.json holds the best evaluation (task metric; depth under protocol multimae: lowest
     # validation loss) or the last one; auto: best for protocol multimae, else last
     report: Literal["auto", "best", "last"] = "auto"
@@ -290,7 +292,7 @@ class FinetuneConfig:
 # train.max_eval_batches) changes the results and blocks the resume.
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.eval_batch_size",
                     "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                    "train.find_unused_parameters", "init.*", "log.*")
+                    "train.find_unused_parameters", "train.attention", "train.compile", "init.*", "log.*")
 
 
 def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:

@@ -37,6 +37,7 @@ from multimae_att.finetune.protocols import make_recipe, select_eval_samples
 from multimae_att.finetune.report import global_batch_line, protocol_line, reported_metrics
 from multimae_att.finetune.skips import EvalSkips
 from multimae_att.finetune.tasks import LOWER_IS_BETTER, TaskSpec, make_task
+from multimae_att.optim import build_adamw
 from multimae_att.preflight import check_finetune
 from multimae_att.run.trainer import Job, Run, end_distributed, run_length
 from multimae_att.run.trainer import make_accelerator as _make_accelerator
@@ -154,8 +155,10 @@ def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Op
 
 # ----------------------------------------------------------------------------- optimiser
 
-def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: int):
-    """AdamW over timm's layer-decay parameter groups (each group carries ``lr_scale``)."""
+def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: int,
+                    device: torch.device | str = "cpu"):
+    """AdamW over timm's layer-decay parameter groups (each group carries ``lr_scale``), on the
+    fastest kernel of ``device`` (:func:`multimae_att.optim.build_adamw`)."""
     from timm.optim import param_groups_layer_decay
     o = cfg.optim
     base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, global_batch)
@@ -164,7 +167,7 @@ def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: i
                                       layer_decay=o.layer_decay)
     if not groups:
         raise ValueError("nothing to optimise: every parameter is frozen")
-    return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
+    return build_adamw(groups, device, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
 
 
 def _better(key: str, new: float, old: Optional[float]) -> bool:
@@ -195,7 +198,7 @@ class FinetuneJob(Job):
             raise ValueError(f"{cfg.data.root}: the training split has fewer than one optimizer step "
                              f"of data (batch_size={cfg.data.batch_size} x accum_steps per process)")
         global_batch = cfg.data.batch_size * cfg.optim.accum_steps * world
-        optimizer, self.base_lr = build_optimizer(cfg, model, global_batch)
+        optimizer, self.base_lr = build_optimizer(cfg, model, global_batch, acc.device)
         self.module, self.optimizer = acc.prepare(model, optimizer)
         self.weights = acc.unwrap_model(self.module)
         self.best: Optional[float] = None

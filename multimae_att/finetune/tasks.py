@@ -23,6 +23,7 @@ from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, 
 from multimae_att.finetune.native import NATIVE_SUFFIX, upsample_to_native
 from multimae_att.finetune.protocols import multimae_depth_input
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
+from multimae_att.model.compile import apply_speed_options
 from multimae_att.runstate import step_seed
 
 __all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "depth_loss_map", "build_model"]
@@ -59,7 +60,7 @@ def build_model(cfg: FinetuneConfig, head: Optional[nn.Module], output_name: str
                         num_global_tokens=m.num_global_tokens, drop_path_rate=m.drop_path_rate)
     if head is not None and hasattr(head, "reset_parameters"):
         head.reset_parameters()   # MultiMAE's encoder init also visits the head's Linear layers
-    return model
+    return apply_speed_options(model, cfg.train.attention, cfg.train.compile)
 
 
 def depth_loss_map(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,

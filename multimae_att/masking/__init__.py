@@ -15,6 +15,7 @@ from multimae_att.masking.strategies import (STRATEGIES, Masks, Strategy, check_
                                              get_strategy, make_masks, register_strategy,
                                              validate)
 from multimae_att.masking import guided as _guided  # noqa: F401,E402  (registers the strategies)
+from multimae_att.masking import hpm as _hpm  # noqa: F401,E402  (registers 'hpm')
 from multimae_att.masking.policy import MaskingPolicy, build_masker  # noqa: E402
 
 __all__ = ["sample_budgets", "sample_shares", "shares_to_counts", "expected_shares",

@@ -15,10 +15,13 @@ The adaptive-alpha controller (:class:`AdaptiveAlpha`, new in this project) live
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from multimae_att.device_checks import check, to_device
 
 __all__ = ["sample_budgets", "sample_shares", "shares_to_counts", "expected_shares",
            "AdaptiveAlpha"]
@@ -32,7 +35,7 @@ def _as_alpha(alphas: float | Sequence[float] | Tensor, num_modalities: int) -> 
     if a.shape != (num_modalities,):
         raise ValueError(f"alphas must be a scalar or have one entry per modality "
                          f"({num_modalities}), got shape {tuple(a.shape)}")
-    if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
+    if not all(math.isfinite(x) and x > 0 for x in a.tolist()):  # host values: plain Python
         raise ValueError(f"alphas must be finite and > 0, got {a.tolist()}")
     return a
 
@@ -52,7 +55,7 @@ def sample_shares(batch_size: int, alphas: float | Sequence[float] | Tensor, num
     out_dev = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
     dev = generator.device if generator is not None else out_dev
-    alpha = _as_alpha(alphas, num_modalities).to(dev)
+    alpha = to_device(_as_alpha(alphas, num_modalities), dev)
     # torch.distributions.Dirichlet takes no generator; normalised Gamma(alpha, 1) draws are the
     # same distribution, and the (private but long-stable) _standard_gamma op does take one.
     gam = torch._standard_gamma(alpha.expand(batch_size, num_modalities).contiguous(),
@@ -78,8 +81,8 @@ def shares_to_counts(shares: Tensor, num_tokens: Sequence[int] | Tensor, K: int)
     """
     B, M = shares.shape
     n = torch.as_tensor(num_tokens, dtype=torch.float64)  # where given (a list: CPU)
-    total_n = int(n.sum())  # read before the move: no host sync when shares live on a GPU
-    n = n.to(shares.device)
+    total_n = int(sum(n.tolist()))  # read before the move: no host sync when shares live on a GPU
+    n = to_device(n, shares.device)
     if not 0 <= K <= total_n:
         raise ValueError(f"K={K} visible tokens is outside [0, {total_n}] (sum of num_tokens)")
     s = shares.to(torch.float64).clamp_min(0)
@@ -103,8 +106,8 @@ def shares_to_counts(shares: Tensor, num_tokens: Sequence[int] | Tensor, K: int)
                                             .expand(B, M).contiguous())
     v = v + ((rank < left) & (v < n)).to(v.dtype)
     v = v.to(torch.int64)
-    if not bool((v.sum(-1) == K).all()):  # cannot happen unless shares are not finite
-        raise RuntimeError(f"budget rounding failed to reach K={K}: {v.sum(-1).tolist()}")
+    # Cannot fail unless shares are not finite; no host sync on a GPU.
+    check(v.sum(-1) == K, f"budget rounding failed to reach K={K}", RuntimeError, lambda: str(v.sum(-1).tolist()))
     return v
 
 
@@ -143,8 +146,9 @@ class AdaptiveAlpha:
     A modality whose loss is above average gets a smaller alpha, hence a smaller expected share
     ``alpha_m / sum_j alpha_j`` of the visible tokens, hence MORE hidden tokens to reconstruct.
     ``strength = 0`` gives the fixed ``base`` alphas. Losses of different modalities live on
-    different scales (MSE vs. cross-entropy); with ``relative_to_initial=True`` each EMA is
-    divided by its own first value before comparing, so "harder" means "improving more slowly".
+    different scales (MSE vs. cross-entropy); with ``relative_to_initial=True`` (the default)
+    each EMA is divided by its own first value before comparing, so "harder" means "improving
+    more slowly"; ``False`` compares the raw losses (only meaningful on one scale).
 
     Config keys (``masking.adaptive.*``): ``enabled`` (runner side), ``momentum``, ``strength``,
     ``min_alpha``, ``max_alpha``, ``relative_to_initial``; ``base`` comes from ``masking.alphas``.
@@ -152,7 +156,7 @@ class AdaptiveAlpha:
 
     def __init__(self, modalities: Sequence[str], base: float | Sequence[float] = 1.0,
                  momentum: float = 0.99, strength: float = 1.0, min_alpha: float = 0.1,
-                 max_alpha: float = 10.0, relative_to_initial: bool = False) -> None:
+                 max_alpha: float = 10.0, relative_to_initial: bool = True) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"adaptive momentum must be in [0, 1), got {momentum}")
         if strength < 0:

@@ -6,6 +6,8 @@ counts, ``hide`` int64 ``[B, M]`` = ``N_m - visible``. Higher score = more atten
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -111,9 +113,17 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
     return (rank < hide_ext[..., None]) & ~reveal & valid, None
 
 
+def _amt_thrown_range(n: int, v_min: int, v_max: int, throw_ratio: float) -> tuple[int, int]:
+    """Fewest and most thrown tokens of a modality, ``min(floor(t n), n - v)``, over ``v`` in
+    ``[v_min, v_max]`` visible."""
+    t = math.floor(throw_ratio * n + 1e-9)
+    return min(t, n - v_max), min(t, n - v_min)
+
+
 @register_strategy("amt", {"throw_ratio": 0.4, "eps": 1e-6}, origin="AMT (Attention-driven "
                    "Masking and Throwing)", summary="weighted order by attention: first hidden, "
-                   "then floor(t*N) thrown, last v visible")
+                   "then floor(t*N) thrown, last v visible",
+                   thrown_range=lambda n, lo, hi, p: _amt_thrown_range(n, lo, hi, p["throw_ratio"]))
 def amt(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, throw_ratio: float = 0.4,
         eps: float = 1e-6):
     """Weighted permutation without replacement of each modality's tokens, weights ``w`` = the

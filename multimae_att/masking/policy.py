@@ -69,6 +69,11 @@ class MaskingPolicy:
         """True if the strategy wants per-head scores ``[B, H, N_m]``."""
         return self.strategy.per_head
 
+    @property
+    def uses_progress(self) -> bool:
+        """True if the strategy follows the run's progress (a curriculum such as ``hpm``)."""
+        return self.strategy.uses_progress
+
     def guided_now(self, epoch: float) -> bool:
         """True if the attention-guided strategy is active at this epoch (warm-up over, p > 0)."""
         return (self.strategy.name != "random" and epoch >= self.warmup_epochs
@@ -89,6 +94,24 @@ class MaskingPolicy:
         return sample_budgets(num_tokens, K, batch_size, self.current_alphas(), generator,
                               sample_tasks_uniformly=self.sample_tasks_uniformly, device=device)
 
+    def kept_range(self, num_tokens: Mapping[str, int], K: int, epoch: float) -> dict[str, tuple[int, int]]:
+        """modality -> (fewest, most) tokens a sample keeps (visible or hidden, i.e. not thrown) at
+        this epoch with ``K`` visible per sample, from the configuration alone (no mask is read).
+        Random masks throw nothing (``N_m``); with ``prob < 1`` some samples are random. The
+        decoders and the losses size their tensors by it (equal ends: no padding)."""
+        out = {}
+        total = sum(int(n) for n in num_tokens.values())
+        for m, n in num_tokens.items():
+            n = int(n)
+            if self.strategy.thrown_range is None or not self.guided_now(epoch):
+                out[m] = (n, n)
+                continue
+            # Visible in this modality: at most K, at least what the others cannot hold.
+            v_min, v_max = max(0, int(K) - (total - n)), min(int(K), n)
+            lo, hi = (max(0, min(n, int(x))) for x in self.strategy.thrown_range(n, v_min, v_max, self.params))
+            out[m] = (n - hi, n if self.prob < 1.0 else n - lo)
+        return out
+
     def update_losses(self, losses: Mapping[str, float | Tensor]) -> None:
         """Feed per-modality losses to adaptive alpha (no-op when it is off)."""
         if self.adaptive is not None:
@@ -96,12 +119,14 @@ class MaskingPolicy:
 
     def __call__(self, scores: Mapping[str, Tensor] | None, visible: Tensor, epoch: float,
                  generator: torch.Generator | None = None,
-                 num_tokens: Mapping[str, int] | None = None) -> Masks:
+                 num_tokens: Mapping[str, int] | None = None,
+                 progress: float | None = None) -> Masks:
         """Masks for one step; ``.guided`` [B] says which samples used the strategy.
 
         ``scores``: dict modality -> ``[B, N_m]`` (``[B, H, N_m]`` if :attr:`per_head`), or None
         when :meth:`needs_scores` is False — then ``num_tokens`` (modality -> N_m, in order)
-        gives the shapes. ``visible``: int ``[B, M]``.
+        gives the shapes. ``visible``: int ``[B, M]``. ``progress``: position in the run in
+        [0, 1], needed by curriculum strategies (:attr:`uses_progress`, e.g. ``hpm``).
         """
         B = visible.shape[0]
         dev = visible.device
@@ -116,7 +141,8 @@ class MaskingPolicy:
             guided = draw("uniform", (B,), dev, generator) < self.prob
         if scores is None:  # score-free strategy: only shapes matter
             scores = self._dummy(num_tokens, B, dev)
-        out = make_masks(self.strategy.name, scores, visible, generator, **self.params)
+        out = make_masks(self.strategy.name, scores, visible, generator, progress=progress,
+                         **self.params)
         if self.prob >= 1.0:
             return Masks(out.hidden, out.thrown, guided)
         rnd = self._random(scores, visible, generator, num_tokens, guided=False)

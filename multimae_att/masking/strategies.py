@@ -21,11 +21,14 @@ after every real token and is never hidden or visible.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from multimae_att.device_checks import check, to_device
 
 __all__ = ["Masks", "Strategy", "STRATEGIES", "register_strategy", "make_masks", "validate",
            "draw"]
@@ -68,7 +71,8 @@ class Strategy:
     ``fn(key_input, n, hide, generator, **params) -> (hidden, thrown_or_None)`` works on padded
     stacks: ``key_input`` float ``[B, M, N_max]`` (``[B, M, H, N_max]`` if ``per_head``), ``n``
     int64 ``[M]`` token counts, ``hide`` int64 ``[B, M]`` = ``N_m - visible``; it returns bool
-    ``[B, M, N_max]`` masks (False on padding).
+    ``[B, M, N_max]`` masks (False on padding). A strategy with ``uses_progress`` (a curriculum)
+    also gets ``progress``: the position in the run, 0 at the first step and 1 at the last.
     """
 
     name: str
@@ -79,6 +83,11 @@ class Strategy:
     deterministic: bool = False  # True: the generator is not used (masks depend on scores only)
     origin: str = ""
     summary: str = ""
+    uses_progress: bool = False  # True: fn takes ``progress`` in [0, 1] (see make_masks)
+    # (N_m, v_min, v_max, params) -> (fewest, most) tokens of a modality with N_m tokens that a
+    # sample with v_min..v_max of them visible gets thrown; None = (0, 0), the strategy throws
+    # nothing. Lets the decoders and the losses size their tensors without reading the masks.
+    thrown_range: Callable[[int, int, int, Mapping[str, Any]], tuple[int, int]] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -87,13 +96,14 @@ STRATEGIES: dict[str, Strategy] = {}
 def register_strategy(name: str, defaults: Mapping[str, Any] | None = None, *,
                       needs_scores: bool = True, per_head: bool = False,
                       deterministic: bool = False, origin: str = "",
-                      summary: str = "") -> Callable:
+                      summary: str = "", uses_progress: bool = False,
+                      thrown_range: Callable | None = None) -> Callable:
     """Decorator adding ``fn`` to :data:`STRATEGIES` under ``name`` with its parameter defaults."""
     def deco(fn: Callable) -> Callable:
         if name in STRATEGIES:
             raise ValueError(f"masking strategy {name!r} is already registered")
         STRATEGIES[name] = Strategy(name, fn, dict(defaults or {}), needs_scores, per_head,
-                                    deterministic, origin, summary)
+                                    deterministic, origin, summary, uses_progress, thrown_range)
         return fn
     return deco
 
@@ -168,18 +178,27 @@ def draw(kind: str, shape: tuple[int, ...], device: torch.device,
 # ----------------------------------------------------------------------------- entry points
 
 def make_masks(name: str, scores: Mapping[str, Tensor], visible: Tensor,
-               generator: torch.Generator | None = None, **params: Any) -> Masks:
+               generator: torch.Generator | None = None, *, progress: float | None = None,
+               **params: Any) -> Masks:
     """Masks from strategy ``name`` (see the module docstring for shapes and conventions).
 
+    ``progress``: position in the run in [0, 1] (step / total steps), required by curriculum
+    strategies (``Strategy.uses_progress``, e.g. ``hpm``) and ignored by the others.
     Raises ValueError for an unknown strategy or parameter, a wrong ``visible`` shape or range,
-    or non-finite scores for a score-driven strategy.
+    non-finite scores for a score-driven strategy, or a missing or non-finite ``progress``.
     """
     strat = get_strategy(name)
     p = check_params(name, params)
+    if strat.uses_progress:
+        if progress is None or not math.isfinite(float(progress)):
+            raise ValueError(f"masking strategy {name!r} follows the run's progress: pass "
+                             f"progress in [0, 1] (got {progress})")
+        p["progress"] = min(max(float(progress), 0.0), 1.0)
     mods = list(scores)
     if not mods:
         raise ValueError("make_masks needs at least one modality in scores")
-    n = torch.tensor([scores[m].shape[-1] for m in mods], dtype=torch.int64)
+    sizes = [scores[m].shape[-1] for m in mods]  # host ints: slicing by them needs no sync
+    n = torch.tensor(sizes, dtype=torch.int64)
     B = scores[mods[0]].shape[0]
     _check_visible(visible, B, n, mods)
     for m in mods:
@@ -189,13 +208,13 @@ def make_masks(name: str, scores: Mapping[str, Tensor], visible: Tensor,
             raise ValueError(f"strategy {name!r} needs scores[{m!r}] of shape {shape} with B={B}, "
                              f"got {tuple(scores[m].shape)}")
     device = scores[mods[0]].device
-    n = n.to(device)
+    n = to_device(n, device)
     key_input = _stack_padded([scores[m].float() for m in mods], 0.0)
-    if strat.needs_scores and not bool(torch.isfinite(key_input).all()):
-        raise ValueError(f"strategy {name!r} got non-finite attention scores")
+    if strat.needs_scores:
+        check(torch.isfinite(key_input), f"strategy {name!r} got non-finite attention scores")
     hide = n[None, :] - visible.to(device=device, dtype=torch.int64)
     hidden, thrown = strat.fn(key_input, n, hide, generator, **p)
-    split = lambda x: {m: x[:, i, : int(n[i])] for i, m in enumerate(mods)}  # noqa: E731
+    split = lambda x: {m: x[:, i, :sizes[i]] for i, m in enumerate(mods)}  # noqa: E731
     return Masks(split(hidden), None if thrown is None else split(thrown))
 
 
@@ -205,9 +224,8 @@ def _check_visible(visible: Tensor, B: int, n: Tensor, mods: list[str]) -> None:
                          f"got {tuple(visible.shape)}")
     if visible.is_floating_point() or visible.dtype == torch.bool:
         raise ValueError(f"visible must be an integer tensor, got {visible.dtype}")
-    v = visible.cpu()
-    if bool((v < 0).any()) or bool((v > n[None, :]).any()):
-        raise ValueError(f"visible counts must lie in [0, N_m] with N = {dict(zip(mods, n.tolist()))}")
+    check((visible >= 0) & (visible <= to_device(n, visible.device)[None, :]),
+          f"visible counts must lie in [0, N_m] with N = {dict(zip(mods, n.tolist()))}")
 
 
 def validate(masks: Masks, visible: Tensor | None = None, K: int | None = None,

@@ -20,11 +20,13 @@ from multimae_att.model.output_adapters import SpatialOutputAdapter
 
 ENCODER_SIZES: Dict[str, Dict[str, Any]] = {
     "tiny": dict(dim_tokens=96, depth=3, num_heads=3, mlp_ratio=4.0),
+    "small": dict(dim_tokens=384, depth=12, num_heads=6, mlp_ratio=4.0),   # ViT-S (DINO's, TokenCut's)
     "base": dict(dim_tokens=768, depth=12, num_heads=12, mlp_ratio=4.0),
     "large": dict(dim_tokens=1024, depth=24, num_heads=16, mlp_ratio=4.0),
 }
 DECODER_SIZES: Dict[str, Dict[str, int]] = {
     "tiny": dict(decoder_dim=64, decoder_depth=2, decoder_heads=2),
+    "small": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
     "base": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
     "large": dict(decoder_dim=256, decoder_depth=2, decoder_heads=8),
 }

@@ -24,6 +24,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from multimae_att.device_checks import check
+from multimae_att.model.attention import check_attention_mode, set_fused, use_fused
 from multimae_att.model.output_adapters import drop_path_rates
 from multimae_att.model.readout import readout_attention
 
@@ -47,7 +49,8 @@ class MultiMAE(nn.Module):
     Args: ``input_adapters`` / ``output_adapters`` (dicts modality -> adapter; outputs may be
     None), ``num_global_tokens``, ``dim_tokens``, ``depth``, ``num_heads``, ``mlp_ratio``,
     ``qkv_bias``, ``drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``norm_layer``.
-    Encoder blocks are timm ``Block``s (fused SDPA): ``encoder.<i>.{norm1, attn.qkv, ...}``.
+    Encoder blocks are timm ``Block``s: ``encoder.<i>.{norm1, attn.qkv, ...}``. Their attention
+    kernel (fused SDPA or explicit softmax) is chosen per pass, see :meth:`set_attention`.
     """
 
     def __init__(self, input_adapters: Mapping[str, nn.Module],
@@ -74,6 +77,7 @@ class MultiMAE(nn.Module):
             Block(dim_tokens, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
             for i in range(depth)])
+        self.attention = "auto"  # see set_attention (a run setting, not part of the state dict)
         self._init_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -94,18 +98,26 @@ class MultiMAE(nn.Module):
             elif isinstance(m, nn.Conv2d) and ".proj" in name:
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
 
-    def set_fused_attn(self, enabled: bool) -> None:
-        """Fused SDPA (default) or explicit softmax attention in every encoder and decoder block.
+    def set_attention(self, mode: str) -> None:
+        """Attention kernel of every encoder and decoder block: ``'auto'`` (default), ``'fused'``
+        (SDPA) or ``'explicit'`` (softmax of the materialised logits); the same function either way.
 
-        Same function either way. Fused is the fast path on GPUs; for bf16 training on CPU the
-        explicit path measured ~20% faster here (CPU flash-attention backward is slow). The
-        scoring pass follows the flag in the blocks before its readout layer (they run as
-        ordinary blocks); the readout layer itself always computes its softmax row explicitly,
-        whatever the flag, since it reads the probabilities.
+        ``auto`` decides per pass from the device, the compute dtype and whether the pass builds a
+        graph (:func:`multimae_att.model.attention.auto_fused`: explicit only for bf16/fp16
+        training on a CPU, where the flash-attention backward is slow). The scoring pass
+        (:meth:`attention_scores`, no grad) therefore stays fused while the training pass of the
+        same step may run explicit. The scoring pass's readout layer always computes its one
+        softmax row explicitly (it reads the probabilities).
         """
-        for module in self.modules():
-            if hasattr(module, "fused_attn") and isinstance(getattr(module, "fused_attn"), bool):
-                module.fused_attn = enabled
+        self.attention = check_attention_mode(mode)
+
+    def set_fused_attn(self, enabled: bool) -> None:
+        """``set_attention('fused' if enabled else 'explicit')`` (timm's flag name)."""
+        self.set_attention("fused" if enabled else "explicit")
+
+    def _select_attention(self, x: torch.Tensor, grad: bool | None = None) -> None:
+        """Set every block's ``fused_attn`` for the pass about to run over ``x``."""
+        set_fused(self, use_fused(self.attention, x, grad))
 
     def get_num_layers(self) -> int:
         return len(self.encoder)
@@ -209,6 +221,7 @@ class MultiMAE(nn.Module):
         """
         tokens = self._as_tokens(x) if self.is_token_dict(x) else self.embed(x)
         z = self._with_global(torch.cat([t.detach() for t in tokens.values()], dim=1))
+        self._select_attention(z, grad=False)
         training = self.encoder.training
         if training:  # scores must not depend on dropout / stochastic depth draws
             self.encoder.eval()
@@ -222,10 +235,35 @@ class MultiMAE(nn.Module):
         sizes = [t.shape[1] for t in tokens.values()]
         return dict(zip(tokens.keys(), probs.split(sizes, dim=-1)))
 
+    @torch.no_grad()
+    def encoder_features(self, x: Mapping[str, torch.Tensor]) -> TensorDict:
+        """Last-layer encoder features of an unmasked pass (every block in full); no grad.
+
+        ``x``: raw inputs or tokens, as for :meth:`attention_scores`; eval mode likewise.
+        Returns dict modality -> ``[B, N_m, D]`` (global tokens dropped), canonical order.
+        The cost of a plain inference forward (what the loss-prediction score source reads).
+        """
+        tokens = self._as_tokens(x) if self.is_token_dict(x) else self.embed(x)
+        z = self._with_global(torch.cat([t.detach() for t in tokens.values()], dim=1))
+        training = self.encoder.training
+        if training:
+            self.encoder.eval()
+        try:
+            z = self.encoder(z)
+        finally:
+            if training:
+                self.encoder.train()
+        sizes = [t.shape[1] for t in tokens.values()]
+        return dict(zip(tokens.keys(), z[:, :sum(sizes)].split(sizes, dim=1)))
+
     # ------------------------------------------------------------------ masked pass
     def _visible_ids(self, tokens: Tokens, hidden: Mapping[str, torch.Tensor],
-                     thrown: Optional[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-        """Canonical positions of the visible tokens ``[B, K]`` (ascending); checks the masks."""
+                     thrown: Optional[Mapping[str, torch.Tensor]], num_visible: int | None = None) -> torch.Tensor:
+        """Canonical positions of the visible tokens ``[B, K]`` (ascending); checks the masks.
+
+        ``num_visible``: K when the caller knows it (the pretraining step does): the count check
+        then runs without a host sync (:func:`multimae_att.device_checks.check`); otherwise K is
+        read from the masks (one sync on a GPU)."""
         parts = []
         for m, t in tokens.items():
             if m not in hidden:
@@ -238,9 +276,14 @@ class MultiMAE(nn.Module):
             parts.append(mask)
         not_visible = torch.cat(parts, dim=1)
         counts = (~not_visible).sum(dim=1)
-        k, k_max = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync, not two
-        if k != k_max:
-            raise ValueError(f"every sample needs the same number of visible tokens, got {counts.tolist()}")
+        if num_visible is None:
+            k, k_max = torch.stack([counts.min(), counts.max()]).tolist()  # one host sync, not two
+            if k != k_max:
+                raise ValueError(f"every sample needs the same number of visible tokens, got {counts.tolist()}")
+        else:
+            k = int(num_visible)
+            check(counts == k, f"every sample needs exactly {k} visible tokens",
+                  detail=lambda: f"got {counts.tolist()}")
         # Stable sort on the 0/1 mask: visible positions first, in canonical order. No per-sample loop.
         return torch.argsort(not_visible.to(torch.int8), dim=1, stable=True)[:, :k]
 
@@ -253,17 +296,23 @@ class MultiMAE(nn.Module):
 
     def decode(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any], ids_keep: torch.Tensor,
                thrown: Optional[Mapping[str, torch.Tensor]] = None,
-               fp32_output_adapters: Iterable[str] = ()) -> TensorDict:
+               fp32_output_adapters: Iterable[str] = (),
+               kept_range: Mapping[str, tuple[int, int]] | None = None) -> TensorDict:
         """Run every output adapter; ``thrown[m]`` (bool ``[B, N_m]``) drops those query rows of
-        the decoder whose ``task`` (or, without one, whose name) is ``m`` (predictions there are zero)."""
+        the decoder whose ``task`` (or, without one, whose name) is ``m`` (predictions there are zero).
+        ``kept_range[m]``: (fewest, most) rows a sample keeps (host ints), so no count is read from
+        the mask."""
         fp32 = set(fp32_output_adapters)
         preds = {}
         for name, adapter in self.output_adapters.items():
-            drop = None if thrown is None else thrown.get(getattr(adapter, "task", None) or name)
+            task = getattr(adapter, "task", None) or name
+            drop = None if thrown is None else thrown.get(task)
             keep = None if drop is None else ~drop.bool()
             kwargs = {"input_info": input_info, "ids_keep": ids_keep}
             if keep is not None:
                 kwargs["query_keep"] = keep
+                if kept_range is not None and task in kept_range:
+                    kwargs["kept_range"] = kept_range[task]
             if name in fp32:
                 with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
                     preds[name] = adapter(encoder_tokens.float(), **kwargs)
@@ -274,7 +323,9 @@ class MultiMAE(nn.Module):
     def forward_masked(self, tokens: Mapping[str, torch.Tensor], hidden: Mapping[str, torch.Tensor],
                        thrown: Optional[Mapping[str, torch.Tensor]] = None, *,
                        fp32_output_adapters: Iterable[str] = (),
-                       return_encoder: bool = False) -> Union[TensorDict, Tuple[TensorDict, torch.Tensor]]:
+                       return_encoder: bool = False, num_visible: int | None = None,
+                       kept_range: Mapping[str, tuple[int, int]] | None = None
+                       ) -> Union[TensorDict, Tuple[TensorDict, torch.Tensor]]:
         """Masked encoder + decoders over the cached ``tokens`` (no second adapter pass).
 
         ``hidden[m]`` bool/int ``[B, N_m]`` (1 = hidden) for every input modality; ``thrown[m]``
@@ -283,14 +334,18 @@ class MultiMAE(nn.Module):
         Visible tokens are gathered in canonical order (vectorised), the global tokens
         appended, the encoder run; each decoder cross-attends to the visible + global tokens.
         Decoder queries at thrown positions are dropped and their predictions are zero-filled.
+        ``num_visible``: K and ``kept_range`` (modality -> fewest and most tokens a sample keeps,
+        i.e. does not throw), when known, spare reading counts from the masks (each a host sync
+        on a GPU).
         Returns preds: dict output name -> ``[B, C, H_m, W_m]`` (and the encoder output
         ``[B, K + G, D]`` with ``return_encoder``).
         """
         tokens = self._as_tokens(tokens)
-        ids_keep = self._visible_ids(tokens, hidden, thrown)
+        self._select_attention(next(iter(tokens.values())))
+        ids_keep = self._visible_ids(tokens, hidden, thrown, num_visible)
         encoded = self.encode_visible(tokens, ids_keep)
         preds = {} if self.output_adapters is None else self.decode(
-            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters)
+            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters, kept_range)
         return (preds, encoded) if return_encoder else preds
 
     # ------------------------------------------------------------------ MultiMAE's forward
@@ -336,6 +391,7 @@ class MultiMAE(nn.Module):
             k = total if num_encoded_tokens is None else num_encoded_tokens
             hidden = self.random_masks(tokens, k, alphas, sample_tasks_uniformly)
             task_masks = {m: h.long() for m, h in hidden.items()}
+        self._select_attention(next(iter(tokens.values())))
         ids_keep = self._visible_ids(tokens, hidden, None)
         encoded = self.encode_visible(tokens, ids_keep)
         if self.output_adapters is None:
@@ -352,7 +408,9 @@ class MultiViT(MultiMAE):
     def process_input(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, Dict]:
         """Raw inputs -> (encoder input ``[B, N + G, D]``, ``input_info``)."""
         tokens = self.embed(x)
-        return self._with_global(torch.cat(list(tokens.values()), dim=1)), self.input_info(tokens)
+        z = self._with_global(torch.cat(list(tokens.values()), dim=1))
+        self._select_attention(z)  # the pass that follows runs on z (see set_attention)
+        return z, self.input_info(tokens)
 
     def forward(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor], return_all_layers: bool = False,
                 **kwargs: Any) -> Any:

@@ -21,6 +21,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from multimae_att.device_checks import check
 from multimae_att.model.pos_emb import Size2, build_2d_sincos_posemb, flatten_grid, pair, resize_pos_emb
 
 
@@ -207,13 +208,17 @@ class SpatialOutputAdapter(nn.Module):
 
     def forward(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any],
                 ids_keep: Optional[torch.Tensor] = None, ids_restore: Optional[torch.Tensor] = None,
-                query_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_keep: Optional[torch.Tensor] = None,
+                kept_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Decode ``encoder_tokens [B, K+G, D_enc]`` into ``[B, num_channels, h*P_H, w*P_W]``.
 
         ``ids_keep [B, K]``: canonical positions of the visible tokens (None = all tokens visible,
         in canonical order). ``query_keep`` bool ``[B, h*w]`` (True = decode): positions with
         False (thrown tokens) are dropped from the queries — they neither attend nor are attended
-        to in the decoder blocks — and their predictions are **zero-filled**.
+        to in the decoder blocks — and their predictions are **zero-filled**. ``kept_range``: the
+        fewest and most kept rows of a sample (host ints): the rows are packed to the most without
+        reading counts from ``query_keep`` (each read is a host sync on a GPU), and when both are
+        equal no padding mask is needed.
         """
         if self.dim_tokens_enc is None:
             raise RuntimeError("SpatialOutputAdapter: call init(dim_tokens_enc) first")
@@ -223,7 +228,9 @@ class SpatialOutputAdapter(nn.Module):
             n = int(input_info["num_task_tokens"])
             ids_keep = torch.arange(n, device=ctx.device).expand(ctx.shape[0], n)
         queries, context = self._queries_and_context(ctx, input_info, ids_keep, grid)
-        if query_keep is None or bool(query_keep.all()):
+        if kept_range is not None and query_keep is not None:
+            out = self._decode_subset(queries, context, query_keep, kept_range)
+        elif query_keep is None or bool(query_keep.all()):
             out = self._decode(queries, context, None)
         else:
             out = self._decode_subset(queries, context, query_keep)
@@ -231,17 +238,28 @@ class SpatialOutputAdapter(nn.Module):
         out = out.reshape(out.shape[0], h, w, self.num_channels, self.P_H, self.P_W)
         return out.permute(0, 3, 1, 4, 2, 5).reshape(out.shape[0], self.num_channels, h * self.P_H, w * self.P_W)
 
-    def _decode_subset(self, queries: torch.Tensor, context: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Decode only the kept query rows; rows may differ per sample, so pack them to the
-        largest kept count and mask the padding as keys. Returns ``[B, Q, P]`` with zeros at
+    def _decode_subset(self, queries: torch.Tensor, context: torch.Tensor, keep: torch.Tensor,
+                       kept_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Decode only the kept query rows; rows may differ per sample, so pack them to the most
+        kept (``kept_range[1]``, else read from ``keep``) and mask the padding as keys (not
+        needed when every sample keeps the same number). Returns ``[B, Q, P]`` with zeros at
         dropped rows."""
         B, Q, D = queries.shape
         counts = keep.sum(1)
-        width = int(counts.max())
+        if kept_range is None:
+            width, uniform = int(counts.max()), False
+        else:
+            fewest, width = (max(0, min(int(x), Q)) for x in kept_range)
+            uniform = fewest == width
+            check((counts >= fewest) & (counts <= width),
+                  f"decoder {self.task!r}: a sample keeps a number of queries outside kept_range={kept_range}")
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept rows first
-        valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]  # [B, width]
         packed = queries.gather(1, order.unsqueeze(-1).expand(-1, -1, D))
-        key_valid = valid | (counts == 0)[:, None]  # a sample with nothing kept must not attend to nothing
-        out = self._decode(packed, context, key_valid) * valid.unsqueeze(-1).to(queries.dtype)
+        if uniform:  # no padding row: nothing to mask
+            out = self._decode(packed, context, None)
+        else:
+            valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]  # [B, width]
+            key_valid = valid | (counts == 0)[:, None]  # a sample with nothing kept must not attend to nothing
+            out = self._decode(packed, context, key_valid) * valid.unsqueeze(-1).to(queries.dtype)
         full = out.new_zeros(B, Q, out.shape[-1])
         return full.scatter(1, order.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)

@@ -56,9 +56,15 @@ def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
             raise ValueError("masking.cache needs the list of sample ids (folder layout or a "
                              "<split>.keys.txt next to the shard index)")
         AttentionCache.create(path, ids, cfg.model.in_modalities, grid=c.grid, dtype=c.dtype,
-                              normalize=c.normalize)
+                              normalize=c.normalize, source=cfg.masking.score_source)
     accelerator.wait_for_everyone()
-    return AttentionCache(path, refresh_every=c.refresh_every, max_age=c.max_age)
+    cache = AttentionCache(path, refresh_every=c.refresh_every, max_age=c.max_age)
+    if cache.source != cfg.masking.score_source:
+        from multimae_att.config import ConfigError
+
+        raise ConfigError(f"masking.cache.path={str(path)!r} holds {cache.source} scores, but "
+                          f"masking.score_source={cfg.masking.score_source!r}; use another cache path")
+    return cache
 
 
 def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[int]) -> int:
@@ -102,12 +108,15 @@ class CacheRefresher:
     ``save_fn()`` saves the training state of ``step`` (all processes call it together).
     ``policy`` (the run's masking policy) and ``last_epoch`` (the epoch of the run's last step)
     let it skip windows that nothing reads (see the module docstring); without ``policy`` every
-    window is refreshed.
+    window is refreshed. ``source``: the run's score source (:mod:`multimae_att.scoring`), so the
+    refresh writes the scores the steps would compute (``masking.score_source``, ``score_norm``).
     """
 
     def __init__(self, cfg: PretrainConfig, cache: Any, model: Any, accelerator: Any,
-                 resumed_step: Optional[int], policy: Any = None, last_epoch: float = math.inf) -> None:
+                 resumed_step: Optional[int], policy: Any = None, last_epoch: float = math.inf,
+                 source: Any = None) -> None:
         self.cfg, self.cache, self.model, self.accelerator = cfg, cache, model, accelerator
+        self.source = source  # the run's score source (None: attention at masking.score_layer/query)
         self.policy, self.last_epoch = policy, last_epoch
         self.c = cfg.masking.cache
         self.record_file = Path(cache.path) / REFRESH_RECORD
@@ -175,7 +184,8 @@ class CacheRefresher:
 
         with torch.no_grad(), acc.autocast():  # same precision as the training scoring pass
             n = refresh_cache(self.cache, self.model, loader, epoch, inputs_fn=inputs_fn,
-                              layer=self.cfg.masking.score_layer, query=self.cfg.masking.score_query)
+                              source=self.source, layer=self.cfg.masking.score_layer,
+                              query=self.cfg.masking.score_query)
         acc.wait_for_everyone()  # every row written before any process reads
         if acc.is_main_process:
             write_text_atomic(self.record_file, json.dumps({"point": point, "step": step, "epoch": epoch}))

@@ -97,6 +97,15 @@ class AdaptiveConfig:
 
 
 @dataclass
+class LossPredictorConfig:
+    """The loss-prediction head of ``masking.score_source=predicted_loss``
+    (:class:`multimae_att.loss_prediction.LossPredictor`)."""
+
+    hidden: int = setting(32, ge=0)                      # MLP width; 0: LayerNorm + linear
+    cached_train_share: float = setting(0.0625, ge=0, le=1)  # with masking.cache: samples that train it
+
+
+@dataclass
 class MaskingConfig:
     """Budgets and strategy. ``params`` are the strategy's own parameters (checked by name)."""
 
@@ -105,8 +114,11 @@ class MaskingConfig:
     num_encoded_tokens: int = setting(98, ge=1)     # visible tokens K, all modalities: < token count
     alphas: Union[float, list[float]] = setting(1.0, gt=0)   # Dirichlet concentration(s)
     sample_tasks_uniformly: bool = False
+    score_source: Literal["attention", "predicted_loss"] = "attention"
+    score_norm: Literal["none", "head_minmax"] = "none"   # attention: AMT's per-head min-max
     score_layer: int = setting(-1, free=True)      # encoder block; checked against model.size
     score_query: Literal["global", "mean"] = "global"
+    loss_predictor: LossPredictorConfig = field(default_factory=LossPredictorConfig)
     warmup_epochs: float = setting(0.0, ge=0)      # random masking before this epoch (of this run)
     prob: float = setting(1.0, ge=0, le=1)         # per sample: guided with this probability, else random
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
@@ -126,16 +138,31 @@ class MaskingConfig:
         if self.cache.enabled and STRATEGIES[self.strategy].per_head:
             raise ValueError(f"masking.cache stores head-averaged scores; strategy "
                              f"{self.strategy!r} needs per-head scores")
+        if self.score_source == "predicted_loss":
+            if STRATEGIES[self.strategy].per_head:
+                raise ValueError(f"masking.strategy={self.strategy!r} needs per-head attention "
+                                 "scores; masking.score_source=predicted_loss has no heads")
+            if self.score_norm != "none":
+                raise ValueError(f"masking.score_norm={self.score_norm!r} normalises attention "
+                                 "heads; use 'none' with masking.score_source=predicted_loss")
 
 
 @dataclass
 class AttGConfig:
-    """Attention-guided loss weights exp(M_norm / tau), tau: half-cosine tau0 -> tau_end."""
+    """Attention-guided loss weights exp(M_norm / tau), tau: half-cosine tau0 -> tau_end.
+
+    The AttG paper lets tau *increase* from 0.75 (guidance softens during training); it gives no
+    end value: 1.5 halves the log-range of the weights (largest / smallest weight e^(4/3) ~ 3.8
+    at the start, e^(2/3) ~ 1.9 at the end) without switching the guidance off. ``normalize``:
+    divide the weights by their mean over each sample's counted patches (loss scale of the
+    unweighted loss); false is the paper's ``L_rec * M_scaled``.
+    """
 
     enabled: bool = False
     tau0: float = setting(0.75, gt=0)
-    tau_end: float = setting(0.25, gt=0)
+    tau_end: float = setting(1.5, gt=0)
     source: Literal["scores", "data"] = "scores"   # this step's scoring pass, or batch['att_map']
+    normalize: bool = False
 
 
 @dataclass
@@ -144,6 +171,7 @@ class LossConfig:
         factory=lambda: {"rgb": 1.0, "norm_rgb": 1.0, "depth": 1.0, "semseg": 1.0}, ge=0)
     semseg_ignore_index: int = setting(-100, free=True)
     attg: AttGConfig = field(default_factory=AttGConfig)
+    loss_prediction_weight: float = setting(1.0, ge=0)   # the loss predictor's ranking loss
 
 
 @dataclass
@@ -191,6 +219,9 @@ class TrainConfig:
     save_every: int = setting(1000, ge=1)    # optimizer steps between training states
     keep_last: int = setting(2, ge=1)
     final_export: bool = True                # write output_dir/final.pth (MultiMAE layout)
+    export_loss_predictor: bool = False      # also store the loss predictor in final.pth
+    attention: Literal["auto", "fused", "explicit"] = "auto"  # attention kernel; auto: chosen per pass
+    compile: bool = False                    # torch.compile the encoder blocks and decoders
 
 
 @dataclass
@@ -246,6 +277,11 @@ class PretrainConfig:
         if self.masking.adaptive.enabled and not set(self.model.in_modalities) <= set(self.model.out_modalities):
             raise ValueError("masking.adaptive needs a reconstruction loss for every input modality "
                              f"(model.out_modalities must include {self.model.in_modalities})")
+        if (self.masking.score_source == "predicted_loss"
+                and not set(self.model.in_modalities) <= set(self.model.out_modalities)):
+            raise ValueError("masking.score_source=predicted_loss predicts each input modality's "
+                             "reconstruction loss: model.out_modalities must include "
+                             f"{self.model.in_modalities}")
         if isinstance(self.masking.alphas, list) and len(self.masking.alphas) != len(self.model.in_modalities):
             raise ValueError(f"masking.alphas has {len(self.masking.alphas)} values for the "
                              f"{len(self.model.in_modalities)} model.in_modalities")
@@ -257,9 +293,11 @@ class PretrainConfig:
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.background_classes",
                     "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
-                    "train.final_export", "train.find_unused_parameters")
+                    "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters",
+                    "train.attention", "train.compile")
 RESUME_FREE_SECTIONS = ("init.", "log.")
-# The run length sets AttG's tau schedule (a half cosine over the run's steps).
+# The run length sets AttG's tau schedule (a half cosine over the run's steps) and the share of a
+# curriculum strategy (hpm).
 RESUME_LENGTH_KEYS = ("train.max_steps", "train.epochs")
 # Strategy params and loss weights compare as a whole.
 _RESUME_WHOLE = ("masking.params", "loss.weights")
@@ -270,14 +308,16 @@ def resume_config_changes(saved: dict, cfg: PretrainConfig) -> tuple[list[str], 
 
     Returns ``(blocking, notes)``: lines ``key: old -> new`` for keys that change the results,
     and for keys that may change freely (``RESUME_FREE_KEYS``, ``init.*``, ``log.*``; the run
-    length only without AttG) or that exist on one side only (an older or newer schema).
-    Built on :func:`multimae_att.config.resume_config_changes`.
+    length only without AttG and curriculum strategies) or that exist on one side only (an older
+    or newer schema). Built on :func:`multimae_att.config.resume_config_changes`.
     """
     from multimae_att.config import config_to_dict, resume_config_changes as changes
+    from multimae_att.masking import STRATEGIES
 
     sections = tuple(f"{s}*" for s in RESUME_FREE_SECTIONS)
+    by_length = cfg.loss.attg.enabled or STRATEGIES[cfg.masking.strategy].uses_progress
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS + sections,
-                   blocking=RESUME_LENGTH_KEYS if cfg.loss.attg.enabled else (),
+                   blocking=RESUME_LENGTH_KEYS if by_length else (),
                    quiet_missing=sections, whole=_RESUME_WHOLE)
 
 

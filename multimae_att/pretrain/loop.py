@@ -22,6 +22,7 @@ import torch
 
 from multimae_att.config import ConfigError
 from multimae_att.losses import LossSpec
+from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.pretrain.cache import CacheRefresher, build_cache
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
 from multimae_att.pretrain.pictures import picture_info, save_pictures
@@ -32,6 +33,7 @@ from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
 from multimae_att.run.trainer import DataStream, Job, Run, run_length
 from multimae_att.runstate import step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
+from multimae_att.scoring import build_scoring
 
 __all__ = ["train", "DataStream", "RunPlan", "plan_run", "PretrainJob"]
 
@@ -82,23 +84,25 @@ def train(cfg: PretrainConfig) -> Path:
     init_opt = None
     if run.fresh and cfg.init.checkpoint:
         init_opt = load_init_checkpoint(model, cfg.init.checkpoint)
-    module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=0.0,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+    source, predictor = build_scoring(cfg.masking, list(cfg.model.in_modalities), model.dim_tokens)
+    module = PretrainModule(model, tuple(cfg.train.fp32_output_adapters), loss_predictor=predictor)
+    optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, extra=predictor), acc.device, lr=0.0,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)  # fused where the device has it
     if init_opt is not None and cfg.init.load_optimizer:
         _try_load_optimizer(optimizer, init_opt, acc)
     module, optimizer = acc.prepare(module, optimizer)
     policy = build_policy(cfg)
     if not run.begin(plan.total_steps):   # finished: nothing is touched
         return out
-    job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy)
+    job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy, source, predictor)
     run.restore(job)
     job.start_cache()
     run.fit(job)
     outputs = []
     if cfg.train.final_export:
         if acc.is_main_process:
-            _export(model, cfg, plan.total_steps, out / "final.pth", run.provenance(plan.total_steps))
+            _export(model, cfg, plan.total_steps, out / "final.pth", run.provenance(plan.total_steps),
+                    predictor if cfg.train.export_loss_predictor else None)
         outputs.append("final.pth")
     last = {k: v for k, v in (run.last_logged() or {}).items() if k not in ("step", "step_time")}
     run.finish(plan.total_steps, {"task": "pretrain", **last}, outputs)
@@ -111,14 +115,15 @@ class PretrainJob(Job):
     Logged (means over the ``log.every`` steps of a record): ``loss``, ``losses`` per output,
     ``visible`` tokens per modality, ``thrown`` (AMT), ``guided_fraction``; at the logging step
     itself: ``alphas`` (adaptive budgets) and the masking diagnostics (:meth:`log_values`). Any
-    other scalar a step returns under a ``group/name`` key is logged under that key as is.
+    other scalar a step returns under a ``group/name`` key is logged under that key as is: the
+    loss predictor's ``lossp/loss`` and ``lossp/spearman`` (``masking.score_source=predicted_loss``).
     """
 
     def __init__(self, cfg: PretrainConfig, run: Run, plan: RunPlan, module, optimizer, model, loader,
-                 policy) -> None:
+                 policy, source=None, predictor=None) -> None:
         self.cfg, self.run, self.plan = cfg, run, plan
         self.module, self.optimizer, self.weights, self.loader = module, optimizer, model, loader
-        self.policy = policy
+        self.policy, self.source, self.predictor = policy, source, predictor
         self.batches_per_epoch, self.total_steps = plan.batches_per_epoch, plan.total_steps
         self.steps_per_epoch = plan.steps_per_epoch
         acc = run.acc
@@ -137,13 +142,16 @@ class PretrainJob(Job):
         """The attention cache and its refresher, once the state (and step) are restored."""
         cfg, run, acc = self.cfg, self.run, self.run.acc
         self.cache = build_cache(cfg, self.loader, acc)
-        self.planner = MaskPlanner(self.policy, cfg.masking.num_encoded_tokens, cfg.masking.score_layer,
-                                   cfg.masking.score_query, acc.process_index, acc.num_processes, self.cache)
+        self.planner = MaskPlanner(self.policy, cfg.masking.num_encoded_tokens, rank=acc.process_index,
+                                   world_size=acc.num_processes, cache=self.cache, source=self.source,
+                                   total_epochs=max(self.total_steps, 1) / self.steps_per_epoch,
+                                   cached_train_share=cfg.masking.loss_predictor.cached_train_share)
         step = run.step
         if self.cache is not None and cfg.masking.cache.refresh == "full":
             self.refresher = CacheRefresher(cfg, self.cache, self.weights, acc,
                                             resumed_step=step if run.resumed else None, policy=self.policy,
-                                            last_epoch=(self.total_steps - 1) / self.steps_per_epoch)
+                                            last_epoch=(self.total_steps - 1) / self.steps_per_epoch,
+                                            source=self.source)
         elif self.cache is not None and run.resumed:
             run.print("note: masking.cache.refresh=crops: the cache may hold writes made after "
                       f"the state of step {step}; this resumed run is not bit-exact")
@@ -169,10 +177,12 @@ class PretrainJob(Job):
         res = forward_loss(self.module, batch, self.planner, epoch=self.epoch, generator=gen,
                            in_modalities=list(cfg.model.in_modalities),
                            standardize_depth=cfg.data.standardize_depth, loss_weights=cfg.loss.weights,
-                           specs=self.specs, attg=self.attg, tau=self.tau, device=self.device)
+                           specs=self.specs, attg=self.attg, tau=self.tau,
+                           attg_normalize=cfg.loss.attg.normalize,
+                           loss_prediction_weight=cfg.loss.loss_prediction_weight, device=self.device)
         if last:
             self.last_res = res
-        scalars = {k: v.float() for k, v in res.parts.items()}
+        scalars = {k: v.float() for k, v in {**res.parts, **res.extras}.items()}
         for i, m in enumerate(res.plan.hidden):
             scalars[f"visible/{m}"] = res.plan.visible[:, i].float().mean()
             if res.plan.thrown is not None:
@@ -229,10 +239,16 @@ class PretrainJob(Job):
         return rec
 
     def extra_state(self) -> dict[str, Any]:
-        return {"masking": self.policy.state_dict()}
+        predictor = None if self.predictor is None else self.predictor.state_dict()
+        return {"masking": self.policy.state_dict(), "loss_predictor": predictor}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.policy.load_state_dict(state["masking"])
+        if (state.get("loss_predictor") is None) != (self.predictor is None):
+            raise ValueError("training state and config disagree on the loss predictor "
+                             "(masking.score_source)")
+        if self.predictor is not None:
+            self.predictor.load_state_dict(state["loss_predictor"], strict=True)
 
 
 def _mean_over_processes(values: Mapping[str, torch.Tensor], accelerator) -> dict[str, float]:
@@ -251,15 +267,18 @@ def _try_load_optimizer(optimizer, state: dict, accelerator) -> None:
         accelerator.print(f"init.checkpoint: optimizer state not used (groups {theirs} vs {ours})")
         return
     try:
-        optimizer.load_state_dict(state)
+        load_optimizer_state(optimizer, state)  # keeps our AdamW kernel
     except (ValueError, KeyError, RuntimeError) as e:
         accelerator.print(f"init.checkpoint: optimizer state not used ({e})")
 
 
-def _export(model, cfg: PretrainConfig, step: int, path: Path, prov: dict) -> None:
-    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config', 'provenance'}`` (atomic)."""
+def _export(model, cfg: PretrainConfig, step: int, path: Path, prov: dict, loss_predictor=None) -> None:
+    """Weights in MultiMAE layout: ``{'model': state_dict, 'step', 'config', 'provenance'}``
+    (atomic), plus ``'loss_predictor'`` (its own state dict, outside ``'model'``) when one is given."""
     from multimae_att.checkpoint import export_weights
     from multimae_att.config import config_to_dict
 
-    export_weights(model, path, "multimae", extra={"step": step, "config": config_to_dict(cfg),
-                                                   "provenance": prov})
+    extra = {"step": step, "config": config_to_dict(cfg), "provenance": prov}
+    if loss_predictor is not None:
+        extra["loss_predictor"] = {k: v.detach().cpu() for k, v in loss_predictor.state_dict().items()}
+    export_weights(model, path, "multimae", extra=extra)

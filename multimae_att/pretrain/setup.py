@@ -79,11 +79,14 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     m = cfg.model
     dec = {k: v for k, v in (("decoder_dim", m.decoder_dim), ("decoder_depth", m.decoder_depth),
                              ("decoder_heads", m.decoder_heads)) if v is not None}
-    return create_pretrain_model(m.size, in_domains=m.in_modalities, out_domains=m.out_modalities,
-                                 extra_norm_rgb=m.extra_norm_rgb, patch_size=m.patch_size,
-                                 image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
-                                 drop_path_rate=m.drop_path_rate,
-                                 semseg_num_classes=m.semseg_num_classes, **dec)
+    from multimae_att.model.compile import apply_speed_options
+
+    model = create_pretrain_model(m.size, in_domains=m.in_modalities, out_domains=m.out_modalities,
+                                  extra_norm_rgb=m.extra_norm_rgb, patch_size=m.patch_size,
+                                  image_size=cfg.data.image_size, num_global_tokens=m.num_global_tokens,
+                                  drop_path_rate=m.drop_path_rate,
+                                  semseg_num_classes=m.semseg_num_classes, **dec)
+    return apply_speed_options(model, cfg.train.attention, cfg.train.compile)
 
 
 def build_policy(cfg: PretrainConfig):
@@ -97,17 +100,22 @@ def build_policy(cfg: PretrainConfig):
                          adaptive=dataclasses.asdict(m.adaptive), modalities=list(cfg.model.in_modalities))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms (1-D tensors) and ``no_weight_decay()`` names."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None
+                 ) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms (1-D tensors) and ``no_weight_decay()`` names.
+
+    ``extra``: another module trained alongside (the loss predictor), same rule, same two groups.
+    """
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    for module in (model,) if extra is None else (model, extra):
+        skip = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name in skip or any(name.endswith(s) for s in skip):
+                no_decay.append(p)
+            else:
+                decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

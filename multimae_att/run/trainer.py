@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from multimae_att.config import ConfigError, config_to_dict
+from multimae_att.optim import load_optimizer_state
 from multimae_att.run.folder import RESULTS_FILE, read_results
 from multimae_att.run.lifecycle import RunFolder
 from multimae_att.run.provenance import provenance
@@ -316,7 +317,7 @@ class Run:
             return 0
         state = loaded.state
         job.weights.load_state_dict(state["model"], strict=True)
-        job.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(job.optimizer, state["optimizer"])   # keeps the job's AdamW kernel
         if state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         job.load_extra_state(state)
@@ -414,6 +415,8 @@ class Run:
         if skipped_total is not None:   # the run's count: the mean over processes times their number
             record["skipped_samples"] = round(skipped_total * self.acc.num_processes)
         record["step_time"] = round(self.window.seconds_per_step(), 4)
+        if self.acc.device.type == "cuda":
+            record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(self.acc.device) / 2**20, 1)
         self.window.reset()
         self.last_record = record
         self.logger.log(record, f"{self.name} step {step}/{job.total_steps}: loss {means['loss']:.4f}, "
