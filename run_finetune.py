@@ -7,10 +7,10 @@ Multi-GPU: ``python -m multimae_att.launch --multi_gpu --num_processes 2 run_fin
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     """Exit status 0, or non-zero with one line ``config error: ...`` (before any work) or
     ``data error: ...``: corrupt evaluation samples (``data.eval_on_corrupt=error``), or samples
     left out of the metrics with ``data.eval_on_corrupt=skip`` (after metrics.json is written,

@@ -4,7 +4,7 @@
 Two methods (``--method``):
 
 - ``attention`` (default): the model's :meth:`MultiMAE.attention_scores`, as below;
-- ``tokencut``: TokenCut object discovery (:mod:`multimae_att.tokencut`; the AttG paper's best
+- ``tokencut``: TokenCut object discovery (:mod:`multimae_att.scoring.tokencut`; the AttG paper's best
   map source): the keys of the checkpoint's last attention layer (ours, or a timm / DINO ViT
   file with ``--modalities rgb``), each modality's keys L2-normalised and concatenated per token
   position (so the graph's similarity is the mean of the modalities' cosine similarities), a
@@ -55,21 +55,21 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-
-import multimae_att  # noqa: F401  (before torch/torchvision users: the CPU torchvision guard)
 import torch
 from tqdm import tqdm
 
+import multimae_att  # noqa: F401  (before torch/torchvision users: the CPU torchvision guard)
 from multimae_att.checkpoint import load_checkpoint, load_weights, model_state, to_layout
 from multimae_att.data import build_loader, robust_standardize_depth
 from multimae_att.hub import resolve_checkpoint
 from multimae_att.model import create_pretrain_model
 from multimae_att.model.factory import ENCODER_SIZES
-from multimae_att.tokencut import last_layer_keys, ncut_maps, seed_component
+from multimae_att.scoring.tokencut import last_layer_keys, ncut_maps, seed_component
 
 MODALITIES = ("rgb", "depth", "semseg")
 SCALE = 65535  # 16-bit PNG

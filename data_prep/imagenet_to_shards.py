@@ -28,15 +28,14 @@ import random
 import sys
 import tarfile
 from pathlib import Path
-from typing import Union
 
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_writer import ShardSink, index_files, pair_by_stem, report_unpaired, write_classes  # noqa: E402
+from shard_writer import ShardSink, index_files, pair_by_stem, report_unpaired, write_classes
 
 TarRef = tuple[Path, int, int]  # (tar path, data offset, size)
-FileRef = Union[Path, TarRef]
+FileRef = Path | TarRef
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 # MultiMAE's semseg pseudo labels are Mask2Former's COCO-panoptic semantic output (arg-max over its
 # 133 channels): label k = the k-th category of COCO panoptic sorted by category id (80 things,

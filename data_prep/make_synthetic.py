@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_writer import FolderWriter, ShardSink, encode_jpg, encode_png, write_classes  # noqa: E402
+from shard_writer import FolderWriter, ShardSink, encode_jpg, encode_png, write_classes
 
 OBJECT_CLASSES = ("disk", "square", "triangle", "ring", "cross", "diamond", "bar", "blob")
 # Base colours per object class (RGB, 0-1): RGB alone is informative, shape disambiguates.

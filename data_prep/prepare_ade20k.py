@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_writer import FolderWriter, ShardSink, index_files, pair_by_stem, report_unpaired  # noqa: E402
+from shard_writer import FolderWriter, ShardSink, index_files, pair_by_stem, report_unpaired
 
 SPLITS = {"train": "training", "val": "validation"}
 NUM_CLASSES = 150

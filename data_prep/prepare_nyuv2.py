@@ -35,7 +35,7 @@ import scipy.io
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shard_writer import FolderWriter, ShardSink, encode_png  # noqa: E402
+from shard_writer import FolderWriter, ShardSink, encode_png
 
 NUM_CLASSES = 40
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-from PIL import Image
-
 import webdataset as wds
+from PIL import Image
 
 __all__ = ["encode_png", "encode_jpg", "FolderWriter", "ShardSink", "write_classes", "index_files",
            "pair_by_stem", "report_unpaired"]
@@ -146,7 +146,7 @@ class ShardSink:
         # All keys, one per line: lets a consumer (e.g. an attention cache) list the sample ids.
         (self.dir / f"{self.split}.keys.txt").write_text("".join(f"{k}\n" for k in self._keys))
 
-    def __enter__(self) -> "ShardSink":
+    def __enter__(self) -> ShardSink:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -9,13 +9,16 @@ first imported lets every pure-Python part import and run; only the compiled ops
 roi_align, ...) stay unavailable, and calling them fails with torch's "no kernel" error.
 
 Where torchvision's extension loads normally this does nothing but load that same library
-early (exactly what ``torchvision.extension`` does on import). It runs on
-``import multimae_att``, so every process that imports the package (DataLoader workers and
-``accelerate launch`` children included) is covered; ``python -m multimae_att.launch``
-covers the ``accelerate`` command-line tool itself, which imports timm.
+early (exactly what ``torchvision.extension`` does on import). ``import multimae_att`` arms it
+(:func:`install_before_torchvision`), so every process that imports the package (DataLoader
+workers and ``accelerate launch`` children included) is covered; ``python -m
+multimae_att.launch`` covers the ``accelerate`` command-line tool itself, which imports timm.
+Arming imports nothing: torch-free parts of the package (the config schemas, run-folder tools)
+stay torch-free.
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -71,3 +74,31 @@ def _op_exists(name: str) -> bool:
         return True
     except (AttributeError, RuntimeError):
         return False
+
+
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs :func:`install` when ``torchvision`` is first looked up, then steps aside (it finds
+    nothing itself: the normal finders import torchvision afterwards)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            _disarm()
+            install()
+        return None
+
+
+_HOOK = _BeforeTorchvision()
+
+
+def _disarm() -> None:
+    while _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
+def install_before_torchvision() -> None:
+    """:func:`install` now when torch or torchvision is already imported, else just before the
+    first ``import torchvision`` (a ``sys.meta_path`` hook; importing this module imports nothing)."""
+    if "torch" in sys.modules or "torchvision" in sys.modules:
+        install()
+    elif _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)

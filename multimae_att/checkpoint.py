@@ -1,7 +1,7 @@
 """Checkpoint IO: safe loading, MultiMAE <-> timm-ViT layout conversion, checked loading with
 declared key differences, pos-emb / class-embedding adaptation, export, atomic saving.
 
-Layouts (DESIGN.md §3):
+Layouts:
 * **MultiMAE** — ``global_tokens [1, G, D]``, ``input_adapters.<m>.pos_emb [1, D, h, w]``,
   ``input_adapters.<m>.proj.*``, ``encoder.<i>.*``, ``output_adapters.<m>.*``.
 * **timm ViT** — ``cls_token [1, 1, D]``, ``pos_embed [1, 1 + h*w, D]`` (first row: the class
@@ -18,17 +18,19 @@ import fnmatch
 import math
 import os
 import pickle
-import tempfile
 import zipfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PathLike = Union[str, os.PathLike]
-StateDict = Dict[str, torch.Tensor]
-SAFE_GLOBALS: Tuple[Any, ...] = (argparse.Namespace,)
+from multimae_att.atomic import save_atomic  # also this module's public name (README)
+
+PathLike = str | os.PathLike
+StateDict = dict[str, torch.Tensor]
+SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 MODEL_KEYS = ("model", "state_dict", "module")  # where released files keep the weights, in order
 
 
@@ -45,26 +47,6 @@ class CheckpointKeyError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0])
-
-
-# ---------------------------------------------------------------------------- saving
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: readers
-    see either the old file or the complete new one, never a partial write."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- loading
@@ -118,11 +100,12 @@ def check_checkpoint_file(path: PathLike) -> None:
                                         f"{EXPECTED_FORMAT}, got {reason}")
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
+def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu",
                     extra_safe_globals: Sequence[Any] = ()) -> Any:
     """Load a checkpoint file safely (``weights_only=True`` + allow-list ``SAFE_GLOBALS`` +
-    ``extra_safe_globals``; ``.safetensors`` files through safetensors). Raises :class:`UnsafeCheckpointError` naming the file and the
-    object the unpickler refused; there is no fallback to full unpickling."""
+    ``extra_safe_globals``; ``.safetensors`` files through safetensors). Raises
+    :class:`UnsafeCheckpointError` naming the file and the object the unpickler refused;
+    there is no fallback to full unpickling."""
     path = os.fspath(path)
     check_checkpoint_file(path)
     try:
@@ -136,7 +119,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         if "weights only" not in str(err).lower():  # a broken pickle, not a refused object
             raise _unreadable(path, err) from None
         reason = str(err).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line),
+                      reason[0] if reason else "")
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which could run code "
             f"({detail.strip()}). Only tensors, containers, numbers, strings and "
@@ -217,7 +201,7 @@ def multimae_to_timm(state: Mapping[str, torch.Tensor], modality: str = "rgb") -
     return out
 
 
-def timm_to_multimae(state: Mapping[str, torch.Tensor], grid: Optional[Tuple[int, int]] = None,
+def timm_to_multimae(state: Mapping[str, torch.Tensor], grid: tuple[int, int] | None = None,
                      modality: str = "rgb") -> StateDict:
     """timm ViT layout -> MultiMAE layout (``modality`` adapter + encoder). The class token's
     positional row is folded into ``global_tokens`` (MultiMAE adds no pos-emb to global
@@ -293,9 +277,9 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
-def load_weights(model: nn.Module, state: Union[Mapping[str, torch.Tensor], PathLike],
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | PathLike,
                  expected_missing: Iterable[str] = (), expected_unexpected: Iterable[str] = (),
-                 adapt: bool = True) -> Tuple[List[str], List[str]]:
+                 adapt: bool = True) -> tuple[list[str], list[str]]:
     """Load ``state`` (a state dict or a checkpoint file) into ``model``, checked.
 
     Strict by default: every model key must be present and every state key used, with equal
@@ -337,7 +321,7 @@ def load_weights(model: nn.Module, state: Union[Mapping[str, torch.Tensor], Path
 
 # ---------------------------------------------------------------------------- export
 def export_weights(model: nn.Module, path: PathLike, layout: str = "multimae",
-                   extra: Optional[Mapping[str, Any]] = None) -> None:
+                   extra: Mapping[str, Any] | None = None) -> None:
     """Save ``{'model': weights, **extra}`` atomically, weights on CPU in ``layout``:
     ``'multimae'`` (the full model, loads into MultiMAE code) or ``'timm'`` (RGB adapter +
     encoder as a timm ViT, for RGB-only use; other adapters and decoders are left out).

@@ -51,19 +51,21 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import fnmatch
 import inspect
 import math
 import os
 import re
 import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+# The resume policy (which saved-vs-new config differences block a resume) is the run folder's;
+# re-exported here for existing imports.
+from multimae_att.run.resume import flatten_config, resume_config_changes
 
 T = TypeVar("T")
 
@@ -72,6 +74,8 @@ __all__ = [
     "Check",
     "setting",
     "config_help",
+    "describe_keys",
+    "KeyDoc",
     "cli_args",
     "load_config",
     "config_from_dict",
@@ -445,7 +449,7 @@ def load_config(schema_cls: type[T], path: str | os.PathLike | Sequence[str | os
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), loadable again by :func:`load_config`."""
-    from multimae_att.runstate import write_text_atomic  # torch-free at import, as the rest of this module
+    from multimae_att.atomic import write_text_atomic
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -456,13 +460,32 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def _field_comments(schema_cls: type) -> dict[str, str]:
-    """Trailing ``# comments`` of the schema's field lines (help text); {} without source."""
+    """Help text of the schema's fields: the comment lines right above a field and its trailing
+    ``# comment``, joined; {} without source."""
     try:
-        source = inspect.getsource(schema_cls)
+        lines = inspect.getsource(schema_cls).splitlines()
     except (OSError, TypeError):
         return {}
-    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line) for line in source.splitlines())
-    return {m.group(1): m.group(2).strip() for m in found if m}
+    start = next((i + 1 for i, ln in enumerate(lines) if ln.lstrip().startswith("class ")), len(lines))
+    body = next((ln for ln in lines[start:] if ln.strip()), "")
+    indent = body[:len(body) - len(body.lstrip())]   # the class body's indentation
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines[start:]:
+        if not line.startswith(indent) or line[len(indent):len(indent) + 1].isspace():
+            above = []   # a blank line, or a line inside a method
+            continue
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.+))?$", text)
+        if m and not text.startswith(("def ", "class ", "@")):
+            parts = [*above, (m.group(2) or "").strip()]
+            if any(parts):
+                comments[m.group(1)] = " ".join(t for t in parts if t)
+        above = []
+    return comments
 
 
 def _help_type(tp: Any) -> str:
@@ -475,9 +498,32 @@ def _help_type(tp: Any) -> str:
     return _type_name(tp)
 
 
-def config_help(schema_cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf key: ``key = default  (type; constraint) comment`` (the runners' --help)."""
-    lines: list[str] = []
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key of a schema as the documentation shows it (:func:`describe_keys`).
+
+    ``section``: True for a section (a nested dataclass; ``help`` = its docstring's first
+    paragraph), False for a leaf key. ``annotation``: the field's type; ``check``: its declared
+    :class:`Check` (None when it has none); ``default``: the default as plain data.
+    """
+
+    key: str
+    section: bool
+    help: str
+    annotation: Any = None
+    check: Check | None = None
+    default: Any = None
+
+    @property
+    def default_yaml(self) -> str:
+        """The default as one line of YAML (``[rgb, depth]``, ``null``, ``1.0e-08``)."""
+        return yaml.safe_dump(self.default, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
+
+
+def describe_keys(schema_cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every key of a schema in declaration order, sections before their keys, with its type,
+    check, default and help text (the field's comments; a section's docstring)."""
+    docs: list[KeyDoc] = []
     hints = get_type_hints(schema_cls)
     comments = _field_comments(schema_cls)
     defaults = schema_cls()
@@ -486,15 +532,25 @@ def config_help(schema_cls: type, prefix: str = "") -> list[str]:
             continue
         key, tp = _join(prefix, f.name), hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines += config_help(tp, key)
+            doc = inspect.getdoc(tp) or ""
+            intro = " ".join(doc.split("\n\n")[0].split()) if doc != inspect.getdoc(object) else ""
+            docs.append(KeyDoc(key, True, comments.get(f.name) or intro))
+            docs += describe_keys(tp, key)
             continue
-        check = field_check(f)
-        kind = "; ".join(t for t in (_help_type(tp), check.describe() if check else "") if t)
-        default = yaml.safe_dump(config_to_dict(getattr(defaults, f.name)),
-                                 default_flow_style=True, width=1 << 16).strip()
-        default = default.removesuffix("\n...")
-        note = f"  {comments[f.name]}" if f.name in comments else ""
-        lines.append(f"{key} = {default}  ({kind}){note}")
+        docs.append(KeyDoc(key, False, comments.get(f.name, ""), tp, field_check(f),
+                           config_to_dict(getattr(defaults, f.name))))
+    return docs
+
+
+def config_help(schema_cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``key = default  (type; constraint) comment`` (the runners' --help)."""
+    lines: list[str] = []
+    for doc in describe_keys(schema_cls, prefix):
+        if doc.section:
+            continue
+        kind = "; ".join(t for t in (_help_type(doc.annotation), doc.check.describe() if doc.check else "") if t)
+        note = f"  {doc.help}" if doc.help else ""
+        lines.append(f"{doc.key} = {doc.default_yaml}  ({kind}){note}")
     return lines
 
 
@@ -544,47 +600,3 @@ def cli_config(schema_cls: type[T], argv: Sequence[str] | None = None, descripti
                parser: argparse.ArgumentParser | None = None) -> T:
     """:func:`cli_args` without the parsed arguments: the config only."""
     return cli_args(schema_cls, argv, description, parser)[0]
-
-
-# --------------------------------------------------------------------------- resume checks
-
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
-def flatten_config(d: Mapping[str, Any], whole: Sequence[str] = (), prefix: str = "") -> dict[str, Any]:
-    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; mapping values whose dotted key matches a glob in
-    ``whole`` stay one value (e.g. a free-form params dict compares as a whole)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not _matches(key, whole):
-            out.update(flatten_config(v, whole, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def resume_config_changes(saved: Mapping[str, Any], now: Mapping[str, Any], harmless: Sequence[str],
-                          blocking: Sequence[str] = (), quiet_missing: Sequence[str] = (),
-                          whole: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Compare a saved run's config dict with the resuming run's (both from :func:`config_to_dict`).
-
-    A differing key is harmless when it matches a glob of ``harmless`` and none of ``blocking``
-    (``blocking`` carves exceptions out of ``harmless``); every other differing key blocks, so a
-    key nobody classified errs on the safe side. A key on one side only (an older or newer
-    schema) is a note, or nothing when it matches ``quiet_missing``. Returns ``(blocking, notes)``,
-    sorted lines ``key: old -> new`` (``key: not in ...`` for one-sided keys).
-    """
-    old, new = flatten_config(saved, whole), flatten_config(now, whole)
-    stop, notes = [], []
-    for key in sorted(set(old) | set(new)):
-        if key not in old or key not in new:
-            if not _matches(key, quiet_missing):
-                side = "the saved state" if key not in old else "this version's schema"
-                notes.append(f"{key}: not in {side}")
-        elif old[key] != new[key]:
-            line = f"{key}: {old[key]!r} -> {new[key]!r}"
-            free = _matches(key, harmless) and not _matches(key, blocking)
-            (notes if free else stop).append(line)
-    return stop, notes

@@ -12,7 +12,7 @@ from pinned memory without waiting: a blocking copy synchronises the stream, a s
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -78,8 +78,9 @@ def diagnose(model_cfg, checkpoint: str, data: str, split: str = "val",
     from multimae_att.config import ConfigError
     from multimae_att.data import build_loader
     from multimae_att.diagnostics import mean_fg_auroc, token_foreground
+    from multimae_att.masking.planner import token_grids
     from multimae_att.pretrain.setup import build_model
-    from multimae_att.pretrain.step import model_inputs, token_grids
+    from multimae_att.pretrain.step import model_inputs
 
     cfg = model_cfg
     bg = background_classes if background_classes is not None else cfg.data.background_classes
@@ -102,7 +103,7 @@ def diagnose(model_cfg, checkpoint: str, data: str, split: str = "val",
     sums: dict[tuple, torch.Tensor] = {}
     counts: dict[tuple, torch.Tensor] = {}
     fg_tokens = {m: torch.zeros((), dtype=torch.float64) for m in mods}
-    all_tokens = {m: 0 for m in mods}
+    all_tokens = dict.fromkeys(mods, 0)
     images = 0
     for batch in loader:
         if max_images is not None and images >= max_images:

@@ -8,7 +8,8 @@ All three compute the same update (tested against each other).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -21,8 +22,7 @@ _FLAGS = ("fused", "foreach")
 def adamw_implementation(device: torch.device | str) -> str:
     """``'fused'`` where torch has a fused AdamW kernel for the device type, else ``'foreach'``
     where it has foreach kernels, else ``'for-loop'``."""
-    from torch.utils._foreach_utils import (_get_foreach_kernels_supported_devices,
-                                            _get_fused_kernels_supported_devices)
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _get_fused_kernels_supported_devices
 
     kind = torch.device(device).type
     if kind in _get_fused_kernels_supported_devices():

@@ -137,7 +137,7 @@ def check_masking(cfg, heads: int) -> None:
     scores = {m: torch.rand(shape) for m in cfg.model.in_modalities}
     try:
         visible = policy.budgets([n] * len(scores), cfg.masking.num_encoded_tokens, 1)
-        policy(scores, visible, float("inf"), num_tokens={m: n for m in scores}, progress=1.0)
+        policy(scores, visible, float("inf"), num_tokens=dict.fromkeys(scores, n), progress=1.0)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"masking.strategy={cfg.masking.strategy!r}, masking.params="
                           f"{cfg.masking.params}: {e}") from e

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from multimae_att.run.folder import LOG_FILE, PREVIOUS_PREFIX, run_status
 
@@ -90,7 +91,8 @@ def _lines(s: dict[str, Any]) -> list[str]:
     if s["provenance"]:
         p = s["provenance"]
         init = p.get("init_checkpoint")
-        init_text = "none" if not init else f"{init.get('file') or init.get('path')} (sha256 {str(init.get('sha256'))[:12]}...)"
+        init_text = "none" if not init else \
+            f"{init.get('file') or init.get('path')} (sha256 {str(init.get('sha256'))[:12]}...)"
         lines.append(f"provenance:  config {p.get('config_hash')}, init checkpoint {init_text}, "
                      f"multimae_att {p.get('version')}, git {p.get('git_commit') or 'unknown'}"
                      + (" (uncommitted changes)" if p.get("git_dirty") else ""))

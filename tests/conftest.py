@@ -4,10 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import multimae_att  # noqa: E402,F401  (torchvision guard before anything imports timm)
+import multimae_att
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -133,7 +133,7 @@ def test_cross_attention_matches_explicit_softmax():
 
 
 def test_mean_readout_in_row_chunks_equals_one_block(monkeypatch):
-    import multimae_att.model.readout as readout
+    import multimae_att.scoring.readout as readout
 
     model = model_with()
     x = batch()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from multimae_att.attention_cache import MISSING, AttentionCache, crop_affine
+from multimae_att.scoring.cache import MISSING, AttentionCache, crop_affine
 
 
 def linear(y, x):
@@ -80,7 +80,7 @@ def cache(tmp_path):
 
 def test_lookup_is_exact_for_a_linear_pattern(cache):
     # A 16 x 16 full-image pass puts token centres on the cell centres: the written map is f exactly.
-    grids = {m: (16, 16) for m in MODS}
+    grids = dict.fromkeys(MODS, (16, 16))
     full = full_batch(IDS, SIZES)
     assert cache.update(full, scores_for(linear, full, grids), epoch=0, token_grids=grids) == len(IDS)
     # Bilinear interpolation is exact for a linear f away from the border (inner margin >= 1 cell).
@@ -98,7 +98,7 @@ def test_lookup_is_exact_for_a_linear_pattern(cache):
 
 def test_crop_of_cached_map_equals_map_of_crop(tmp_path):
     cache = AttentionCache.create(tmp_path / "c", IDS, MODS, grid=32, dtype="float16", normalize=False)
-    grids = {m: (14, 14) for m in MODS}
+    grids = dict.fromkeys(MODS, (14, 14))
     full = full_batch(IDS, SIZES)  # a full-image scoring pass at 224 px: 14 x 14 tokens
     cache.update(full, scores_for(blob, full, grids), epoch=0)
     rng = np.random.default_rng(1)
@@ -117,7 +117,7 @@ def test_crop_of_cached_map_equals_map_of_crop(tmp_path):
 
 
 def test_flip_mirrors_the_lookup(cache):
-    grids = {m: (16, 16) for m in MODS}
+    grids = dict.fromkeys(MODS, (16, 16))
     full = full_batch(IDS, SIZES)
     cache.update(full, scores_for(blob, full, grids), epoch=0)
     batch = random_crops(np.random.default_rng(2), IDS, SIZES)
@@ -129,7 +129,7 @@ def test_flip_mirrors_the_lookup(cache):
 
 def test_update_from_a_crop_pass_covers_that_crop_only(tmp_path):
     cache = AttentionCache.create(tmp_path / "c", IDS, MODS, grid=32, normalize=False, dtype="float32")
-    grids = {m: (14, 14) for m in MODS}
+    grids = dict.fromkeys(MODS, (14, 14))
     rng = np.random.default_rng(3)
     crop = random_crops(rng, IDS, SIZES, inner=0.15, min_scale=0.4)
     cache.update(crop, scores_for(blob, crop, grids), epoch=5)
@@ -153,7 +153,7 @@ def test_update_from_a_crop_pass_covers_that_crop_only(tmp_path):
 def test_stale_and_missing_entries(tmp_path):
     path = tmp_path / "c"
     AttentionCache.create(path, IDS, MODS, grid=8)
-    grids = {m: (8, 8) for m in MODS}
+    grids = dict.fromkeys(MODS, (8, 8))
     full = full_batch(IDS[:2], SIZES[:2])
     scores = scores_for(blob, full, grids)
 
@@ -178,7 +178,7 @@ def test_stale_and_missing_entries(tmp_path):
 
 def test_normalize_makes_writes_scale_free(tmp_path):
     cache = AttentionCache.create(tmp_path / "c", IDS, MODS, grid=14, normalize=True)
-    grids = {m: (14, 14) for m in MODS}
+    grids = dict.fromkeys(MODS, (14, 14))
     full = full_batch(IDS, SIZES)
     s = scores_for(blob, full, grids)
     cache.update(full, {m: 1e-3 * v for m, v in s.items()}, epoch=0)
@@ -190,7 +190,7 @@ def test_normalize_makes_writes_scale_free(tmp_path):
 
 
 def test_fill_scores_only_the_invalid_samples(cache):
-    grids = {m: (16, 16) for m in MODS}
+    grids = dict.fromkeys(MODS, (16, 16))
     full = full_batch(IDS, SIZES)
     everything = scores_for(linear, full, grids)
     cache.update(full_batch(IDS[:3], SIZES[:3]), {m: v[:3] for m, v in everything.items()}, epoch=0)
@@ -212,7 +212,7 @@ def test_fill_scores_only_the_invalid_samples(cache):
 def _write_rows(path, ids, sizes):
     cache = AttentionCache(path)
     full = full_batch(ids, sizes)
-    cache.update(full, scores_for(linear, full, {m: (8, 8) for m in MODS}), epoch=1)
+    cache.update(full, scores_for(linear, full, dict.fromkeys(MODS, (8, 8))), epoch=1)
     cache.flush()
 
 
@@ -273,7 +273,7 @@ class _PatternModel(torch.nn.Module):
 
     def attention_scores(self, inputs, layer=-1):
         assert set(inputs) == set(MODS) and layer == -1
-        return scores_for(blob, self.geometry, {m: self.hw for m in MODS})
+        return scores_for(blob, self.geometry, dict.fromkeys(MODS, self.hw))
 
 
 def test_refresh_from_full_image_batches_fills_every_map(tmp_path):
@@ -281,7 +281,7 @@ def test_refresh_from_full_image_batches_fills_every_map(tmp_path):
     full = full_batch(IDS, SIZES)
     full.update({m: torch.zeros(len(IDS), 1) for m in MODS})
     model = _PatternModel(full, (14, 14))
-    from multimae_att.attention_cache import refresh_cache
+    from multimae_att.scoring.cache import refresh_cache
 
     assert refresh_cache(cache, model, [full], epoch=20, layer=-1) == len(IDS)
     crops = random_crops(np.random.default_rng(5), IDS, SIZES)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from multimae_att.runstate import MetricsLogger
 from test_finetune_cli import SMALL, run_finetune
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli  # noqa: F401
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli
+
+from multimae_att.run.metrics_log import MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from multimae_att.masking import (AdaptiveAlpha, expected_shares, sample_budgets,
-                                  shares_to_counts)
+from multimae_att.masking import AdaptiveAlpha, expected_shares, sample_budgets, shares_to_counts
 
 
 def gen(seed: int) -> torch.Generator:

@@ -8,15 +8,25 @@ from typing import Any, Literal, Optional
 import pytest
 import yaml
 
-from multimae_att.config import (ConfigError, cli_args, cli_config, config_from_dict, config_help,
-                                 config_to_dict, load_config, parse_overrides, save_config, setting)
+from multimae_att.config import (
+    ConfigError,
+    cli_args,
+    cli_config,
+    config_from_dict,
+    config_help,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    setting,
+)
 
 
 @dataclass
 class Optim:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    clip: Optional[float] = None
+    clip: float | None = None
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -111,7 +121,7 @@ def test_cli_config(capsys):
 class Checked:
     rate: float = setting(0.5, ge=0, le=1)
     count: int = setting(2, ge=1)
-    lr: Optional[float] = setting(None, gt=0)
+    lr: float | None = setting(None, gt=0)
     betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
     weights: dict[str, float] = setting(factory=lambda: {"a": 1.0}, ge=0)
     shots: list[int] = setting(factory=lambda: [1, 5], ge=1, nonempty=True)

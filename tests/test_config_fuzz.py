@@ -12,13 +12,13 @@ import typing
 from pathlib import Path
 
 import pytest
+from test_bad_input import data
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli
 
 from multimae_att.config import ConfigError, field_check, load_config
 from multimae_att.finetune.config import FinetuneConfig
 from multimae_att.preflight import check_finetune, check_pretrain
 from multimae_att.pretrain.config import PretrainConfig
-from test_bad_input import data  # noqa: F401  (shared synthetic data fixture)
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, run_cli  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 MUTATIONS, RUNS, SEED = 200, 3, 12
@@ -113,7 +113,7 @@ def _mutation(key, tp, check, default, rng: random.Random, tmp: Path) -> tuple[s
 
 
 @pytest.fixture
-def configs(tmp_path, data):  # noqa: F811
+def configs(tmp_path, data):
     base = tmp_path / "base.yaml"   # the demo on the test data: one 16-sample batch, one step
     base.write_text(f"data: {{root: {data}}}\ntrain: {{max_steps: 1}}\n"
                     "log: {pictures_every: 0, progress: false}\n")
@@ -151,7 +151,7 @@ def test_random_single_key_mutations_never_give_a_traceback(tmp_path, configs, m
 
 
 @pytest.mark.parametrize("task", ["cls", "semseg", "depth", "knn"])
-def test_random_single_key_mutations_of_finetune_configs(tmp_path, data, task):  # noqa: F811
+def test_random_single_key_mutations_of_finetune_configs(tmp_path, data, task):
     base = tmp_path / "base.yaml"
     base.write_text(f"data: {{root: {data}}}\n")
     configs = [REPO / f"configs/finetune/synthetic_{task}.yaml", base]

@@ -23,7 +23,8 @@ def test_required_keys_and_recipe_defaults():
     (["masking.strategy=noisy", "masking.params.alpha=0.5", "masking.params.beta=1"], "'beta'"),
     (["masking.prob=1.5"], "masking.prob must be in [0, 1], got 1.5"),
     (["model.in_modalities=[rgb, normals]"], "unknown modality 'normals'"),
-    (["model.out_modalities=[rgb, depth]", "model.in_modalities=[rgb]"], "need the same modality in model.in_modalities"),
+    (["model.out_modalities=[rgb, depth]", "model.in_modalities=[rgb]"],
+     "need the same modality in model.in_modalities"),
     (["data.image_size=200"], "not a multiple of model.patch_size"),
     (["loss.weights.rbg=1"], "unknown output modality 'rbg'"),
     (["loss.attg.tau_end=0"], "loss.attg.tau_end must be > 0, got 0.0"),
@@ -70,11 +71,11 @@ def test_defaults_agree_with_the_code_they_configure():
     assert AdaptiveConfig().relative_to_initial is True
     attg = AttGConfig()
     assert (attg.tau0, attg.tau_end, attg.normalize) == (0.75, 1.5, False)   # increasing, as the paper
+    from multimae_att.masking.planner import MaskPlanner
     from multimae_att.pretrain.config import LossPredictorConfig
-    from multimae_att.pretrain.step import MaskPlanner
     share = inspect.signature(MaskPlanner).parameters["cached_train_share"].default
     assert LossPredictorConfig().cached_train_share == share
-    from multimae_att.loss_prediction import LossPredictor
+    from multimae_att.scoring.loss_prediction import LossPredictor
     assert LossPredictorConfig().hidden == inspect.signature(LossPredictor).parameters["hidden"].default
     hp = inspect.signature(hpm).parameters
     from multimae_att.masking import STRATEGIES

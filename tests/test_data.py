@@ -12,8 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from multimae_att.data import (DEPTH_SCALE, IMAGENET_MEAN, IMAGENET_STD, FolderDataset, build_dataset,
-                               build_loader, robust_standardize_depth)
+from multimae_att.data import (
+    DEPTH_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FolderDataset,
+    build_dataset,
+    build_loader,
+    robust_standardize_depth,
+)
 from multimae_att.data.transforms import AugmentConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,12 +65,12 @@ def _coordinate_dataset(root: Path, n: int = 4, h: int = 40, w: int = 56) -> Non
 def test_synthetic_is_deterministic_and_consistent(synthetic, tmp_path):
     ms = load_prep("make_synthetic")
     assert (synthetic / ".complete").is_file()
-    rgb_a, depth_a, sem_a, cls_a = ms.make_scene(0, "train", 3, 48)
-    rgb_b, depth_b, sem_b, cls_b = ms.make_scene(0, "train", 3, 48)
+    rgb_a, depth_a, _sem_a, cls_a = ms.make_scene(0, "train", 3, 48)
+    rgb_b, depth_b, _sem_b, cls_b = ms.make_scene(0, "train", 3, 48)
     assert np.array_equal(rgb_a, rgb_b) and np.array_equal(depth_a, depth_b) and cls_a == cls_b
     assert not np.array_equal(rgb_a, ms.make_scene(1, "train", 3, 48)[0])
     for index in range(12):
-        rgb, depth, sem, cls = ms.make_scene(0, "train", index, 48)
+        _rgb, depth, sem, cls = ms.make_scene(0, "train", index, 48)
         assert depth.dtype == np.uint16 and sem.max() < 133
         objects = sem >= ms.FIRST_OBJECT_LABEL
         counts = np.bincount(sem[objects] - ms.FIRST_OBJECT_LABEL, minlength=8)
@@ -331,7 +338,7 @@ def test_plain_imagefolder_split_for_rgb_and_cls(tmp_path):
 
 def test_att_map_follows_the_crop_and_flip(tmp_path):
     """A low-resolution map (8 x 12 for a 32 x 48 image) whose value encodes its own column."""
-    yy, xx = np.mgrid[0:8, 0:12]
+    _yy, xx = np.mgrid[0:8, 0:12]
     for i in range(3):
         _save(tmp_path / "train/rgb/c" / f"s{i}.png", np.zeros((32, 48, 3), np.uint8))
         _save(tmp_path / "train/att_map/c" / f"s{i}.png", (20 * xx + 10).astype(np.uint8))
@@ -340,7 +347,7 @@ def test_att_map_follows_the_crop_and_flip(tmp_path):
         ds.set_epoch(epoch)
         for i in range(len(ds)):
             s = ds[i]
-            top, left, h, w = s["crop_box"].tolist()
+            _top, left, _h, w = s["crop_box"].tolist()
             assert s["att_map"].shape == (8, 8) and s["att_map"].dtype == torch.float32
             # map column of each output cell centre (map pixel = 4 source pixels)
             u = (left + (torch.arange(8) + 0.5) * w / 8) / 4 - 0.5

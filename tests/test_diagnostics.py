@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from test_pretrain import data_root
 
 from multimae_att.diagnostics import fg_auroc, fg_share, hidden_fg_share, mean_fg_auroc, token_foreground
-from test_pretrain import data_root  # noqa: F401  (shared fixture: a tiny synthetic set)
 
 
 def _auroc_pairs(scores: list[float], fg: list[bool]) -> float:

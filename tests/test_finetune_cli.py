@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 
 REPO = Path(__file__).resolve().parents[1]
 

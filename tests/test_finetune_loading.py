@@ -69,7 +69,7 @@ def test_timm_layout_checkpoint_loads_into_cls(pretrain_ckpt, tmp_path):
 
 
 def test_finetuned_checkpoint_reloads_its_head(tmp_path):
-    task, model = _task_model("depth")
+    _task, model = _task_model("depth")
     # keep only one name of each DPT alias pair: the loader fills in the twin
     sd = {k: v for k, v in model.state_dict().items() if ".act_postprocess." not in k}
     save_atomic({"model": sd}, tmp_path / "best.pth")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import multimae_att  # noqa: F401  (before timm / torchvision)
+import multimae_att
 from multimae_att.data import build_loader
 from multimae_att.finetune.config import load_finetune_config
 from multimae_att.finetune.engine import build_eval_loader, evaluate, make_accelerator
@@ -106,7 +106,7 @@ def test_semseg_full_mode_equals_brute_force_at_label_resolution(mixed_root):
     assert cfg.eval_mode() == "full"
     loader = build_eval_loader(cfg, spec, "val", acc)
     batches = list(loader)
-    assert [b["native_size"].tolist() for b in batches][0] == [list(s) for s in SIZES[:3]]
+    assert next(b["native_size"].tolist() for b in batches) == [list(s) for s in SIZES[:3]]
     metrics = spec.make_metrics()
     with torch.no_grad():
         for batch in batches:
@@ -169,7 +169,7 @@ def test_padding_never_counts(mixed_root):
 
 
 def test_center_crop_mode_keeps_input_resolution_targets(mixed_root):
-    cfg, spec, model, acc = _setup(mixed_root, "semseg")
+    cfg, spec, _model, acc = _setup(mixed_root, "semseg")
     cfg.data.eval_mode = "center_crop"
     batch = next(iter(build_eval_loader(cfg, spec, "val", acc)))
     assert "semseg_native" not in batch and batch["semseg"].shape == (3, 32, 32)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_finetune_cli import synthetic_root  # noqa: F401  (shared session fixture)
+from test_finetune_cli import synthetic_root
 
-import multimae_att  # noqa: F401  (before timm / torchvision)
+import multimae_att
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, build_loader
 from multimae_att.finetune import protocols as P
 from multimae_att.finetune.config import load_finetune_config
@@ -84,7 +84,8 @@ def test_letterbox_geometry_and_padding_values():
     images = {"rgb": Image.fromarray(rgb), "depth": Image.fromarray(depth),
               "semseg": Image.fromarray(labels), "mask_valid": Image.fromarray(valid)}
     out = P.MultiMAERecipe("letterbox", 8, ignore_index=255)(images, "s", 0)
-    up = lambda a: np.repeat(np.repeat(a, 2, 0), 2, 1)
+    def up(a):
+        return np.repeat(np.repeat(a, 2, 0), 2, 1)
     assert out["semseg"][:4].tolist() == up(labels).tolist()
     assert (out["semseg"][4:] == 255).all()
     np.testing.assert_allclose(out["depth"][0, :4].numpy(), up(depth) / 2 ** 16)
@@ -159,7 +160,8 @@ def test_colour_jitter_touches_rgb_only():
 
 
 def test_colour_ops_hand_values():
-    px = lambda *v: torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
+    def px(*v):
+        return torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
     assert P.adjust_brightness(px(100, 3, 250), 1.25).flatten().tolist() == [125, 3, 255]   # 3.75 -> 3
     assert P.adjust_brightness(px(3, 0, 8), 0.8745).flatten().tolist() == [2, 0, 6]         # truncated
     flat = torch.full((3, 2, 2), 77.0)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import pytest
+from test_finetune_cli import _run, synthetic_root
 
 from multimae_att.config import config_to_dict
 from multimae_att.finetune.config import FinetuneConfig, resume_config_changes
-from multimae_att.runstate import MetricsLogger, TrainStateStore
-from test_finetune_cli import _run, synthetic_root  # noqa: F401  (session fixture)
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,8 @@ def test_which_keys_block_a_finetune_resume():
     blocking, notes = resume_config_changes(saved, cfg)
     assert blocking == ["data.hflip: 0.5 -> 0.0", "head.depth: 4 -> 2", "optim.layer_decay: 0.65 -> 0.75",
                         "task.mixup: 0.8 -> 0.0", "train.epochs: 100.0 -> 50.0"]
-    assert notes == ["data.eval_batch_size: None -> 4", "data.num_workers: 8 -> 1", "data.root: 'data/imagenet' -> '/x'",
+    assert notes == ["data.eval_batch_size: None -> 4", "data.num_workers: 8 -> 1",
+                     "data.root: 'data/imagenet' -> '/x'",
                      "init.allow_config_change: False -> True", "init.checkpoint: None -> 'ckpt.pth'",
                      "log.every: 10 -> 3", "train.max_steps: None -> 7"]
     # States saved before init.allow_config_change existed: silently fine; other new keys: a note.
@@ -34,7 +36,7 @@ def test_which_keys_block_a_finetune_resume():
     assert resume_config_changes(saved, FinetuneConfig()) == ([], ["task.knn_k: not in the saved state"])
 
 
-def test_finetune_resume_with_a_changed_key_stops_before_any_work(synthetic_root, tmp_path, capsys):  # noqa: F811
+def test_finetune_resume_with_a_changed_key_stops_before_any_work(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
     _run("cls", synthetic_root, out)                          # 2 steps, one training state
     states = TrainStateStore(out / "checkpoints").list()

@@ -3,10 +3,10 @@ outputs. Runs only when ``MULTIMAE_SRC`` points to an upstream checkout (see
 tests/test_upstream_equivalence.py, whose import fixture ``up`` is reused here)."""
 import pytest
 import torch
+from test_upstream_equivalence import SRC, up
 
 from multimae_att.finetune.config import load_finetune_config
 from multimae_att.finetune.tasks import make_task
-from test_upstream_equivalence import SRC, up  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
     not SRC, reason="set MULTIMAE_SRC to a checkout of EPFL-VILAB/MultiMAE to run the equivalence tests")
@@ -40,7 +40,7 @@ def _upstream_model(up, name, cfg):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_task_model_matches_upstream(up, name):  # noqa: F811
+def test_task_model_matches_upstream(up, name):
     cfg = load_finetune_config(None, CASES[name] + ["model.size=tiny", f"data.image_size={SIZE}",
                                                     "model.drop_path_rate=0.0"])
     task = make_task(cfg)

@@ -3,8 +3,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from multimae_att.finetune.heads import (ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter,
-                                         fill_dpt_aliases)
+from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter, fill_dpt_aliases
 from multimae_att.finetune.knn import few_shot_indices, knn_evaluate, knn_scores
 
 

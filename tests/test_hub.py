@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from multimae_att import hub
-from multimae_att.hub import (PUBLISHED, CheckpointHashError, CheckpointUnavailableError,
-                              PublishedCheckpoint, resolve_checkpoint)
+from multimae_att.hub import (
+    PUBLISHED,
+    CheckpointHashError,
+    CheckpointUnavailableError,
+    PublishedCheckpoint,
+    resolve_checkpoint,
+)
 
 
 @pytest.fixture
@@ -170,7 +175,7 @@ def test_no_network_names_the_exact_path(cache, monkeypatch):
 
 
 def test_a_cached_published_file_with_other_content_is_refused(published, cache):
-    entry, _, digest = published
+    entry, _, _digest = published
     cache.mkdir(parents=True)
     (cache / entry.file_name).write_bytes(b"not the published file")
     with pytest.raises(CheckpointHashError, match=f"not the published prefix {entry.hash_prefix}"):
@@ -179,11 +184,12 @@ def test_a_cached_published_file_with_other_content_is_refused(published, cache)
 
 def test_runners_and_the_export_script_accept_names_and_urls(published, cache, tmp_path, monkeypatch):
     """Pretraining init, finetuning init and export_attention_maps all resolve the same way."""
+    from test_data import load_prep
+
     from multimae_att.checkpoint import export_weights
     from multimae_att.finetune.loading import load_pretrained
     from multimae_att.model import create_pretrain_model
     from multimae_att.pretrain.setup import load_init_checkpoint
-    from test_data import load_prep
 
     model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
     src = tmp_path / "release2" / "exported.pth"
@@ -233,7 +239,7 @@ def test_list_prints_the_registry_and_the_cache(published, cache, capsys):
 
 
 def test_inspect_and_the_module_command_line(published, cache, capsys):
-    entry, src, digest = published
+    _entry, _src, digest = published
     assert hub.main(["inspect", "tiny-test"]) == 0
     out = capsys.readouterr().out
     assert f"sha256 {digest}" in out and "top-level entries: model (dict)" in out and "w " in out
@@ -250,10 +256,11 @@ def test_inspect_and_the_module_command_line(published, cache, capsys):
 def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, monkeypatch):
     """python -m multimae_att.diagnose --checkpoint accepts names / URLs like the runners; its
     default output does not land in the torch hub cache."""
+    from test_pretrain import make_synthetic, tiny_config
+
     from multimae_att.checkpoint import export_weights
     from multimae_att.diagnose import main as diagnose_main
     from multimae_att.model import create_pretrain_model
-    from test_pretrain import make_synthetic, tiny_config
 
     data = make_synthetic(tmp_path / "data")
     cfg = tiny_config(tmp_path / "c.yaml", data)
@@ -269,7 +276,7 @@ def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, mon
 def test_local_path_is_where_resolve_puts_the_file(published, cache, tmp_path):
     """Run provenance identifies init.checkpoint by hub.local_path without downloading: it must
     name the file resolve_checkpoint returns."""
-    entry, src, _ = published
+    _entry, src, _ = published
     plain = tmp_path / "run" / "final.pth"
     plain.parent.mkdir()
     plain.write_bytes(b"w")

@@ -1,12 +1,12 @@
 """The runners train with the device's fused AdamW and read the log window only on log steps."""
 import torch
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.run.trainer import LogWindow
 from multimae_att.runstate import MetricsLogger
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config  # noqa: F401
 
 
-def test_pretraining_uses_fused_adamw_and_reads_on_log_steps(tmp_path, data_root, monkeypatch):  # noqa: F811
+def test_pretraining_uses_fused_adamw_and_reads_on_log_steps(tmp_path, data_root, monkeypatch):
     reads = []
     real = LogWindow.means
     monkeypatch.setattr(LogWindow, "means", lambda self, *a, **k: reads.append(self.count) or real(self, *a, **k))

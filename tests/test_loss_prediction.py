@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from multimae_att.loss_prediction import LossPredictor, count_pairs, loss_targets, ranking_loss, spearman
+from multimae_att.scoring.loss_prediction import LossPredictor, count_pairs, loss_targets, ranking_loss, spearman
 
 
 def gen(seed: int) -> torch.Generator:
@@ -131,11 +131,12 @@ def test_ranking_loss_trains_the_head_and_not_the_encoder():
     """Through the runner's own step: the ranking loss (rebuilt from the step's predictions and
     losses, equal to the logged one) has a gradient for every predictor parameter and none for
     any model parameter (the features are detached); the total loss trains both."""
-    from multimae_att.losses import multimodal_loss
     from multimae_att.masking import MaskingPolicy
+    from multimae_att.masking.planner import MaskPlanner
     from multimae_att.model import create_pretrain_model
-    from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
-    from multimae_att.scoring import PredictedLossScores
+    from multimae_att.pretrain.losses import multimodal_loss
+    from multimae_att.pretrain.step import PretrainModule, forward_loss
+    from multimae_att.scoring.sources import PredictedLossScores
 
     torch.manual_seed(0)
     model = create_pretrain_model("tiny", image_size=64, semseg_num_classes=10)   # 16 tokens each

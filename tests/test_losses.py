@@ -9,10 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import multimae_att.losses as losses_mod
-
-from multimae_att.losses import (LossSpec, attg_weights, counted_patch_losses, masked_loss,
-                                 masked_mean, multimodal_loss)
+import multimae_att.pretrain.losses as losses_mod
+from multimae_att.pretrain.losses import (
+    LossSpec,
+    attg_weights,
+    counted_patch_losses,
+    masked_loss,
+    masked_mean,
+    multimodal_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -144,7 +149,7 @@ def test_multimodal_patch_losses_and_attg_normalize():
         h[:, 0] = True
     scores = {m: torch.rand(B, 4, generator=g) for m in targets}
     patches: dict = {}
-    total, parts = multimodal_loss(preds, targets, hidden, attg_scores=scores, tau=0.75,
+    _total, parts = multimodal_loss(preds, targets, hidden, attg_scores=scores, tau=0.75,
                                    attg_normalize=True, patch_losses=patches)
     assert set(patches) == {"rgb", "depth"}
     for out, spec in (("rgb", LossSpec("mse")), ("depth", LossSpec("l1"))):
@@ -178,7 +183,7 @@ def test_multimodal_weights_norm_rgb_and_attg():
         masked_loss(preds["semseg"], sem, hidden["semseg"], LossSpec("ce"), grid=grid).item())
     assert total.item() == pytest.approx(sum(weights[k] * v.item() for k, v in parts.items()))
     scores = {m: torch.rand(B, 4, generator=g) for m in hidden}
-    total_g, parts_g = multimodal_loss(preds, targets, hidden, loss_weights=weights,
+    _total_g, parts_g = multimodal_loss(preds, targets, hidden, loss_weights=weights,
                                        attg_scores=scores, tau=0.75)
     ref = masked_loss(preds["depth"], depth, hidden["depth"], LossSpec("l1"),
                       weights=attg_weights(scores["depth"], 0.75), grid=grid)
@@ -225,7 +230,7 @@ def test_gathered_equals_every_pixel_reference_values_and_grads(kind, norm_pix, 
                                                                  monkeypatch):
     # Non-square grid and non-square patches, per-sample counts differing, thrown patches,
     # AttG weights, a global denominator and ignore labels: loss and gradient as before.
-    monkeypatch.setattr(losses_mod, "GATHER_UP_TO", {k: share for k in ("ce", "norm_pix", "mse", "l1")})
+    monkeypatch.setattr(losses_mod, "GATHER_UP_TO", dict.fromkeys(("ce", "norm_pix", "mse", "l1"), share))
     B, grid, patch = 6, (3, 4), (2, 3)
     C = 7 if kind == "ce" else 3
     pred, target, hidden, thrown, scores = _case(kind, B, grid, patch, C, dtype, seed=11)
@@ -266,7 +271,7 @@ def test_counted_patch_losses_zero_elsewhere_and_equal_pooled_map(share):
 
 @pytest.mark.parametrize("share", [1.0, -1.0])
 def test_multimodal_loss_matches_reference_with_thrown_attg_and_denominators(share, monkeypatch):
-    monkeypatch.setattr(losses_mod, "GATHER_UP_TO", {k: share for k in ("ce", "norm_pix", "mse", "l1")})
+    monkeypatch.setattr(losses_mod, "GATHER_UP_TO", dict.fromkeys(("ce", "norm_pix", "mse", "l1"), share))
     g = torch.Generator().manual_seed(5)
     B, grid = 4, (2, 3)
     preds = {"rgb": torch.randn(B, 3, 8, 12, generator=g), "norm_rgb": torch.randn(B, 3, 8, 12, generator=g),

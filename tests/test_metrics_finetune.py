@@ -4,9 +4,13 @@ import math
 import pytest
 import torch
 
-from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics,
-                                           SegmentationMetrics, classification_stats,
-                                           segmentation_stats)
+from multimae_att.finetune.metrics import (
+    ClassificationMetrics,
+    DepthMetrics,
+    SegmentationMetrics,
+    classification_stats,
+    segmentation_stats,
+)
 
 
 def test_topk_hand_values():

@@ -2,14 +2,20 @@
 import json
 import math
 import os
-from typing import Dict, List
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from multimae_att.model import (MultiMAE, MultiViT, PatchedInputAdapter, SpatialOutputAdapter, Tokens,
-                                build_2d_sincos_posemb, create_pretrain_model)
+from multimae_att.model import (
+    MultiMAE,
+    MultiViT,
+    PatchedInputAdapter,
+    SpatialOutputAdapter,
+    Tokens,
+    build_2d_sincos_posemb,
+    create_pretrain_model,
+)
 
 # Key/shape list of MultiMAE's released ViT-B pretraining checkpoint (copy of the project's reference file).
 REFERENCE = os.path.join(os.path.dirname(__file__), "test_model_reference_keys.json")
@@ -22,12 +28,12 @@ def tiny(**kw) -> MultiMAE:
     return model.eval()
 
 
-def inputs(B: int, size: int = S) -> Dict[str, torch.Tensor]:
+def inputs(B: int, size: int = S) -> dict[str, torch.Tensor]:
     return {"rgb": torch.randn(B, 3, size, size), "depth": torch.randn(B, 1, size, size),
             "semseg": torch.randint(0, 133, (B, size // 4, size // 4))}
 
 
-def random_hidden(B: int, sizes: List[int], K: int) -> Dict[str, torch.Tensor]:
+def random_hidden(B: int, sizes: list[int], K: int) -> dict[str, torch.Tensor]:
     """Different visible sets per sample, exactly K visible each (1 = hidden)."""
     order = torch.rand(B, sum(sizes)).argsort(dim=1)
     hidden = torch.ones(B, sum(sizes), dtype=torch.bool).scatter(1, order[:, :K], False)
@@ -133,7 +139,7 @@ def test_decoder_without_context_tasks_and_task_queries_works():
                      {"rgb": SpatialOutputAdapter(3, 1, P, dim_tokens=32, depth=1, num_heads=2, image_size=S,
                                                   use_task_queries=False, task="rgb")},
                      dim_tokens=32, depth=1, num_heads=2)
-    preds, masks = model({"rgb": torch.randn(3, 3, S, S)}, task_masks={"rgb": random_hidden(3, [N], 5)["rgb"]})
+    preds, _masks = model({"rgb": torch.randn(3, 3, S, S)}, task_masks={"rgb": random_hidden(3, [N], 5)["rgb"]})
     assert preds["rgb"].shape == (3, 3, S, S)
     preds["rgb"].sum().backward()
     unused = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
@@ -236,7 +242,7 @@ def test_sample_tasks_uniformly_keeps_k_visible():
 def test_cross_modal_decoders_for_outputs_that_are_not_inputs():
     model = tiny(in_domains=("rgb",), out_domains=("depth", "semseg"), extra_norm_rgb=False)
     hidden = {"rgb": random_hidden(2, [N], K=5)["rgb"]}
-    preds, masks = model({"rgb": torch.randn(2, 3, S, S)}, task_masks=hidden)
+    preds, _masks = model({"rgb": torch.randn(2, 3, S, S)}, task_masks=hidden)
     assert preds["depth"].shape == (2, 1, S, S) and preds["semseg"].shape == (2, 133, S // 4, S // 4)
     sum(p.sum() for p in preds.values()).backward()
     no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}

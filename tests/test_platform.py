@@ -50,3 +50,18 @@ def test_guard_registers_both_schemas_when_the_extension_cannot_load():
         "    print('ok')\n"
     )
     assert run_fresh(code) in ("ok", "extension loads natively")
+
+
+def test_config_schema_and_run_folder_tools_import_without_torch():
+    """The pretraining schema and the torch-free modules import in a fresh interpreter without
+    importing torch; torchvision still gets the guard afterwards."""
+    code = (
+        "import sys\n"
+        "import multimae_att.pretrain.config, multimae_att.config, multimae_att.modalities\n"
+        "import multimae_att.run, multimae_att.run.resume, multimae_att.run.metrics_log\n"
+        "import multimae_att.atomic, multimae_att.seeds\n"
+        "print('torch' in sys.modules)\n"
+        "import torchvision.transforms.v2, timm\n"
+        "print('ok')\n"
+    )
+    assert run_fresh(code).splitlines() == ["False", "ok"]

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import _write_tar as _tar
+from test_data import load_prep
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
 from multimae_att.pretrain.pictures import read_semseg_class_names
-
-from test_data import _write_tar as _tar, load_prep
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -30,7 +30,7 @@ def test_ade20k_pairs_by_stem_and_keeps_labels(tmp_path, capsys):
     root = tmp_path / "ADEChallengeData2016"
     rng = np.random.default_rng(0)
     labels = {}
-    for split, folder in (("train", "training"), ("val", "validation")):
+    for _split, folder in (("train", "training"), ("val", "validation")):
         (root / "images" / folder).mkdir(parents=True)
         (root / "annotations" / folder).mkdir(parents=True)
         for i in range(3):

@@ -11,10 +11,9 @@ import pytest
 import scipy.io
 import torch
 from PIL import Image
+from test_data import load_prep
 
 from multimae_att.data import DEPTH_SCALE, build_dataset
-
-from test_data import load_prep
 
 REPO = Path(__file__).resolve().parents[1]
 

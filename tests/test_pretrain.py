@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from multimae_att.config import load_config
-from multimae_att.runstate import MetricsLogger, TrainStateStore
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_PARAMS = {"heads": ["masking.params.k=2"]}  # the tiny model has 3 heads
@@ -201,6 +202,7 @@ def test_attention_cache_feeds_the_step(tmp_path, data_root):
 
 def test_attg_from_precomputed_maps(tmp_path, data_root):
     import shutil
+
     from PIL import Image
 
     root = tmp_path / "with_maps"
@@ -221,8 +223,8 @@ def test_masks_do_not_depend_on_world_size(data_root, strategy):
     # The rows a process keeps from the global draw equal the 1-process masks of its samples.
     from multimae_att.data import build_loader
     from multimae_att.masking import MaskingPolicy
+    from multimae_att.masking.planner import MaskPlanner
     from multimae_att.model import create_pretrain_model
-    from multimae_att.pretrain.step import MaskPlanner
 
     model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
     mods = ["rgb", "depth", "semseg"]
@@ -244,7 +246,8 @@ def test_masks_do_not_depend_on_world_size(data_root, strategy):
             assert torch.equal(part.hidden[m], full.hidden[m][r::2])
             if full.thrown is not None:
                 assert torch.equal(part.thrown[m], full.thrown[m][r::2])
-        assert {m: float(v) for m, v in part.denominators.items()} == {m: float(v) / 2 for m, v in full.denominators.items()}
+        assert {m: float(v) for m, v in part.denominators.items()} == \
+            {m: float(v) / 2 for m, v in full.denominators.items()}
 
 
 def test_logged_lr_follows_the_schedule(tmp_path, data_root):

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from multimae_att.attention_cache import MISSING, AttentionCache
-from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point
-from test_pretrain import data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
+from test_pretrain import data_root, tiny_config
 from test_resume import ENV, comparable_metrics, kill_once_logged, pretrain_command
+
+from multimae_att.scoring.cache import MISSING, AttentionCache
+from multimae_att.scoring.refresh import REFRESH_RECORD, refresh_point
 
 STEPS = 12  # 16 samples, 2 per micro-batch, 2 micro-batches per step: 4 steps per epoch
 
@@ -70,7 +70,7 @@ def test_full_refresh_fills_every_sample_and_every_lookup_hits(reference, data_r
     cfg = load_pretrain_config(str(cfg_file), [f"output_dir={out}"])
     loader = build_pretrain_loader(cfg, 0, 1)
     cache = AttentionCache(cache_dir, refresh_every=1)
-    grids = {m: (2, 2) for m in cfg.model.in_modalities}
+    grids = dict.fromkeys(cfg.model.in_modalities, (2, 2))
     loader.set_epoch(2)
     for batch in loader:
         scores, valid = cache.lookup(batch, grids, epoch=2)

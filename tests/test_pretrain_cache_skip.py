@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.masking import MaskingPolicy
-from multimae_att.pretrain.cache import REFRESH_RECORD, refresh_point, window_end, window_reads_cache
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401  (shared fixtures)
-from test_pretrain import run_cli, tiny_config
+from multimae_att.scoring.refresh import REFRESH_RECORD, refresh_point, window_end, window_reads_cache
 
 
 @pytest.mark.parametrize("every, age", [(40, None), (None, 15), (40, 15), (None, None), (3, 2)])
@@ -34,7 +33,7 @@ def test_which_windows_read_the_cache():
 
 def test_warmup_window_gets_no_refresh_the_next_one_does(tmp_path, data_root, monkeypatch, capsys):
     """16 samples / 4 per step = 4 steps per epoch; random masking during epoch 0, one window per epoch."""
-    import multimae_att.attention_cache as ac
+    import multimae_att.scoring.cache as ac
 
     epochs: list[int] = []
     real = ac.refresh_cache

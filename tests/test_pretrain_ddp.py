@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from multimae_att.runstate import MetricsLogger
 from test_pretrain import REPO, make_synthetic, tiny_config
+
+from multimae_att.run.metrics_log import MetricsLogger
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.runstate import MetricsLogger, TrainStateStore
-from test_pretrain import (_fresh_accelerate_state, _importable_entry_point, data_root,  # noqa: F401
-                           run_cli, tiny_config)
 
 LOSSP = ["masking.score_source=predicted_loss", "data.image_size=48", "masking.num_encoded_tokens=9"]
 
@@ -19,7 +18,7 @@ def _tiny_model():
     return create_pretrain_model("tiny", image_size=48, semseg_num_classes=10)
 
 
-def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):  # noqa: F811
+def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 3, "save_every": 3})
     out, kept = tmp_path / "run", tmp_path / "kept"
     run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=hpm", *LOSSP)
@@ -43,7 +42,7 @@ def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):  #
     assert all(torch.equal(final["loss_predictor"][k], saved[k]) for k in saved)
 
 
-def test_resume_continues_the_predictor_exactly(tmp_path, data_root):  # noqa: F811
+def test_resume_continues_the_predictor_exactly(tmp_path, data_root):
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 3, "save_every": 1})
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ("--config", str(cfg), "masking.strategy=high", *LOSSP)
@@ -59,7 +58,7 @@ def test_resume_continues_the_predictor_exactly(tmp_path, data_root):  # noqa: F
     assert all(torch.equal(sa["loss_predictor"][k], sb["loss_predictor"][k]) for k in sa["loss_predictor"])
 
 
-def test_cache_holds_predicted_losses(tmp_path, data_root):  # noqa: F811
+def test_cache_holds_predicted_losses(tmp_path, data_root):
     cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"batch_size": 4}, train={"max_steps": 3})
     out = tmp_path / "run"
     run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=noisy", *LOSSP,

@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.pretrain import pictures
-from multimae_att.pretrain.pictures import (PictureInfo, build_figure, read_semseg_class_names,
-                                            render_modality, save_pictures, semseg_palette)
-from test_pretrain import (_fresh_accelerate_state, _importable_entry_point, data_root,  # noqa: F401  (fixtures)
-                           run_cli, tiny_config)
+from multimae_att.pretrain.pictures import (
+    PictureInfo,
+    build_figure,
+    read_semseg_class_names,
+    render_modality,
+    save_pictures,
+    semseg_palette,
+)
 
 GRID, SIZE = (2, 2), (8, 8)
 INFO = PictureInfo(strategy="amt", score_source="attention (test source)", class_names={0: "wall", 3: "cup"})

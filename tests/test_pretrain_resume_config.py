@@ -1,14 +1,13 @@
 """Resume checks the config: result-changing keys must match the saved state (or be allowed)."""
 from __future__ import annotations
 
-
 import pytest
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.config import config_to_dict
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
-from multimae_att.runstate import MetricsLogger, TrainStateStore
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401  (shared fixtures)
-from test_pretrain import run_cli, tiny_config
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 
 
 def _changed(**sections) -> PretrainConfig:

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import torch
+from test_pretrain import REPO, data_root, tiny_config
 
-from multimae_att.runstate import MetricsLogger
-from test_pretrain import REPO, data_root, tiny_config  # noqa: F401  (data_root: shared fixture)
+from multimae_att.run.metrics_log import MetricsLogger
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 12

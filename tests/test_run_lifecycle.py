@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 import yaml
+from test_finetune_cli import _run as finetune
+from test_finetune_cli import synthetic_root
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 from multimae_att.run import run_status
+from multimae_att.run.metrics_log import MetricsLogger
 from multimae_att.run.provenance import config_hash, file_sha256
-from multimae_att.runstate import MetricsLogger, TrainStateStore
-from test_finetune_cli import _run as finetune, synthetic_root  # noqa: F401  (session fixture)
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401
-from test_pretrain import run_cli, tiny_config
+from multimae_att.run.states import TrainStateStore
 
 
 def _tree(root) -> dict[str, float]:
@@ -72,7 +73,7 @@ def test_finished_run_asked_for_fewer_steps_is_an_error(tmp_path, data_root):
     assert _tree(out) == before
 
 
-def test_changed_init_checkpoint_in_a_finished_folder_is_an_error(tmp_path, synthetic_root):  # noqa: F811
+def test_changed_init_checkpoint_in_a_finished_folder_is_an_error(tmp_path, synthetic_root):
     a, b = tmp_path / "a.pth", tmp_path / "b.pth"
     _export_tiny(a, 1)
     _export_tiny(b, 2)
@@ -95,7 +96,8 @@ def test_changed_init_checkpoint_in_a_finished_folder_is_an_error(tmp_path, synt
     # With --overwrite the old run moves aside and the new one runs.
     second = finetune("knn", synthetic_root, out, f"init.checkpoint={a}", "--overwrite")
     previous = [p for p in out.iterdir() if p.name.startswith("previous-")]
-    assert len(previous) == 1 and json.loads((previous[0] / "metrics.json").read_text())["knn_top1"] == first["knn_top1"]
+    assert len(previous) == 1
+    assert json.loads((previous[0] / "metrics.json").read_text())["knn_top1"] == first["knn_top1"]
     assert second["provenance"]["init_checkpoint"]["sha256"] == file_sha256(b)
 
 
@@ -153,8 +155,10 @@ def test_truncated_newest_state_falls_back_bit_exact(tmp_path, data_root, capsys
     assert (cut / "checkpoints" / "state_00000004.pth.corrupt").is_file()   # kept for inspection
     assert not any(p.exists() for p in orphans)
     assert _same_weights(ref / "final.pth", cut / "final.pth")
-    strip = [{k: v for k, v in r.items() if k != "step_time"} for r in MetricsLogger.read(ref / "metrics.jsonl")]
-    assert [{k: v for k, v in r.items() if k != "step_time"} for r in MetricsLogger.read(cut / "metrics.jsonl")] == strip
+    def strip(run):
+        return [{k: v for k, v in r.items() if k != "step_time"} for r in MetricsLogger.read(run / "metrics.jsonl")]
+
+    assert strip(cut) == strip(ref)
 
 
 def test_no_readable_state_is_a_clear_error(tmp_path, data_root):

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-
-from multimae_att.runstate import MetricsLogger
-from test_finetune_cli import REPO, _run as finetune, synthetic_root  # noqa: F401  (session fixture)
-from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401
-from test_pretrain import run_cli, tiny_config
+from test_finetune_cli import REPO, synthetic_root
+from test_finetune_cli import _run as finetune
+from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 from test_resume import ENV, comparable_metrics, kill_once_logged
+
+from multimae_att.run.metrics_log import MetricsLogger
 
 # RandAugment, Mixup/CutMix, drop-path, a fresh head: every random draw of a cls finetune
 CLS = ["train.max_steps=6", "model.drop_path_rate=0.2", "train.eval_every=1", "log.every=1"]
@@ -27,7 +27,7 @@ def _identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_seeded_cls_finetunes_are_bit_identical(synthetic_root, tmp_path):  # noqa: F811
+def test_two_seeded_cls_finetunes_are_bit_identical(synthetic_root, tmp_path):
     one = finetune("cls", synthetic_root, tmp_path / "one", *CLS)
     two = finetune("cls", synthetic_root, tmp_path / "two", *CLS)
     assert _identical(_weights(tmp_path / "one" / "checkpoint-last.pth"),
@@ -124,7 +124,7 @@ def test_trackers_get_scalars_and_pictures_and_the_log_stays_the_source(tmp_path
     assert not (tmp_path / "quiet" / "tb").exists() and not (tmp_path / "old" / "tb").exists()
 
 
-def test_finetune_logs_to_trackers_and_prints_final_metrics(synthetic_root, tmp_path, capsys):  # noqa: F811
+def test_finetune_logs_to_trackers_and_prints_final_metrics(synthetic_root, tmp_path, capsys):
     result = finetune("cls", synthetic_root, tmp_path, "train.max_steps=3", "train.eval_every=1")
     scalars, _ = _events(tmp_path / "tb")
     log = MetricsLogger.read(tmp_path / "metrics.jsonl")

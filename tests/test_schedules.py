@@ -1,4 +1,5 @@
 """LR and AttG temperature schedules against their closed forms."""
+import itertools
 import math
 
 import pytest
@@ -36,7 +37,7 @@ def test_tail_mode_rides_epochs_1600_to_1700():
     assert s(100 * spe) == pytest.approx(0.0, abs=1e-20)
     # Monotone decreasing over the tail, and already small (< 1 % of base).
     vals = [s(k * 1000) for k in range(63)]
-    assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[0] < 0.01 * base
+    assert all(a >= b for a, b in itertools.pairwise(vals)) and vals[0] < 0.01 * base
 
 
 def test_restart_mode_and_lr_x10():

@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multimae_att.loss_prediction import LossPredictor
-from multimae_att.masking import STRATEGIES, Masks, MaskingPolicy, sample_budgets, validate
+from multimae_att.masking import STRATEGIES, MaskingPolicy, Masks, sample_budgets, validate
+from multimae_att.masking.planner import MaskPlanner
 from multimae_att.model import create_pretrain_model
-from multimae_att.pretrain.step import MaskPlanner
-from multimae_att.scoring import (AttentionScores, PredictedLossScores, build_score_source, head_minmax,
-                                  loss_strengths)
+from multimae_att.scoring.loss_prediction import LossPredictor
+from multimae_att.scoring.sources import (
+    AttentionScores,
+    PredictedLossScores,
+    build_score_source,
+    head_minmax,
+    loss_strengths,
+)
 
 MODS = ["rgb", "depth", "semseg"]
 
@@ -66,7 +71,7 @@ def test_predicted_loss_source_is_softmax_of_head_on_full_pass(tiny):
     model, tokens = tiny
     head = LossPredictor(MODS, model.dim_tokens)
     out = PredictedLossScores(head)(model, tokens)
-    z = model._with_global(torch.cat([t for t in tokens.values()], 1))
+    z = model._with_global(torch.cat(list(tokens.values()), 1))
     with torch.no_grad():
         z = model.encoder(z)                                  # the plain forward, every block
     start = 0

@@ -6,8 +6,7 @@ import os
 import subprocess
 import sys
 
-from test_pretrain import REPO, _fresh_accelerate_state, _importable_entry_point, data_root  # noqa: F401
-from test_pretrain import run_cli, tiny_config
+from test_pretrain import REPO, _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 
 def _show(*args: str) -> subprocess.CompletedProcess:

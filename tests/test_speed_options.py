@@ -1,4 +1,5 @@
-"""train.attention / train.compile reach the models both runners build; compiling keeps the model's function and names."""
+"""train.attention / train.compile reach the models both runners build; compiling keeps the model's
+function and names."""
 import pytest
 import torch
 

@@ -19,7 +19,7 @@ from multimae_att.bench.presets import PRESETS
 
 READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
          "unique_consecutive", "item"}
-HOST_SIDE = ("multimae_att/device_checks.py", "multimae_att/attention_cache.py")
+HOST_SIDE = ("multimae_att/device_checks.py", "multimae_att/scoring/cache.py")
 
 
 class HostReads(TorchDispatchMode):
@@ -60,10 +60,10 @@ def test_the_spy_sees_reads():
         x = torch.ones(3)
         float(x.sum()), (x > 0).nonzero()
     assert sum(spy.found.values()) == 2
-    from multimae_att.losses import LossSpec, counted_patch_losses
+    from multimae_att.pretrain.losses import LossSpec, counted_patch_losses
 
     spy = HostReads()
     with spy:  # without a bound the fullest sample's count is read
         counted_patch_losses(torch.zeros(2, 133, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long),
                              torch.eye(2, 4, dtype=torch.bool), LossSpec("ce"), (2, 2))
-    assert any("losses.py" in k for k in spy.found)
+    assert any("pretrain/losses.py" in k for k in spy.found)

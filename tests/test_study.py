@@ -121,7 +121,8 @@ def test_report_on_hand_made_metrics(tmp_path, data_root):
     assert "| hidden tokens on foreground (share) | 0.100 ± 0.000 | 0.200 ± 0.000 |" in report
     assert "| fg AUROC rgb, final weights | 0.250 ± 0.000 | 0.750 ± 0.000 |" in report
     assert "Warm start, before any variant: fg AUROC rgb 0.250." in report
-    rows = list(__import__("csv").DictReader(open(tmp_path / "study" / "results.csv")))
+    with open(tmp_path / "study" / "results.csv") as f:
+        rows = list(__import__("csv").DictReader(f))
     assert len(rows) == len(cells)
     row = next(r for r in rows if r["cell"] == "eval/knn/high/seed1")
     assert (row["variant"], row["seed"], row["eval"], float(row["knn_top1"])) == ("high", "1", "knn", 55.0)

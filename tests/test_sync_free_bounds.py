@@ -3,9 +3,9 @@ decoders and losses give the same result when padded to it as when sized by the 
 import pytest
 import torch
 
-from multimae_att.losses import LossSpec, counted_patch_losses
 from multimae_att.masking import MaskingPolicy, sample_budgets
 from multimae_att.model import create_pretrain_model
+from multimae_att.pretrain.losses import LossSpec, counted_patch_losses
 
 N = {"rgb": 16, "depth": 16, "semseg": 16}
 
@@ -17,7 +17,7 @@ def test_amt_bound_on_kept_tokens_holds_and_is_reached(K, ratio):
     kept = policy.kept_range(N, K, epoch=1.0)
     bound = {m: hi for m, (_, hi) in kept.items()}
     g = torch.Generator().manual_seed(K)
-    most, fewest = {m: 0 for m in N}, {m: 99 for m in N}
+    most, fewest = dict.fromkeys(N, 0), dict.fromkeys(N, 99)
     for _ in range(20):
         visible = sample_budgets(list(N.values()), K, 16, alphas=0.3, generator=g)
         scores = {m: torch.rand(16, n, generator=g) for m, n in N.items()}
@@ -33,14 +33,14 @@ def test_amt_bound_on_kept_tokens_holds_and_is_reached(K, ratio):
 
 
 def test_kept_range_without_throwing_with_some_random_samples_and_exact():
-    every = {m: (16, 16) for m in N}
+    every = dict.fromkeys(N, (16, 16))
     assert MaskingPolicy("random").kept_range(N, 9, 1.0) == every
     assert MaskingPolicy("high").kept_range(N, 9, 1.0) == every
     assert MaskingPolicy("amt", warmup_epochs=2).kept_range(N, 9, 1.0) == every  # still random
-    assert MaskingPolicy("amt", prob=0.5).kept_range(N, 9, 1.0) == {m: (10, 16) for m in N}  # random ones keep all
+    assert MaskingPolicy("amt", prob=0.5).kept_range(N, 9, 1.0) == dict.fromkeys(N, (10, 16))  # random ones keep all
     # floor(0.4 * 16) = 6 thrown whenever a sample has at most 16 - 6 visible: with K = 9, always
-    assert MaskingPolicy("amt").kept_range(N, 9, 2.0) == {m: (10, 10) for m in N}
-    assert MaskingPolicy("amt").kept_range(N, 12, 2.0) == {m: (10, 12) for m in N}  # 12 visible: 4 thrown
+    assert MaskingPolicy("amt").kept_range(N, 9, 2.0) == dict.fromkeys(N, (10, 10))
+    assert MaskingPolicy("amt").kept_range(N, 12, 2.0) == dict.fromkeys(N, (10, 12))  # 12 visible: 4 thrown
 
 
 @pytest.mark.parametrize("spec", [LossSpec("ce"), LossSpec("mse", norm_pix=True)])
@@ -72,13 +72,13 @@ def test_decoder_padded_to_a_bound_equals_decoder_sized_by_the_mask():
     hidden = {m: ~visible[m] & ~thrown[m] for m in N}
     with torch.no_grad():
         read = model.forward_masked(tokens, hidden, thrown)
-        padded = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: (0, 13) for m in N})
-        exact = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: (11, 11) for m in N})
+        padded = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range=dict.fromkeys(N, (0, 13)))
+        exact = model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range=dict.fromkeys(N, (11, 11)))
     for k in read:
         torch.testing.assert_close(padded[k], read[k], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(exact[k], read[k], atol=1e-5, rtol=1e-5)
     for bad in ((0, 10), (12, 13)):
         with pytest.raises(ValueError, match="outside kept_range"):
-            model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range={m: bad for m in N})
+            model.forward_masked(tokens, hidden, thrown, num_visible=9, kept_range=dict.fromkeys(N, bad))
     with pytest.raises(ValueError, match="exactly 8 visible"):
         model.forward_masked(tokens, hidden, thrown, num_visible=8)

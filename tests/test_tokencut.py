@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.linalg import eigh
 
-from multimae_att.tokencut import last_layer_keys, ncut_maps, seed_component
+from multimae_att.scoring.tokencut import last_layer_keys, ncut_maps, seed_component
 
 
 def scene_features(grid=(8, 8), box=(2, 5, 1, 4), dim=16, noise=0.15, seed=0) -> tuple[torch.Tensor, torch.Tensor]:

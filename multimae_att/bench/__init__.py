@@ -7,7 +7,8 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   ``random_step``, ``attention_step``, ``scoring_pass``, ``inference_forward``, ``cached_step``,
   ``amt_step`` (and ``cache_lookup``); ``ratios`` (ratios of medians) and ``paired_ratios``
   (medians of per-round ratios), ``min_ratios`` (ratios of best-of times), ``cpu_time_ratios``
-  (ratios of median process-CPU times: the steadiest on a shared CPU); ``peak_memory_mib`` per case; ``data_pipeline_samples_per_s``;
+  (ratios of median process-CPU times: the steadiest on a shared CPU); ``peak_memory_mib`` per case;
+  ``data_pipeline_samples_per_s``;
   ``mask_generation_samples_per_s`` per strategy; ``amt_split``; ``cache_hit_rate_by_epoch``
   (share of cache hits per epoch of a refresh period filled by crop passes alone, the runner's
   ``masking.cache.refresh=crops``); every ratio block also holds ``cached_step+refresh/random_step``
@@ -215,5 +216,6 @@ def format_table(result: dict) -> str:
     hits = ", ".join(f"{h:.2f}" for h in result["cache_hit_rate_by_epoch"])
     lines.append(f"cache hit rate by epoch (crop passes only): {hits}")
     split = result["amt_split"]
-    lines.append(f"amt split: visible {split['visible']:.3f}, thrown {split['thrown']:.3f}, hidden {split['hidden']:.3f}")
+    lines.append(f"amt split: visible {split['visible']:.3f}, thrown {split['thrown']:.3f}, "
+                 f"hidden {split['hidden']:.3f}")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import multimae_att  # noqa: E402,F401  (torchvision guard before timm)
-from multimae_att.runstate import write_text_atomic  # noqa: E402
+import multimae_att  # noqa: F401  (torchvision guard before timm)
+from multimae_att.atomic import write_text_atomic
 
 
 def main(argv: list[str] | None = None) -> int:

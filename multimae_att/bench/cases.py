@@ -1,21 +1,28 @@
 """The timed cases of the benchmark, all on one model, one batch and one device.
 
 Training steps go through the runner's own step (:func:`multimae_att.pretrain.step.forward_loss`
-with a :class:`~multimae_att.pretrain.step.MaskPlanner`), then backward and AdamW, as in
+with a :class:`~multimae_att.masking.planner.MaskPlanner`), then backward and AdamW, as in
 ``run_pretrain.py`` minus Accelerate's bookkeeping (bf16 via ``torch.autocast``, as Accelerate does).
 
 | case | what runs |
 |---|---|
-| ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss, backward, AdamW) |
+| ``random_step`` | full training step (adapters, budgets, ``random`` masks, masked encoder, decoders, loss,
+  backward, AdamW) |
 | ``attention_step`` | the same with a fresh scoring pass each step and ``high`` masks |
 | ``scoring_pass`` | ``model.attention_scores`` over the step's (detached) tokens, alone |
-| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the floor (fused whatever ``--attn``) |
-| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a full-image refresh pass, as the runner) |
+| ``inference_forward`` | plain no-grad fused encoder forward over the same tokens (+ global token): the
+  floor (fused whatever ``--attn``) |
+| ``cached_step`` | ``high`` masks on scores read from the :class:`AttentionCache` (all hits: filled by a
+  full-image refresh pass, as the runner) |
 | ``amt_step`` | AMT (``throw_ratio`` 0.4, same K) on cached scores; thrown queries dropped from decoders |
 | ``cache_lookup`` | the cache read alone (memory-mapped rows + crop/flip resampling) |
-| ``hpm_step`` | ``hpm`` masks (HPM's final share, 0.5) on predicted losses from a fresh no-mask pass + loss-prediction head; the head's ranking loss trained in the step |
-| ``cached_hpm_step`` | the same on predicted losses read from the cache (filled by a full-image refresh); no sample's no-mask pass for the head (its expected cost, ``masking.loss_predictor.cached_train_share`` of a pass, is added in a derived ratio) |
-| ``upstream_random_step`` | with ``--vs-upstream``: the original MultiMAE's step on the same batch and weights (:mod:`multimae_att.bench.upstream`) |
+| ``hpm_step`` | ``hpm`` masks (HPM's final share, 0.5) on predicted losses from a fresh no-mask pass +
+  loss-prediction head; the head's ranking loss trained in the step |
+| ``cached_hpm_step`` | the same on predicted losses read from the cache (filled by a full-image
+  refresh); no sample's no-mask pass for the head (its expected cost,
+  ``masking.loss_predictor.cached_train_share`` of a pass, is added in a derived ratio) |
+| ``upstream_random_step`` | with ``--vs-upstream``: the original MultiMAE's step on the same batch and
+  weights (:mod:`multimae_att.bench.upstream`) |
 
 The attention kernel of each pass follows ``attn`` (``auto``: the runner's default, chosen per
 pass by :meth:`MultiMAE.set_attention`); ``compile`` compiles the encoder blocks and decoders as
@@ -26,24 +33,25 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from multimae_att.attention_cache import AttentionCache, refresh_cache
 from multimae_att.bench.presets import MODALITIES, Preset, build_model, synthetic_batch
 from multimae_att.bench.timing import median, synchronize
-from multimae_att.loss_prediction import LossPredictor
 from multimae_att.masking import MaskingPolicy, make_masks, sample_budgets
+from multimae_att.masking.planner import MaskPlanner
 from multimae_att.model.attention import ATTENTION_MODES, set_fused
 from multimae_att.model.compile import compile_model
 from multimae_att.optim import build_adamw
 from multimae_att.pretrain.config import LossConfig
 from multimae_att.pretrain.setup import param_groups
-from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss
-from multimae_att.scoring import PredictedLossScores
+from multimae_att.pretrain.step import PretrainModule, forward_loss
+from multimae_att.scoring.cache import AttentionCache, refresh_cache
+from multimae_att.scoring.loss_prediction import LossPredictor
+from multimae_att.scoring.sources import PredictedLossScores
 
 AMT_THROW_RATIO = 0.40
 
@@ -80,7 +88,7 @@ class BenchCases:
         self.loss_weights = LossConfig().weights
         self.batch = synthetic_batch(p, device, seed)
         self.inputs = {m: self.batch[m] for m in MODALITIES}
-        self.grids = {m: p.grid for m in MODALITIES}
+        self.grids = dict.fromkeys(MODALITIES, p.grid)
         self.num_tokens = [p.grid[0] * p.grid[1]] * len(MODALITIES)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.cache = AttentionCache.create(cache_dir, self.batch["sample_id"], MODALITIES, grid=p.cache_grid,
@@ -227,7 +235,7 @@ def cache_hit_rates(p: Preset, epochs: int = 8, samples: int = 256, seed: int = 
 
     Geometry only (constant scores): each epoch draws the data pipeline's random-resized crop and
     flip per sample, looks it up, and writes the missing ones back, as the runner's
-    :class:`~multimae_att.pretrain.step.MaskPlanner` does. Epoch 0 is all misses by definition.
+    :class:`~multimae_att.masking.planner.MaskPlanner` does. Epoch 0 is all misses by definition.
     """
     import tempfile
 
@@ -245,7 +253,7 @@ def cache_hit_rates(p: Preset, epochs: int = 8, samples: int = 256, seed: int = 
             batch = {"sample_id": ids, "crop_box": torch.tensor([g.box for g in geoms]),
                      "flip": torch.tensor([g.flip for g in geoms]),
                      "source_size": torch.tensor([src] * samples)}
-            _, valid = cache.lookup(batch, {m: p.grid for m in MODALITIES}, epoch)
+            _, valid = cache.lookup(batch, dict.fromkeys(MODALITIES, p.grid), epoch)
             rates.append(float(valid.float().mean()))
             missing = (~valid).nonzero().squeeze(1)
             ones = {m: torch.ones(len(missing), n) for m in MODALITIES}

@@ -15,7 +15,7 @@ this machine's matrix units deliver that a step turns into counted work.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils import flop_counter

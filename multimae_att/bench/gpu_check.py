@@ -121,8 +121,8 @@ def ddp_check(args: argparse.Namespace, data: Path, out: Path) -> dict:
                                                              f"train.max_steps={min(args.steps, 20)}"]
     launch = [sys.executable, "-m", "multimae_att.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    half = [o for o in base if not o.startswith("data.batch_size=")] + [f"data.batch_size={args.batch // 2}",
-                                                                         'train.mixed_precision="no"', "train.final_export=true"]
+    half = [o for o in base if not o.startswith("data.batch_size=")] + [
+        f"data.batch_size={args.batch // 2}", 'train.mixed_precision="no"', "train.final_export=true"]
     whole = [o for o in half if not o.startswith("data.batch_size=")] + [f"data.batch_size={args.batch}"]
     for d in ("ddp_two", "ddp_one"):
         shutil.rmtree(out / d, ignore_errors=True)

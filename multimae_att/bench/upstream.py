@@ -32,9 +32,10 @@ import subprocess
 import sys
 import types
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

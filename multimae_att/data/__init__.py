@@ -8,8 +8,15 @@ from multimae_att.data.folder import FolderDataset
 from multimae_att.data.loader import EpochSampler, MultiModalLoader, build_dataset, build_loader, detect_layout
 from multimae_att.data.sample import SkipCounter, build_sample, collate
 from multimae_att.data.shards import ShardDataset, resolve_shards
-from multimae_att.data.transforms import (DEPTH_SCALE, IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, Geometry,
-                                          make_geometry, robust_standardize_depth)
+from multimae_att.data.transforms import (
+    DEPTH_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    Geometry,
+    make_geometry,
+    robust_standardize_depth,
+)
 
 __all__ = [
     "IMAGE_MODALITIES", "MODALITIES", "CorruptSample", "decode_modality", "FolderDataset", "EpochSampler",

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 from PIL import Image
 
+from multimae_att.modalities import MODALITIES as TABLE
+
 __all__ = ["MODALITIES", "IMAGE_MODALITIES", "decode_modality", "CorruptSample"]
 
-IMAGE_MODALITIES = ("rgb", "depth", "semseg", "mask_valid", "att_map")
+IMAGE_MODALITIES = tuple(TABLE)   # the modality table's image modalities
 MODALITIES = IMAGE_MODALITIES + ("cls",)
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
 _LABEL_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I")
 
-Source = Union[bytes, str, os.PathLike]
+Source = bytes | str | os.PathLike
 
 
 class CorruptSample(Exception):
@@ -34,26 +35,29 @@ def _open(source: Source) -> Image.Image:
 
 
 def decode_modality(modality: str, source: Source, where: str = "") -> Image.Image:
-    """Decode one stored image of ``modality`` (``rgb``/``depth``/``semseg``/``mask_valid``).
+    """Decode one stored image of ``modality`` by its table ``encoding``
+    (:data:`multimae_att.modalities.Encoding`).
 
-    rgb -> mode RGB (grey/CMYK/palette converted); depth must be 16-bit (modes I;16*/I): an 8-bit
-    depth file is an error, since the value scale would be wrong by 256x; labels keep their integer
-    values (L, P, I;16, I). Raises :class:`CorruptSample` naming ``where`` on any failure.
+    ``rgb8`` -> mode RGB (grey/CMYK/palette converted); ``depth16`` must be 16-bit (modes
+    I;16*/I): an 8-bit depth file is an error, since the value scale would be wrong by 256x;
+    ``labels`` and ``mask`` keep their integer values (L, P, I;16, I); ``map`` is greyscale (no
+    palette). Raises :class:`CorruptSample` naming ``where`` on any failure.
     """
+    if modality not in TABLE:
+        raise KeyError(f"unknown image modality {modality!r}; expected one of {IMAGE_MODALITIES}")
+    encoding = TABLE[modality].encoding
     try:
         image = _open(source)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         raise CorruptSample(f"{where or modality}: cannot decode {modality} ({type(exc).__name__}: {exc})") from exc
-    if modality == "rgb":
+    if encoding == "rgb8":
         return image if image.mode == "RGB" else image.convert("RGB")
-    if modality == "depth":
+    if encoding == "depth16":
         if image.mode not in _DEPTH_MODES:
-            raise CorruptSample(f"{where}: depth must be a 16-bit PNG, got mode {image.mode}")
+            raise CorruptSample(f"{where}: {modality} must be a 16-bit PNG, got mode {image.mode}")
         return image
-    if modality in ("semseg", "mask_valid", "att_map"):
-        if image.mode not in _LABEL_MODES:
-            raise CorruptSample(f"{where}: {modality} must be a single-channel 8/16-bit image, got mode {image.mode}")
-        if modality == "att_map" and image.mode == "P":
-            raise CorruptSample(f"{where}: att_map must be a greyscale image, got a palette image")
-        return image
-    raise KeyError(f"unknown image modality {modality!r}; expected one of {IMAGE_MODALITIES}")
+    if image.mode not in _LABEL_MODES:
+        raise CorruptSample(f"{where}: {modality} must be a single-channel 8/16-bit image, got mode {image.mode}")
+    if encoding == "map" and image.mode == "P":
+        raise CorruptSample(f"{where}: {modality} must be a greyscale image, got a palette image")
+    return image

@@ -9,8 +9,9 @@ ImageFolder split (``root/<split>/<class>/<file>``, e.g. ImageNet) is read as we
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -100,7 +101,8 @@ class FolderDataset(Dataset):
         self.split_dir = self.root / split
         unknown = set(modalities) - set(IMAGE_MODALITIES) - {"cls"}
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {IMAGE_MODALITIES + ('cls',)}")
+            raise ValueError(f"unknown modalities {sorted(unknown)}; "
+                             f"expected a subset of {IMAGE_MODALITIES + ('cls',)}")
         self.image_modalities = [m for m in modalities if m != "cls"]
         if not self.image_modalities:
             raise ValueError("at least one image modality is needed (cls alone has no files)")

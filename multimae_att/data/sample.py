@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torch.utils.data import get_worker_info
 
 from multimae_att.data.decode import CorruptSample
 from multimae_att.data.transforms import AugmentConfig, apply_geometry, make_geometry, to_tensors
+from multimae_att.modalities import MODALITIES
 
 __all__ = ["SkipCounter", "build_sample", "check_labels", "collate", "mark_valid", "placeholder_sample"]
 
@@ -91,8 +93,8 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     """
     if not images:
         raise ValueError("a sample needs at least one image modality")
-    check_labels(images, cls, cfg, where or {m: sample_id for m in (*images, "cls")})
-    ref = next(m for m in ("rgb", "depth", "semseg", "mask_valid", "att_map") if m in images)
+    check_labels(images, cls, cfg, where or dict.fromkeys((*images, "cls"), sample_id))
+    ref = next(m for m in MODALITIES if m in images)   # table order: rgb first
     src_w, src_h = images[ref].size
     for modality, image in images.items():
         w, h = image.size
@@ -121,7 +123,7 @@ def build_sample(images: Mapping[str, Image.Image], cls: int | None, sample_id: 
     return sample
 
 
-_BLANK_MODES = {"rgb": "RGB", "depth": "I;16", "semseg": "L", "mask_valid": "L", "att_map": "L"}
+_BLANK_MODES = {"rgb8": "RGB", "depth16": "I;16", "labels": "L", "mask": "L", "map": "L"}   # by encoding
 
 
 def placeholder_sample(modalities: Sequence[str], cfg: AugmentConfig, sample_id: str,
@@ -131,7 +133,7 @@ def placeholder_sample(modalities: Sequence[str], cfg: AugmentConfig, sample_id:
     transform or recipe), marked ``valid = False`` with the ``skip_reason``. The batch keeps its
     order (no other sample is substituted) and the metrics leave the row out (docs/INTERFACES.md)."""
     h, w = cfg.image_size
-    images = {m: Image.new(_BLANK_MODES[m], (w, h)) for m in modalities if m != "cls"}
+    images = {m: Image.new(_BLANK_MODES[MODALITIES[m].encoding], (w, h)) for m in modalities if m != "cls"}
     blank = dataclasses.replace(cfg, label_ranges=())   # zeros need not be valid labels
     sample = build_sample(images, 0 if "cls" in modalities else None, sample_id, blank, epoch=0)
     sample["valid"] = torch.tensor(False)

@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from typing import Any
 
 import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from multimae_att.data.decode import IMAGE_MODALITIES, CorruptSample, decode_modality
@@ -112,7 +111,8 @@ class ShardDataset(IterableDataset):
         self.shard_samples = dict(shard_samples or {})
         unknown = set(modalities) - set(IMAGE_MODALITIES) - {"cls"}
         if unknown:
-            raise ValueError(f"unknown modalities {sorted(unknown)}; expected a subset of {IMAGE_MODALITIES + ('cls',)}")
+            raise ValueError(f"unknown modalities {sorted(unknown)}; "
+                             f"expected a subset of {IMAGE_MODALITIES + ('cls',)}")
         if resampled and not samples_per_epoch:
             raise ValueError("resampled shards need samples_per_epoch (the stream is endless)")
         self.urls = list(urls)
@@ -178,7 +178,8 @@ class ShardDataset(IterableDataset):
         for modality in self.image_modalities:
             member = next((k for k in raw if k.split(".")[0] == modality and not k.startswith("__")), None)
             if member is None:
-                raise CorruptSample(f"{where}: no {modality} member (has {sorted(k for k in raw if not k.startswith('__'))})")
+                members = sorted(k for k in raw if not k.startswith("__"))
+                raise CorruptSample(f"{where}: no {modality} member (has {members})")
             files[modality] = f"{where}.{member}"
             images[modality] = decode_modality(modality, raw[member], files[modality])
         cls = None

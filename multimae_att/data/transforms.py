@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from multimae_att.modalities import MODALITIES
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DEPTH_SCALE", "Geometry", "AugmentConfig",
@@ -30,12 +33,11 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEPTH_SCALE = 2.0 ** 16  # depth tensor = stored 16-bit value / 2**16
-LABEL_MODALITIES = ("semseg", "mask_valid")
 # x / 255 then (x - mean) / std, folded into one multiply-add per pixel: x * _RGB_SCALE + _RGB_SHIFT.
 _RGB_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(3, 1, 1)
 _RGB_SHIFT = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
-_RESAMPLE = {"rgb": Image.BICUBIC, "depth": Image.BILINEAR, "semseg": Image.NEAREST,
-             "mask_valid": Image.NEAREST, "att_map": Image.BILINEAR}
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+_RESAMPLE = {name: _FILTERS[m.resample] for name, m in MODALITIES.items()}   # the table's filters
 
 
 @dataclass(frozen=True)
@@ -177,32 +179,34 @@ def apply_geometry(images: Mapping[str, Image.Image], geom: Geometry,
 
 
 def to_tensors(arrays: Mapping[str, np.ndarray], reduce_zero_label: bool = False) -> dict[str, torch.Tensor]:
-    """Arrays from :func:`apply_geometry` -> batch-ready tensors (see docs/INTERFACES.md).
+    """Arrays from :func:`apply_geometry` -> batch-ready tensors (see docs/INTERFACES.md), by the
+    modality's table ``encoding`` (:data:`multimae_att.modalities.Encoding`).
 
-    rgb float32 ``[3, H, W]`` ImageNet-normalised; depth float32 ``[1, H, W]`` = stored / 2**16;
-    semseg int64 ``[h, w]``; mask_valid bool ``[1, H, W]``; att_map float32 ``[h, w]`` in [0, 1]
-    (stored value / 255 for 8-bit, / 65535 for 16-bit maps).
+    rgb8 (rgb) float32 ``[3, H, W]`` ImageNet-normalised; depth16 (depth) float32 ``[1, H, W]`` =
+    stored / 2**16; labels (semseg) int64 ``[h, w]``; mask (mask_valid) bool ``[1, H, W]``; map
+    (att_map) float32 ``[h, w]`` in [0, 1] (stored value / 255 for 8-bit, / 65535 for 16-bit maps).
     """
     out: dict[str, torch.Tensor] = {}
     for modality, array in arrays.items():
-        if modality == "rgb":
+        if modality not in MODALITIES:
+            raise KeyError(f"unknown modality {modality!r}")
+        encoding = MODALITIES[modality].encoding
+        if encoding == "rgb8":
             x = torch.from_numpy(array).permute(2, 0, 1).float()
-            out["rgb"] = torch.addcmul(_RGB_SHIFT, x, _RGB_SCALE).contiguous()
-        elif modality == "depth":
-            out["depth"] = torch.from_numpy(array.astype(np.float32) / DEPTH_SCALE)[None]
-        elif modality == "semseg":
+            out[modality] = torch.addcmul(_RGB_SHIFT, x, _RGB_SCALE).contiguous()
+        elif encoding == "depth16":
+            out[modality] = torch.from_numpy(array.astype(np.float32) / DEPTH_SCALE)[None]
+        elif encoding == "labels":
             labels = torch.from_numpy(array.astype(np.int64))
             if reduce_zero_label:  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
                 labels = torch.where(labels == 0, 255, labels - 1)
                 labels = torch.where(labels == 254, 255, labels)
-            out["semseg"] = labels
-        elif modality == "mask_valid":
-            out["mask_valid"] = torch.from_numpy(array > 0)[None]
-        elif modality == "att_map":
+            out[modality] = labels
+        elif encoding == "mask":
+            out[modality] = torch.from_numpy(array > 0)[None]
+        else:  # map
             top = 255.0 if array.dtype == np.uint8 else 65535.0
-            out["att_map"] = torch.from_numpy(array.astype(np.float32) / top)
-        else:
-            raise KeyError(f"unknown modality {modality!r}")
+            out[modality] = torch.from_numpy(array.astype(np.float32) / top)
     return out
 
 

@@ -11,8 +11,9 @@ worker that loads the sample nor on what was loaded before (exact resume, identi
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD
-from multimae_att.runstate import step_seed
+from multimae_att.seeds import step_seed
 
 __all__ = ["RandAugmentRGB", "TransformedDataset", "TransformedIterable", "with_sample_transform",
            "seeded_global_rngs"]
@@ -41,7 +42,7 @@ class _KeepOneBit:
     def __init__(self, level_fn: Callable[..., tuple]) -> None:
         self.level_fn = level_fn
 
-    def __call__(self, level: float, hparams: Dict[str, Any]) -> tuple:
+    def __call__(self, level: float, hparams: dict[str, Any]) -> tuple:
         bits, *rest = self.level_fn(level, hparams)
         return (min(max(int(bits), 1), 8), *rest)
 
@@ -73,7 +74,7 @@ class RandAugmentRGB:
             if op.name.startswith("Posterize"):
                 op.level_fn = _KeepOneBit(op.level_fn)
 
-    def __call__(self, sample: Dict[str, Any], epoch: int = 0) -> Dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], epoch: int = 0) -> dict[str, Any]:
         rgb = sample["rgb"]
         img = ((rgb * _STD + _MEAN).clamp(0, 1) * 255).round().to(torch.uint8)
         with seeded_global_rngs(step_seed(self.seed, epoch, sample["sample_id"], "randaug")):
@@ -82,7 +83,7 @@ class RandAugmentRGB:
         return {**sample, "rgb": (x - _MEAN) / _STD}
 
 
-Transform = Callable[[Dict[str, Any], int], Dict[str, Any]]   # (sample, epoch) -> sample
+Transform = Callable[[dict[str, Any], int], dict[str, Any]]   # (sample, epoch) -> sample
 
 
 class TransformedDataset(Dataset):
@@ -94,7 +95,7 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.transform(self.base[index], getattr(self.base, "epoch", 0))
 
     def __getattr__(self, name: str) -> Any:   # set_epoch, skipped, sample_ids, ...

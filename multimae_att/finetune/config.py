@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from multimae_att.config import ConfigError, load_config, setting
+from multimae_att.modalities import MODEL_MODALITIES
 from multimae_att.model import ENCODER_SIZES
 
 __all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes"]
 
 TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
-MODALITIES = ("rgb", "depth", "semseg")
+MODALITIES = MODEL_MODALITIES   # the modality table's model modalities (rgb, depth, semseg)
 
 
 @dataclass
@@ -25,22 +26,22 @@ class TaskConfig:
     """What is learnt and measured. ``depth_unit_m``: metres per unit of the loaded depth tensor
     (stored 16-bit value / 2**16; millimetre PNGs -> 65.536)."""
     name: Literal["cls", "semseg", "depth", "knn", "linear_probe"] = "cls"
-    num_classes: int = setting(1000, ge=1)
+    num_classes: int = setting(1000, ge=1)             # cls / semseg classes (labels in [0, num_classes))
     ignore_index: int = setting(255, free=True)         # semseg label that is never counted
     reduce_zero_label: bool = False           # ADE20K / NYUv2: label 0 -> ignore, others - 1
-    loss: Literal["ce", "berhu", "l1"] = "ce"
-    label_smoothing: float = setting(0.1, ge=0, lt=1)
+    loss: Literal["ce", "berhu", "l1"] = "ce"          # ce for cls / semseg; berhu or l1 for depth
+    label_smoothing: float = setting(0.1, ge=0, lt=1)   # cls
     mixup: float = setting(0.8, ge=0)                   # cls: Mixup alpha (0 = off)
     cutmix: float = setting(1.0, ge=0)                  # cls: CutMix alpha (0 = off)
-    mixup_prob: float = setting(1.0, ge=0, le=1)
-    mixup_switch_prob: float = setting(0.5, ge=0, le=1)
+    mixup_prob: float = setting(1.0, ge=0, le=1)        # cls: share of batches mixed
+    mixup_switch_prob: float = setting(0.5, ge=0, le=1)  # cls: CutMix instead of Mixup when both are on
     randaug: str = "rand-m9-mstd0.5-inc1"     # cls: timm RandAugment spec ('' = off)
-    depth_unit_m: float = setting(65.536, gt=0)
+    depth_unit_m: float = setting(65.536, gt=0)         # depth: metres per unit of the loaded tensor
     mask_valid: bool = True                   # depth: use batch['mask_valid'] when the data has it
-    knn_k: int = setting(20, ge=1)
-    knn_temperature: float = setting(0.07, gt=0)
-    few_shot: list[int] = setting(factory=lambda: [1, 5, 10, 20], ge=1)
-    few_shot_repeats: int = setting(3, ge=1)
+    knn_k: int = setting(20, ge=1)                      # knn: neighbours voting
+    knn_temperature: float = setting(0.07, gt=0)        # knn: votes weighted exp(similarity / T)
+    few_shot: list[int] = setting(factory=lambda: [1, 5, 10, 20], ge=1)   # knn: labelled images per class
+    few_shot_repeats: int = setting(3, ge=1)            # knn: few-shot draws averaged
     feature_pool: Literal["mean", "global"] = "mean"   # knn / linear_probe features
 
     def __post_init__(self) -> None:
@@ -52,11 +53,11 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     """Encoder (``MultiViT`` of a named size); ``in_modalities`` are the task's inputs."""
-    size: Literal["tiny", "base", "large"] = "base"
-    in_modalities: list[str] = field(default_factory=lambda: ["rgb"])
+    size: Literal["tiny", "base", "large"] = "base"    # must match init.checkpoint's encoder
+    in_modalities: list[str] = field(default_factory=lambda: ["rgb"])   # of the modality table's rgb, depth, semseg
     patch_size: int = setting(16, ge=1)
     num_global_tokens: int = setting(1, ge=1)
-    drop_path_rate: float = setting(0.1, ge=0, lt=1)
+    drop_path_rate: float = setting(0.1, ge=0, lt=1)   # stochastic depth of the encoder blocks
     semseg_num_classes: int = setting(133, ge=1)        # semseg *input* adapter (pseudo labels)
 
     def __post_init__(self) -> None:
@@ -69,31 +70,31 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     """Task head. semseg: ``kind`` convnext (default) or dpt; depth: dpt; cls: linear."""
-    kind: Literal["auto", "linear", "convnext", "dpt"] = "auto"
-    main_modalities: Optional[list[str]] = None        # tokens the head reads; None = all inputs
+    kind: Literal["auto", "linear", "convnext", "dpt"] = "auto"   # auto: by task
+    main_modalities: list[str] | None = None        # tokens the head reads; None = all inputs
     embed_dim: int = setting(6144, ge=1)                # convnext
     preds_per_patch: int = setting(16, ge=1)            # convnext: a square dividing embed_dim
-    depth: int = setting(4, ge=1)
-    hooks: list[int] = setting(factory=lambda: [2, 5, 8, 11], ge=0)          # dpt
-    layer_dims: list[int] = setting(factory=lambda: [96, 192, 384, 768], ge=1)
-    feature_dim: int = setting(256, ge=2)
+    depth: int = setting(4, ge=1)                       # convnext: blocks
+    hooks: list[int] = setting(factory=lambda: [2, 5, 8, 11], ge=0)          # dpt: encoder blocks read
+    layer_dims: list[int] = setting(factory=lambda: [96, 192, 384, 768], ge=1)   # dpt: reassemble widths
+    feature_dim: int = setting(256, ge=2)               # dpt: fusion width
     init_scale: float = setting(0.001, gt=0)            # linear
-    use_mean_pooling: bool = True
+    use_mean_pooling: bool = True                       # linear: mean of all tokens, else the global token
 
 
 @dataclass
 class DataConfig:
     """Data (``multimae_att.data.build_loader``); ``root`` holds ``train_split`` and ``val_split``."""
-    root: str = setting("data/imagenet", nonempty=True)
+    root: str = setting("data/imagenet", nonempty=True)     # dataset folder or shard spec (README Data)
     train_split: str = setting("train", nonempty=True)
-    val_split: str = setting("val", nonempty=True)
-    layout: Literal["auto", "folder", "shards"] = "auto"
+    val_split: str = setting("val", nonempty=True)          # the evaluation split
+    layout: Literal["auto", "folder", "shards"] = "auto"    # auto: by what data.root holds
     image_size: int = setting(224, ge=1, le=4096)   # px (the bound catches typos)
     batch_size: int = setting(128, ge=1)      # per process and micro-batch
-    eval_batch_size: Optional[int] = setting(None, ge=1)     # None = batch_size
-    num_workers: int = setting(8, ge=0)
-    crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1)
-    hflip: float = setting(0.5, ge=0, le=1)
+    eval_batch_size: int | None = setting(None, ge=1)     # None = batch_size
+    num_workers: int = setting(8, ge=0)                     # DataLoader workers per process
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1)   # rrc: share of the area (min, max)
+    hflip: float = setting(0.5, ge=0, le=1)                 # flip probability
     eval_crop_pct: float = setting(1.0, gt=0, le=1)          # center_crop mode: share of the largest centred box
     # Which recipe prepares semseg/depth data (docs/FINETUNE.md): ours, or MultiMAE's published
     # one (LSJ + letterbox for semseg, short-side crops for NYUv2 depth, nearest-resampled depth,
@@ -107,7 +108,7 @@ class DataConfig:
     # at image_size, targets resized with it (nearest); letterbox (multimae): longest side to
     # image_size + padding, scored at that size with the padding ignored; auto: by protocol/task
     eval_mode: Literal["auto", "full", "center_crop", "letterbox"] = "auto"
-    max_eval_samples: Optional[int] = setting(None, ge=1)   # evaluate on a seed-0 permutation's first N (folder layout)
+    max_eval_samples: int | None = setting(None, ge=1)   # evaluate on a seed-0 permutation's first N (folder layout)
     standardize_depth: bool = True            # depth *inputs*: robust per-sample standardisation
     # A corrupt evaluation sample (unreadable file, label outside [0, task.num_classes)): error =
     # stop naming the file; skip = leave it out of the metrics, list it in metrics.json
@@ -124,32 +125,36 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """AdamW with layer-wise LR decay. lr = ``lr`` if set, else ``blr * global_batch / 256``."""
-    blr: float = setting(5e-4, gt=0)
-    lr: Optional[float] = setting(None, gt=0)
-    min_lr: float = setting(1e-6, ge=0)
-    warmup_epochs: float = setting(5.0, ge=0)
-    weight_decay: float = setting(0.05, ge=0)
-    layer_decay: float = setting(0.65, gt=0, le=1)
-    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
-    eps: float = setting(1e-8, gt=0)
-    clip_grad: Optional[float] = setting(None, gt=0)
-    accum_steps: int = setting(1, ge=1)
-    recipe_global_batch: Optional[int] = setting(None, ge=1)   # processes x batch x accum the recipe is for (warns if not)
+    blr: float = setting(5e-4, gt=0)                 # lr per 256 samples of global batch
+    lr: float | None = setting(None, gt=0)         # absolute lr; null: from blr
+    min_lr: float = setting(1e-6, ge=0)               # end of the cosine
+    warmup_epochs: float = setting(5.0, ge=0)         # linear warm-up
+    weight_decay: float = setting(0.05, ge=0)         # not on 1-d parameters and no_weight_decay() names
+    layer_decay: float = setting(0.65, gt=0, le=1)    # lr x layer_decay ** (layers above), head last
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)   # AdamW
+    eps: float = setting(1e-8, gt=0)                  # AdamW
+    clip_grad: float | None = setting(None, gt=0)  # max gradient norm; null: no clipping
+    accum_steps: int = setting(1, ge=1)               # micro-batches per optimizer step
+    recipe_global_batch: int | None = setting(None, ge=1)   # processes x batch x accum the recipe is for (warns if not)
 
 
 @dataclass
 class TrainConfig:
+    """Run length, evaluation, seed, precision and training states (Accelerate)."""
+
     epochs: float = setting(100.0, ge=0)                    # 0: evaluate only
-    max_steps: Optional[int] = setting(None, ge=0)   # stop after this many optimizer steps (0: evaluate only)
+    max_steps: int | None = setting(None, ge=0)   # stop after this many optimizer steps (0: evaluate only)
     eval_every: int = setting(1, ge=1)                      # epochs between evaluations (and the last one)
-    max_eval_batches: Optional[int] = setting(None, ge=1)   # smoke tests only: evaluate on a prefix
-    seed: int = setting(0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    cpu: bool = False
-    find_unused_parameters: Optional[bool] = None       # None = True for DPT heads
+    max_eval_batches: int | None = setting(None, ge=1)   # smoke tests only: evaluate on a prefix
+    seed: int = setting(0, ge=0)                 # every random draw is a function of (seed, position)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"   # autocast
+    cpu: bool = False                            # run on the CPU even where a GPU is
+    find_unused_parameters: bool | None = None       # None = True for DPT heads
     save_every: int = setting(0, ge=0)        # optimizer steps between training states (0 = epoch ends)
     keep_last: int = setting(2, ge=1)
-    attention: Literal["auto", "fused", "explicit"] = "auto"  # attention kernel; auto: chosen per pass
+    # attention kernel: fused (SDPA) or explicit (softmax of the logits); auto: explicit only for
+    # bf16/fp16 training on a CPU, where the flash-attention backward is slow (docs/BENCHMARKS.md)
+    attention: Literal["auto", "fused", "explicit"] = "auto"
     compile: bool = False                     # torch.compile the encoder blocks and decoders
     # metrics.json holds the best evaluation (task metric; depth under protocol multimae: lowest
     # validation loss) or the last one; auto: best for protocol multimae, else last
@@ -158,15 +163,20 @@ class TrainConfig:
 
 @dataclass
 class InitConfig:
-    checkpoint: Optional[str] = None          # ours or MultiMAE's, MultiMAE or timm layout
+    """Where the encoder starts, and what a used run folder means (README Finetuning, Resume)."""
+
+    # a published name (multimae-b), a URL or a path: ours or MultiMAE's, MultiMAE or timm layout
+    checkpoint: str | None = None
     resume: bool = True                       # continue from output_dir's latest training state
-    allow_config_change: bool = False         # resume even if result-changing keys differ (see below)
+    allow_config_change: bool = False         # resume even if result-changing keys differ (README Resume)
     overwrite: bool = False                   # start over in a used output_dir (old contents -> previous-<time>/)
 
 
 @dataclass
 class LogConfig:
-    every: int = setting(10, ge=1)
+    """``metrics.jsonl``, trackers and the console."""
+
+    every: int = setting(10, ge=1)            # steps per metrics.jsonl record (means over them)
     # trackers through Accelerate (metrics.jsonl is always written): tensorboard, wandb, mlflow, aim
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = setting(factory=lambda: ["tensorboard"])
     progress: bool = True                     # progress bar; false: one printed line per log.every
@@ -174,7 +184,7 @@ class LogConfig:
 
 @dataclass
 class FinetuneConfig:
-    output_dir: str = setting("runs/finetune", nonempty=True)
+    output_dir: str = setting("runs/finetune", nonempty=True)   # run folder: config, states, metrics, checkpoints
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -297,13 +307,14 @@ RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers"
 
 def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     """``(blocking, notes)`` for a finetune resume from a state saved with config dict ``saved``
-    (see :func:`multimae_att.config.resume_config_changes`)."""
-    from multimae_att.config import config_to_dict, resume_config_changes as changes
+    (see :func:`multimae_att.run.resume.resume_config_changes`)."""
+    from multimae_att.config import config_to_dict
+    from multimae_att.config import resume_config_changes as changes
 
     return changes(saved, config_to_dict(cfg), harmless=RESUME_FREE_KEYS, quiet_missing=("init.*", "log.*"))
 
 
-def load_finetune_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()
+def load_finetune_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()
                          ) -> FinetuneConfig:
     """Schema defaults <- YAML ``path`` <- ``overrides``; raises :class:`ConfigError`."""
     return load_config(FinetuneConfig, path, overrides)

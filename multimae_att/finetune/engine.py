@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
 
+from multimae_att.atomic import save_atomic
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.data import EpochSampler, MultiModalLoader, build_dataset, build_loader, collate
 from multimae_att.data.subset import stratified_subset, training_subset
@@ -41,8 +42,8 @@ from multimae_att.optim import build_adamw
 from multimae_att.preflight import check_finetune
 from multimae_att.run.trainer import Job, Run, end_distributed, run_length
 from multimae_att.run.trainer import make_accelerator as _make_accelerator
-from multimae_att.runstate import save_atomic, step_seed
 from multimae_att.schedules import cosine_lr, scaled_lr
+from multimae_att.seeds import step_seed
 
 __all__ = ["run", "FinetuneJob", "evaluate", "extract_features", "build_optimizer", "make_accelerator",
            "end_distributed"]
@@ -61,7 +62,7 @@ def make_accelerator(cfg: FinetuneConfig, task: TaskSpec | None = None):
 
 # ---------------------------------------------------------------------------------- data
 
-def _loader_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
+def _loader_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
     # semseg as a *target* at full (label) resolution; as an *input* at 1/4, what its adapter expects
     semseg_scale = 4 if "semseg" in cfg.model.in_modalities else 1
     return dict(image_size=cfg.data.image_size, layout=cfg.data.layout, seed=cfg.train.seed,
@@ -113,7 +114,7 @@ def build_eval_loader(cfg: FinetuneConfig, task: TaskSpec, split: str, accelerat
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, task: TaskSpec, accelerator,
-             max_batches: Optional[int] = None) -> Dict[str, Any]:
+             max_batches: int | None = None) -> dict[str, Any]:
     """Task metrics over every readable sample of ``loader`` (all processes get the same numbers),
     plus ``skipped_eval_samples``: the corrupt ones left out (see :mod:`multimae_att.finetune.skips`)."""
     was_training = model.training
@@ -134,7 +135,7 @@ def evaluate(model: torch.nn.Module, loader, task: TaskSpec, accelerator,
 
 
 @torch.no_grad()
-def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: Optional[int] = None,
+def extract_features(model, loader, task: TaskSpec, accelerator, max_batches: int | None = None,
                      skips: EvalSkips | None = None):
     """(features ``[N, D]`` float32, labels ``[N]``) of every readable sample of ``loader``, on
     CPU; corrupt ones are left out and noted in ``skips``."""
@@ -170,7 +171,7 @@ def build_optimizer(cfg: FinetuneConfig, model: torch.nn.Module, global_batch: i
     return build_adamw(groups, device, lr=base_lr, betas=tuple(o.betas), eps=o.eps), base_lr
 
 
-def _better(key: str, new: float, old: Optional[float]) -> bool:
+def _better(key: str, new: float, old: float | None) -> bool:
     if old is None or math.isnan(old):
         return not math.isnan(new)
     return new < old if key in LOWER_IS_BETTER else new > old
@@ -201,10 +202,10 @@ class FinetuneJob(Job):
         optimizer, self.base_lr = build_optimizer(cfg, model, global_batch, acc.device)
         self.module, self.optimizer = acc.prepare(model, optimizer)
         self.weights = acc.unwrap_model(self.module)
-        self.best: Optional[float] = None
+        self.best: float | None = None
         # {'epoch', 'step', 'metrics'} of the best and the last evaluation (train.report)
-        self.best_record: Optional[Dict[str, Any]] = None
-        self.last_record: Optional[Dict[str, Any]] = None
+        self.best_record: dict[str, Any] | None = None
+        self.last_record: dict[str, Any] | None = None
 
     def epochs_done(self, step: int) -> int:
         return step * self.cfg.optim.accum_steps // self.batches_per_epoch
@@ -220,7 +221,7 @@ class FinetuneJob(Job):
         if self.task.frozen_encoder:   # frozen features: encoder in eval mode, only the head trains
             self.weights.encoder.eval()
 
-    def micro_step(self, batch: Dict[str, Any], step: int, micro: int):
+    def micro_step(self, batch: dict[str, Any], step: int, micro: int):
         from accelerate.utils import send_to_device
         batch = self.task.train_batch(send_to_device(batch, self.run.acc.device), step, micro,
                                       self.run.acc.process_index)
@@ -234,7 +235,7 @@ class FinetuneJob(Job):
         done = self.epochs_done(step)
         return done > self.epochs_done(step - 1) and done % self.cfg.train.eval_every == 0
 
-    def evaluate(self, step: int) -> Dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any]:
         """Metrics over the validation set; keeps checkpoint-best/-last and the records."""
         metrics = evaluate(self.weights, self.val_loader, self.task, self.run.acc,
                            self.cfg.train.max_eval_batches)
@@ -247,22 +248,22 @@ class FinetuneJob(Job):
         self.export("checkpoint-last.pth", step, metrics)
         return metrics
 
-    def extra_state(self) -> Dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"best": self.best, "best_record": self.best_record, "last_record": self.last_record}
 
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
         self.best_record, self.last_record = state.get("best_record"), state.get("last_record")
 
     # outputs ---------------------------------------------------------------------------
-    def export(self, name: str, step: int, metrics: Dict[str, Any]) -> None:
+    def export(self, name: str, step: int, metrics: dict[str, Any]) -> None:
         """``output_dir/<name>`` = ``{'model', 'epoch', 'step', 'metrics', 'config', 'provenance'}``."""
         if self.run.acc.is_main_process:
             save_atomic({"model": self.weights.state_dict(), "epoch": self.epochs_done(step), "step": step,
                          "metrics": _scalars(metrics), "config": config_to_dict(self.cfg),
                          "provenance": self.run.provenance(step)}, Path(self.cfg.output_dir) / name)
 
-    def reported(self, step: int) -> Dict[str, Any]:
+    def reported(self, step: int) -> dict[str, Any]:
         """What ``metrics.json`` reports (``train.report``); a run resumed at its last step
         without an evaluation of its final weights evaluates them now."""
         if self.last_record is None or self.last_record["step"] != step:
@@ -270,13 +271,13 @@ class FinetuneJob(Job):
         return reported_metrics(self.cfg, self.last_record, self.best_record)
 
 
-def _scalars(metrics: Dict[str, Any]) -> Dict[str, Any]:
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 # ----------------------------------------------------------------------------------- entry
 
-def run(cfg: FinetuneConfig) -> Dict[str, Any]:
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train (if the task trains) and evaluate; returns and writes ``output_dir/metrics.json``.
 
     The run folder's lifecycle (fresh start, resume, finished, ``--overwrite``) is the
@@ -326,7 +327,7 @@ def _load_init(model, path: str, task: TaskSpec):
         raise ConfigError(f"init.checkpoint={path!r}: {e}") from e
 
 
-def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> Dict[str, Any]:
+def _knn(cfg: FinetuneConfig, task: TaskSpec, model, accelerator) -> dict[str, Any]:
     t, mb, skips = cfg.task, cfg.train.max_eval_batches, EvalSkips()
     train = extract_features(model, build_eval_loader(cfg, task, cfg.data.train_split, accelerator),
                              task, accelerator, mb, skips)

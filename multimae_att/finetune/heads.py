@@ -17,11 +17,12 @@ or segmentation head) and :class:`LinearOutputAdapter` (norm + linear on mean-po
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
 
 from multimae_att.model.pos_emb import pair
@@ -40,7 +41,7 @@ def _init_linear(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def select_task_tokens(encoder_tokens: torch.Tensor, input_info: Dict,
+def select_task_tokens(encoder_tokens: torch.Tensor, input_info: dict,
                        main_tasks: Iterable[str]) -> torch.Tensor:
     """Patch tokens of ``main_tasks`` concatenated along channels: ``[B, N_m, D * len(tasks)]``.
 
@@ -90,7 +91,7 @@ class ConvNeXtAdapter(nn.Module):
     def __init__(self, num_classes: int, embed_dim: int = 6144, preds_per_patch: int = 16,
                  main_tasks: Iterable[str] = ("rgb",), patch_size: int = 16, depth: int = 4,
                  interpolate_mode: str = "bilinear", drop_path_rate: float = 0.0,
-                 dim_tokens_enc: Optional[int] = None, **_ignored) -> None:
+                 dim_tokens_enc: int | None = None) -> None:
         super().__init__()
         side = int(round(preds_per_patch ** 0.5))
         if side * side != preds_per_patch or embed_dim % preds_per_patch:
@@ -122,13 +123,12 @@ class ConvNeXtAdapter(nn.Module):
         """Truncated-normal Linear weights, zero biases, unit LayerNorms (ConvNeXt's init)."""
         self.apply(_init_linear)
 
-    def forward(self, encoder_tokens: torch.Tensor, input_info: Dict) -> torch.Tensor:
+    def forward(self, encoder_tokens: torch.Tensor, input_info: dict) -> torch.Tensor:
         h, w = input_info["image_size"]
         nh, nw = h // self.patch_size, w // self.patch_size
         x = self.proj_dec(select_task_tokens(encoder_tokens, input_info, self.main_tasks))
-        b, s, c = x.shape[0], self.side, self.class_dim
-        # [B, nh*nw, (s*s*c)] -> [B, c, nh*s, nw*s]; channel layout (p c) as MultiMAE's weights
-        x = x.view(b, nh, nw, s, s, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, nh * s, nw * s)
+        # each token's features unfold into an s x s block of class_dim-d features (MultiMAE's layout)
+        x = rearrange(x, "b (nh nw) (ph pw c) -> b c (nh ph) (nw pw)", nh=nh, nw=nw, ph=self.side, pw=self.side)
         x = self.final_layer(self.blocks(x))
         return F.interpolate(x, size=(h, w), mode=self.interpolate_mode)
 
@@ -163,7 +163,7 @@ class _FusionBlock(nn.Module):
         self.resConfUnit1 = _ResidualConvUnit(features, use_bn)
         self.resConfUnit2 = _ResidualConvUnit(features, use_bn)
 
-    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None:
             if x.shape[-2:] != skip.shape[-2:]:   # token grids not divisible by 2 (DPT assumes they are)
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
@@ -190,10 +190,10 @@ class DPTOutputAdapter(nn.Module):
     """
 
     def __init__(self, num_classes: int = 3, stride_level: int = 1,
-                 patch_size: Union[int, Tuple[int, int]] = 16, main_tasks: Iterable[str] = ("rgb",),
+                 patch_size: int | tuple[int, int] = 16, main_tasks: Iterable[str] = ("rgb",),
                  hooks: Sequence[int] = (2, 5, 8, 11), layer_dims: Sequence[int] = (96, 192, 384, 768),
-                 feature_dim: int = 256, use_bn: bool = False, dim_tokens_enc: Optional[int] = None,
-                 head_type: str = "regression", **_ignored) -> None:
+                 feature_dim: int = 256, use_bn: bool = False, dim_tokens_enc: int | None = None,
+                 head_type: str = "regression") -> None:
         super().__init__()
         if len(hooks) != 4 or len(layer_dims) != 4:
             raise ValueError(f"DPTOutputAdapter: need 4 hooks and 4 layer_dims, got {hooks}, {layer_dims}")
@@ -245,7 +245,7 @@ class DPTOutputAdapter(nn.Module):
         self.act_postprocess = nn.ModuleList([self.act_1_postprocess, self.act_2_postprocess,
                                               self.act_3_postprocess, self.act_4_postprocess])
 
-    def forward(self, encoder_tokens: List[torch.Tensor], input_info: Dict) -> torch.Tensor:
+    def forward(self, encoder_tokens: list[torch.Tensor], input_info: dict) -> torch.Tensor:
         if self.dim_tokens_enc is None:
             raise RuntimeError("DPTOutputAdapter: call init(dim_tokens_enc) first")
         if not isinstance(encoder_tokens, (list, tuple)):
@@ -256,7 +256,7 @@ class DPTOutputAdapter(nn.Module):
         layers = []
         for i, hook in enumerate(self.hooks):
             x = select_task_tokens(encoder_tokens[hook], input_info, self.main_tasks)  # [B, N, D]
-            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], nh, nw)
+            x = rearrange(x, "b (nh nw) d -> b d nh nw", nh=nh, nw=nw)
             layers.append(self.scratch.layer_rn[i](self.act_postprocess[i](x)))
         path = self.scratch.refinenet4(layers[3])
         path = self.scratch.refinenet3(path, layers[2])
@@ -268,7 +268,7 @@ class DPTOutputAdapter(nn.Module):
         return out
 
 
-def fill_dpt_aliases(state_dict: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+def fill_dpt_aliases(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """Return a copy where each DPT alias key missing from ``state_dict`` is filled from its twin.
 
     Some tools save each tensor once (e.g. only ``act_postprocess.0.0.weight``); MultiMAE's
@@ -298,9 +298,8 @@ class LinearOutputAdapter(nn.Module):
     affine, as in MAE's linear probing), state-dict names ``norm.*`` and ``head.*`` either way.
     """
 
-    def __init__(self, num_classes: int, dim_tokens_enc: Optional[int] = None,
-                 use_mean_pooling: bool = True, init_scale: float = 1.0, norm: str = "layer",
-                 **_ignored) -> None:
+    def __init__(self, num_classes: int, dim_tokens_enc: int | None = None,
+                 use_mean_pooling: bool = True, init_scale: float = 1.0, norm: str = "layer") -> None:
         super().__init__()
         if norm not in ("layer", "batch"):
             raise ValueError(f"LinearOutputAdapter: norm must be 'layer' or 'batch', got {norm!r}")
@@ -329,8 +328,7 @@ class LinearOutputAdapter(nn.Module):
         """``[B, N, D]`` -> ``[B, D]`` (mean over all tokens, or the last = global token)."""
         return encoder_tokens.mean(1) if self.use_mean_pooling else encoder_tokens[:, -1]
 
-    def forward(self, encoder_tokens: torch.Tensor, input_info: Optional[Dict] = None,
-                **_ignored) -> torch.Tensor:
+    def forward(self, encoder_tokens: torch.Tensor, input_info: dict | None = None) -> torch.Tensor:
         if isinstance(encoder_tokens, (list, tuple)):
             encoder_tokens = encoder_tokens[-1]
         return self.head(self.norm(self.pool(encoder_tokens)))

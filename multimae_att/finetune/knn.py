@@ -6,7 +6,7 @@ vote for their class with weight exp(similarity / T).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def knn_scores(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tenso
 
 
 def few_shot_indices(labels: torch.Tensor, shots: int,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Indices of ``shots`` random samples per class (all of a class that has fewer), sorted.
 
     labels: int64 ``[N]``. Deterministic given the generator's state.
@@ -56,13 +56,13 @@ def few_shot_indices(labels: torch.Tensor, shots: int,
 def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor,
                  val_feats: torch.Tensor, val_labels: torch.Tensor, num_classes: int,
                  k: int = 20, temperature: float = 0.07, shots: Sequence[int] = (1, 5, 10, 20),
-                 repeats: int = 3, seed: int = 0) -> Dict[str, float]:
+                 repeats: int = 3, seed: int = 0) -> dict[str, float]:
     """k-NN top-1/top-5 (``knn_top1``, ``knn_top5``) and few-shot k-NN top-1 per shot count
     (``knn_{s}shot_top1``, mean over ``repeats`` random draws of the labelled subset)."""
     train_labels, val_labels = train_labels.long().cpu(), val_labels.long().cpu()
     train_feats, val_feats = train_feats.cpu(), val_feats.cpu()
 
-    def evaluate(bank_idx: Optional[torch.Tensor]) -> Dict[str, float]:
+    def evaluate(bank_idx: torch.Tensor | None) -> dict[str, float]:
         bank, labels = ((train_feats, train_labels) if bank_idx is None
                         else (train_feats[bank_idx], train_labels[bank_idx]))
         m = ClassificationMetrics((1, 5))

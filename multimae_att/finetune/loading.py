@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List
 
 from torch import nn
 
@@ -33,8 +32,8 @@ __all__ = ["LoadReport", "load_pretrained"]
 class LoadReport:
     """What :func:`load_pretrained` did. Key lists are sorted."""
     path: str
-    missing: List[str] = field(default_factory=list)        # model keys left at their init
-    unexpected: List[str] = field(default_factory=list)     # checkpoint keys not loaded
+    missing: list[str] = field(default_factory=list)        # model keys left at their init
+    unexpected: list[str] = field(default_factory=list)     # checkpoint keys not loaded
     head_loaded: bool = False
 
     def __str__(self) -> str:
@@ -43,7 +42,7 @@ class LoadReport:
                 f"({_summary(self.unexpected)}), head {'loaded' if self.head_loaded else 'new'}")
 
 
-def _summary(keys: List[str]) -> str:
+def _summary(keys: list[str]) -> str:
     prefixes = sorted({".".join(k.split(".")[:2]) for k in keys})
     return ", ".join(prefixes) if prefixes else "none"
 

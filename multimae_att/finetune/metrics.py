@@ -34,7 +34,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ class MetricSums:
 
     names: Sequence[str] = ()
 
-    def __init__(self, num_stats: Optional[int] = None) -> None:
+    def __init__(self, num_stats: int | None = None) -> None:
         self.sums = torch.zeros(num_stats if num_stats is not None else len(self.names),
                                 dtype=torch.float64)
 
@@ -71,14 +71,14 @@ class MetricSums:
                              f"do not match accumulator shape {tuple(self.sums.shape)}")
         self.sums += stats
 
-    def merge(self, other: "MetricSums") -> "MetricSums":
+    def merge(self, other: MetricSums) -> MetricSums:
         """Add another accumulator of the same kind (e.g. another shard's) in place."""
         if type(other) is not type(self) or other.sums.shape != self.sums.shape:
             raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
         self.sums += other.sums
         return self
 
-    def reduce(self, accelerator) -> "MetricSums":
+    def reduce(self, accelerator) -> MetricSums:
         """Sum the accumulators of all processes (in place); no-op with one process.
 
         Use only when every process updated with *disjoint* samples (not after
@@ -92,7 +92,7 @@ class MetricSums:
     def reset(self) -> None:
         self.sums.zero_()
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         raise NotImplementedError
 
 
@@ -131,7 +131,7 @@ class ClassificationMetrics(MetricSums):
     def stats(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return classification_stats(logits, target, self.topk)
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         n = self.sums[0]
         return {name: 100.0 * _div(self.sums[i], n) for i, name in enumerate(self.names) if i}
 
@@ -192,7 +192,7 @@ class SegmentationMetrics(MetricSums):
         iou[present] = 100.0 * tp[present] / union[present]
         return iou
 
-    def compute(self) -> Dict[str, object]:
+    def compute(self) -> dict[str, object]:
         conf = self.confusion
         tp = conf.diagonal()
         gt = conf.sum(1)
@@ -218,7 +218,7 @@ DEPTH_STAT_NAMES = ("count", "delta1", "delta2", "delta3", "abs_rel", "sq_rel", 
 
 @torch.no_grad()
 def depth_stats(pred: torch.Tensor, target: torch.Tensor,
-                mask_valid: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
+                mask_valid: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Per-sample sums over valid pixels ``[B, 8]`` in the order of ``DEPTH_STAT_NAMES``.
 
     pred, target: ``[B, 1, H, W]`` (or ``[B, H, W]``) depth in metres; mask_valid: bool of the
@@ -255,10 +255,10 @@ class DepthMetrics(MetricSums):
     names = DEPTH_STAT_NAMES
 
     def stats(self, pred: torch.Tensor, target: torch.Tensor,
-              mask_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+              mask_valid: torch.Tensor | None = None) -> torch.Tensor:
         return depth_stats(pred, target, mask_valid)
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         s = dict(zip(self.names, self.sums))
         n = s["count"]
         out = {f"delta{k}": 100.0 * _div(s[f"delta{k}"], n) for k in (1, 2, 3)}

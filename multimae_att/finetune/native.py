@@ -12,8 +12,9 @@ resizes every prediction bilinearly to its own sample's label size, all samples 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ def _pad_value(key: str, ignore_index: int) -> Any:
     raise KeyError(f"native_collate: no padding value for {key!r}")
 
 
-def native_collate(samples: Sequence[Mapping[str, Any]], ignore_index: int = 255) -> Dict[str, Any]:
+def native_collate(samples: Sequence[Mapping[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
     """:func:`multimae_att.data.collate` plus padded ``*_native`` targets and ``native_size``.
 
     ``*_native`` tensors are ``[..., h_i, w_i]`` per sample (semseg ``[h, w]`` int64, depth
@@ -63,7 +64,7 @@ def native_collate(samples: Sequence[Mapping[str, Any]], ignore_index: int = 255
     return batch
 
 
-def make_native_collate(ignore_index: int) -> Callable[[Sequence[Mapping[str, Any]]], Dict[str, Any]]:
+def make_native_collate(ignore_index: int) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
     """A picklable :func:`native_collate` for DataLoader workers."""
     return partial(native_collate, ignore_index=ignore_index)
 

@@ -20,8 +20,8 @@ Resampling follows OpenCV's: RGB bilinear with half-pixel centres and *no* antia
 ``INTER_LINEAR``), rounded to 8 bit; depth, labels and validity by OpenCV's ``INTER_NEAREST``
 (source index ``floor(i * in / out)``), so depth values are never mixed across edges. Brightness,
 contrast, saturation, hue and greyscale follow albumentations' 8-bit arithmetic (lookup tables,
-truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps). Randomness: one generator per sample seeded
-by ``(seed, epoch, sample id)`` (:func:`multimae_att.data.transforms.sample_rng`), drawn in
+truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps). Randomness: one
+generator per sample seeded by ``(seed, epoch, sample id)`` (:func:`multimae_att.data.transforms.sample_rng`), drawn in
 albumentations' order, so a sample gets the same augmentation in any worker and after a resume.
 
 Every recipe sample has the modalities in the usual conventions (:func:`to_tensors`) plus

@@ -39,7 +39,8 @@ def global_batch_line(cfg, processes: int) -> tuple[str, str | None]:
         return f"{line} (the recipe's)", None
     hint = ""
     if recipe % (processes * b) == 0:
-        hint = f"; with {processes} process{'es' if processes != 1 else ''} set optim.accum_steps={recipe // (processes * b)}"
+        hint = (f"; with {processes} process{'es' if processes != 1 else ''} set "
+                f"optim.accum_steps={recipe // (processes * b)}")
     lr = "the learning rate is absolute (optim.lr)" if cfg.optim.lr is not None else \
         "optim.blr is rescaled to the new batch"
     return line, (f"WARNING: global batch {g} ({processes} x {b} x {a}) differs from the recipe's "

@@ -8,7 +8,7 @@ finetuned checkpoints.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from multimae_att.data import robust_standardize_depth
 from multimae_att.finetune.config import FinetuneConfig
 from multimae_att.finetune.heads import ConvNeXtAdapter, DPTOutputAdapter, LinearOutputAdapter
-from multimae_att.finetune.metrics import (ClassificationMetrics, DepthMetrics, MetricSums,
-                                           SegmentationMetrics)
+from multimae_att.finetune.metrics import ClassificationMetrics, DepthMetrics, MetricSums, SegmentationMetrics
 from multimae_att.finetune.native import NATIVE_SUFFIX, upsample_to_native
 from multimae_att.finetune.protocols import multimae_depth_input
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
@@ -36,21 +35,21 @@ class FinetuneViT(MultiViT):
     i + 1, heads = depth + 1 (BEiT / MultiMAE convention; timm maps unmatched names last).
     """
 
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^(?:global_tokens|input_adapters)", blocks=[(r"^encoder\.(\d+)", None)])
 
-    def encode(self, x: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """Encoder output ``[B, N + G, D]`` without any head (global tokens last)."""
         z, _ = self.process_input(x)
         return self.encoder(z)
 
-    def features(self, x: Dict[str, torch.Tensor], pool: str = "mean") -> torch.Tensor:
+    def features(self, x: dict[str, torch.Tensor], pool: str = "mean") -> torch.Tensor:
         """Frozen-feature readout ``[B, D]``: mean over all tokens, or the (first) global token."""
         z = self.encode(x)
         return z.mean(1) if pool == "mean" else z[:, -self.num_global_tokens]
 
 
-def build_model(cfg: FinetuneConfig, head: Optional[nn.Module], output_name: str) -> FinetuneViT:
+def build_model(cfg: FinetuneConfig, head: nn.Module | None, output_name: str) -> FinetuneViT:
     """Encoder of ``cfg.model`` with ``head`` registered as ``output_adapters.<output_name>``."""
     m = cfg.model
     inputs, _ = make_adapters(m.in_modalities, (), extra_norm_rgb=False, patch_size=m.patch_size,
@@ -91,7 +90,7 @@ class DepthLossMetrics(DepthMetrics):
 
     names = DepthMetrics.names + ("loss_sum",)
 
-    def compute(self) -> Dict[str, float]:
+    def compute(self) -> dict[str, float]:
         out = super().compute()
         n = float(self.sums[0])
         out["loss"] = float(self.sums[-1]) / n if n > 0 else float("nan")
@@ -114,19 +113,19 @@ class TaskSpec:
         self.main = list(cfg.head.main_modalities or cfg.model.in_modalities)
 
     # data -----------------------------------------------------------------------------
-    def target_modalities(self) -> List[str]:
+    def target_modalities(self) -> list[str]:
         return []
 
-    def native_targets(self) -> List[str]:
+    def native_targets(self) -> list[str]:
         """Target modalities scored at their stored resolution in ``eval_mode=full``."""
         return []
 
-    def data_modalities(self) -> List[str]:
+    def data_modalities(self) -> list[str]:
         """Modalities the loaders must deliver (inputs, then targets)."""
         mods = list(self.cfg.model.in_modalities)
         return mods + [t for t in self.target_modalities() if t not in mods]
 
-    def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Model inputs from a batch; depth inputs standardised per sample when configured
         (protocol multimae: MultiMAE's trimmed statistics over the image's pixels, then padded
         and invalid pixels set to 0)."""
@@ -139,7 +138,7 @@ class TaskSpec:
         return x
 
     # model ----------------------------------------------------------------------------
-    def build_head(self) -> Optional[nn.Module]:
+    def build_head(self) -> nn.Module | None:
         raise NotImplementedError
 
     def build(self) -> FinetuneViT:
@@ -149,21 +148,21 @@ class TaskSpec:
                 p.requires_grad_(name.startswith("output_adapters."))
         return model
 
-    def forward(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         out = model(self.model_inputs(batch), return_all_layers=self.return_all_layers)
         return out[self.output]
 
     # objectives -----------------------------------------------------------------------
-    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
     def make_metrics(self) -> MetricSums:
         raise NotImplementedError
 
-    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_batch(self, batch: Dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> Dict[str, Any]:
+    def train_batch(self, batch: dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> dict[str, Any]:
         """Batch-level training augmentation (Mixup/CutMix for cls) of micro-batch ``micro`` of
         ``step`` on process ``rank``; identity by default."""
         return batch
@@ -190,7 +189,7 @@ class ClassificationTask(TaskSpec):
                                switch_prob=t.mixup_switch_prob, mode="batch",
                                label_smoothing=t.label_smoothing, num_classes=t.num_classes)
 
-    def target_modalities(self) -> List[str]:
+    def target_modalities(self) -> list[str]:
         return ["cls"]
 
     def build_head(self) -> nn.Module:
@@ -198,7 +197,7 @@ class ClassificationTask(TaskSpec):
         return LinearOutputAdapter(self.cfg.task.num_classes, use_mean_pooling=h.use_mean_pooling,
                                    init_scale=h.init_scale)
 
-    def train_batch(self, batch: Dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> Dict[str, Any]:
+    def train_batch(self, batch: dict[str, Any], step: int, micro: int = 0, rank: int = 0) -> dict[str, Any]:
         if self.mixup is None:
             return batch
         # timm's Mixup draws from numpy's global RNG: seed it per (step, micro-batch, process) so a
@@ -208,7 +207,7 @@ class ClassificationTask(TaskSpec):
         rgb, soft = self.mixup(batch["rgb"], batch["cls"])
         return {**batch, "rgb": rgb, "soft_target": soft}
 
-    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         pred = pred.float()
         if "soft_target" in batch:   # Mixup already smoothed the targets
             return torch.sum(-batch["soft_target"] * F.log_softmax(pred, dim=-1), dim=-1).mean()
@@ -218,7 +217,7 @@ class ClassificationTask(TaskSpec):
     def make_metrics(self) -> MetricSums:
         return ClassificationMetrics((1, 5))
 
-    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return metrics.stats(pred.float(), batch["cls"])
 
     def best_key(self) -> str:
@@ -257,7 +256,7 @@ class SegmentationTask(TaskSpec):
         super().__init__(cfg)
         self.return_all_layers = cfg.head_kind() == "dpt"
 
-    def target_modalities(self) -> List[str]:
+    def target_modalities(self) -> list[str]:
         """semseg; plus mask_valid for a depth input under protocol multimae (MultiMAE's
         ``use_mask_valid``: invalid depth pixels are set to 0 after standardisation)."""
         c = self.cfg
@@ -265,7 +264,7 @@ class SegmentationTask(TaskSpec):
             return ["semseg", "mask_valid"]
         return ["semseg"]
 
-    def native_targets(self) -> List[str]:
+    def native_targets(self) -> list[str]:
         return ["semseg"]
 
     def build_head(self) -> nn.Module:
@@ -277,13 +276,13 @@ class SegmentationTask(TaskSpec):
         return ConvNeXtAdapter(c, embed_dim=h.embed_dim, preds_per_patch=h.preds_per_patch,
                                main_tasks=self.main, patch_size=self.cfg.model.patch_size, depth=h.depth)
 
-    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(pred.float(), batch["semseg"], ignore_index=self.cfg.task.ignore_index)
 
     def make_metrics(self) -> MetricSums:
         return SegmentationMetrics(self.cfg.task.num_classes, self.cfg.task.ignore_index)
 
-    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Confusion rows; at label resolution when the batch has ``semseg_native`` (logits
         upsampled bilinearly per sample before the argmax; padding is ``ignore_index``)."""
         if "semseg_native" in batch:
@@ -305,13 +304,13 @@ class DepthTask(TaskSpec):
         super().__init__(cfg)
         self.return_all_layers = cfg.head_kind() == "dpt"
 
-    def target_modalities(self) -> List[str]:
+    def target_modalities(self) -> list[str]:
         return ["depth", "mask_valid"] if self.cfg.task.mask_valid else ["depth"]
 
-    def native_targets(self) -> List[str]:
+    def native_targets(self) -> list[str]:
         return self.target_modalities()
 
-    def model_inputs(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {m: batch[m] for m in self.cfg.model.in_modalities}
 
     def build_head(self) -> nn.Module:
@@ -323,7 +322,7 @@ class DepthTask(TaskSpec):
                                 hooks=h.hooks, layer_dims=h.layer_dims, feature_dim=h.feature_dim,
                                 head_type="regression")
 
-    def target(self, batch: Dict[str, Any], suffix: str = ""):
+    def target(self, batch: dict[str, Any], suffix: str = ""):
         """(depth in metres ``[B, 1, H, W]``, valid bool ``[B, 1, H, W]``) from ``depth<suffix>``
         and ``mask_valid<suffix>`` (suffix ``_native``: the padded label-resolution targets)."""
         depth = batch["depth" + suffix].float() * self.cfg.task.depth_unit_m
@@ -332,14 +331,14 @@ class DepthTask(TaskSpec):
             valid = valid & batch["mask_valid" + suffix].bool()
         return depth, valid
 
-    def loss(self, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def loss(self, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         depth, valid = self.target(batch)
         return masked_depth_loss(pred.float(), depth, valid, self.cfg.task.loss)
 
     def make_metrics(self) -> MetricSums:
         return DepthLossMetrics()
 
-    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
+    def eval_stats(self, metrics: MetricSums, pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Depth sums; at label resolution when the batch has ``depth_native`` (prediction
         upsampled bilinearly per sample; padding has depth 0, i.e. invalid). The loss column is
         the training loss's per-sample sum at input resolution."""
@@ -361,13 +360,13 @@ class KnnTask(TaskSpec):
     trains = False
     frozen_encoder = True
 
-    def target_modalities(self) -> List[str]:
+    def target_modalities(self) -> list[str]:
         return ["cls"]
 
     def build_head(self) -> None:
         return None
 
-    def features(self, model: FinetuneViT, batch: Dict[str, Any]) -> torch.Tensor:
+    def features(self, model: FinetuneViT, batch: dict[str, Any]) -> torch.Tensor:
         return model.features(self.model_inputs(batch), self.cfg.task.feature_pool)
 
     def best_key(self) -> str:

@@ -16,7 +16,7 @@ The adaptive-alpha controller (:class:`AdaptiveAlpha`, new in this project) live
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor

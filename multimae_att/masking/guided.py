@@ -11,8 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from multimae_att.masking.strategies import (draw, hide_first, rank_desc, register_strategy,
-                                             token_valid)
+from multimae_att.masking.strategies import draw, hide_first, rank_desc, register_strategy, token_valid
 
 __all__ = ["standardise"]
 
@@ -72,7 +71,7 @@ def heads(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, k: int = 4,
     """``s`` is ``[B, M, H, N_max]``. A random subset of ``k`` of the ``H`` heads is drawn per call
     (one subset for the whole batch and all modalities, or one per sample with
     ``per_sample=True``), the scores are averaged over it and ``high`` is applied."""
-    B, M, H, _ = s.shape
+    B, _M, H, _ = s.shape
     if not 1 <= int(k) <= H:
         raise ValueError(f"masking strategy 'heads': k={k} must lie in [1, H={H}]")
     u = draw("uniform", (B if per_sample else 1, H), s.device, generator)
@@ -89,8 +88,9 @@ def hint(s: Tensor, n: Tensor, hide: Tensor, generator=None, *, show_ratio: floa
 
     ``r = floor(show_ratio * (N_m - v))`` hints, capped by ``v`` and by the top-share size
     ``floor(show_max * N_m)``. The defaults reproduce AttMask's: it reveals
-    ``int(show_max * mask_ratio * N)`` tokens, i.e. a ``show_max`` share of the hidden ones. To keep exactly ``v`` visible, the hidden set is first extended
-    by ``r`` tokens (the ``N_m - v + r`` highest-scored are hidden, i.e. the ``r`` best-scored of
+    ``int(show_max * mask_ratio * N)`` tokens, i.e. a ``show_max`` share of the hidden ones. To keep
+    exactly ``v`` visible, the hidden set is first extended by ``r`` tokens
+    (the ``N_m - v + r`` highest-scored are hidden, i.e. the ``r`` best-scored of
     the otherwise visible tokens are hidden in exchange), then ``r`` tokens drawn uniformly from
     the top ``floor(show_max * N_m)`` by score are revealed. Visible = the ``v - r``
     lowest-scored tokens plus the ``r`` hints. Score ties: lower token index ranks higher.

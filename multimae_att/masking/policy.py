@@ -21,14 +21,14 @@ Typical step::
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from multimae_att.masking.budgets import AdaptiveAlpha, sample_budgets
-from multimae_att.masking.strategies import (Masks, check_params, draw, get_strategy,
-                                             make_masks)
+from multimae_att.masking.strategies import Masks, check_params, draw, get_strategy, make_masks
 
 __all__ = ["MaskingPolicy", "build_masker"]
 

@@ -1,6 +1,6 @@
 """Masking strategies: seeded, pure, batched functions behind one registry.
 
-Contract (DESIGN.md §3/§4). ``make_masks(name, scores, visible, generator=None, **params)``:
+Contract (docs/INTERFACES.md). ``make_masks(name, scores, visible, generator=None, **params)``:
 
 - ``scores``: dict modality -> float tensor ``[B, N_m]`` (``[B, H, N_m]`` for per-head strategies
   such as ``heads``); for ``random`` only the shapes are used. Dict order = modality order.
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,12 +57,6 @@ class Masks:
             t = self.thrown[m] if self.thrown is not None else torch.zeros_like(h)
             out[m] = ~(h | t)
         return out
-
-    def encoder_mask(self) -> dict[str, Tensor]:
-        """modality -> bool ``[B, N_m]``, True = not encoded (hidden or thrown).
-
-        This is MultiMAE's ``task_masks`` convention (1 = not given to the encoder)."""
-        return {m: ~v for m, v in self.visible().items()}
 
 
 @dataclass(frozen=True)

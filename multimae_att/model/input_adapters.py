@@ -5,15 +5,13 @@ strictly. Token order inside a modality is row-major over the patch grid.
 """
 from __future__ import annotations
 
-from typing import Optional, Set, Tuple
-
 import torch
 from torch import nn
 
 from multimae_att.model.pos_emb import Size2, build_2d_sincos_posemb, flatten_grid, pair, resize_pos_emb
 
 
-def _make_pos_emb(dim: int, grid: Tuple[int, int], sincos: bool, learnable: bool) -> nn.Parameter:
+def _make_pos_emb(dim: int, grid: tuple[int, int], sincos: bool, learnable: bool) -> nn.Parameter:
     """``[1, D, h, w]`` table: fixed sin-cos (trainable only if ``learnable``) or learned from N(0, 0.02)."""
     if sincos:
         return nn.Parameter(build_2d_sincos_posemb(grid[0], grid[1], embed_dim=dim), requires_grad=learnable)
@@ -27,7 +25,7 @@ class _SpatialInputAdapter(nn.Module):
 
     pos_emb_mode = "bicubic"
 
-    def __init__(self, stride_level: int, patch_size_full: Size2, dim_tokens: Optional[int],
+    def __init__(self, stride_level: int, patch_size_full: Size2, dim_tokens: int | None,
                  sincos_pos_emb: bool, learnable_pos_emb: bool, image_size: Size2) -> None:
         super().__init__()
         self.stride_level = stride_level
@@ -43,24 +41,24 @@ class _SpatialInputAdapter(nn.Module):
                           self.image_size[1] // (stride_level * self.P_W))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def _check_size(self, h: int, w: int) -> Tuple[int, int]:
+    def _check_size(self, h: int, w: int) -> tuple[int, int]:
         if h % self.P_H or w % self.P_W:
             raise ValueError(f"{type(self).__name__}: input size {h}x{w} is not divisible by the "
                              f"patch size {self.P_H}x{self.P_W}")
         return h // self.P_H, w // self.P_W
 
-    def full_image_size(self, x: torch.Tensor) -> Tuple[int, int]:
+    def full_image_size(self, x: torch.Tensor) -> tuple[int, int]:
         """(H, W) of the full-resolution image this input belongs to (its own size times stride)."""
         return x.shape[-2] * self.stride_level, x.shape[-1] * self.stride_level
 
-    def _add_pos_emb(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def _add_pos_emb(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = flatten_grid(resize_pos_emb(self.pos_emb, grid, self.pos_emb_mode))
         # No cast of pos to the patches' dtype: under bf16 autocast the sum (the encoder's
         # residual stream) stays float32, as in MultiMAE.
         return tokens + pos
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         return {"pos_emb"}
 
 
@@ -74,7 +72,7 @@ class PatchedInputAdapter(_SpatialInputAdapter):
     """
 
     def __init__(self, num_channels: int, stride_level: int, patch_size_full: Size2,
-                 dim_tokens: Optional[int] = None, sincos_pos_emb: bool = True,
+                 dim_tokens: int | None = None, sincos_pos_emb: bool = True,
                  learnable_pos_emb: bool = False, image_size: Size2 = 224) -> None:
         super().__init__(stride_level, patch_size_full, dim_tokens, sincos_pos_emb, learnable_pos_emb, image_size)
         self.num_channels = num_channels
@@ -109,9 +107,9 @@ class SemSegInputAdapter(_SpatialInputAdapter):
     pos_emb_mode = "bilinear"
 
     def __init__(self, num_classes: int, stride_level: int, patch_size_full: Size2,
-                 dim_tokens: Optional[int] = None, sincos_pos_emb: bool = True,
+                 dim_tokens: int | None = None, sincos_pos_emb: bool = True,
                  learnable_pos_emb: bool = False, image_size: Size2 = 224, dim_class_emb: int = 64,
-                 interpolate_class_emb: bool = False, emb_padding_idx: Optional[int] = None) -> None:
+                 interpolate_class_emb: bool = False, emb_padding_idx: int | None = None) -> None:
         super().__init__(stride_level, patch_size_full, dim_tokens, sincos_pos_emb, learnable_pos_emb, image_size)
         self.num_classes = num_classes + (1 if emb_padding_idx is not None else 0)
         self.dim_class_emb = dim_class_emb
@@ -151,5 +149,5 @@ class SemSegInputAdapter(_SpatialInputAdapter):
         return self._add_pos_emb(tokens, grid)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         return {"pos_emb", "class_emb"}

@@ -1,6 +1,6 @@
 """MultiMAE and MultiViT: shared ViT encoder over the tokens of several input modalities.
 
-Drop-in surface (DESIGN.md §3): classes, constructor keywords, state-dict names and
+Drop-in surface (README "Model API"): classes, constructor keywords, state-dict names and
 ``forward`` semantics are MultiMAE's. On top of it, the fast internal API used by the
 pretraining runner (docs/INTERFACES.md):
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -27,9 +28,9 @@ from torch import nn
 from multimae_att.device_checks import check
 from multimae_att.model.attention import check_attention_mode, set_fused, use_fused
 from multimae_att.model.output_adapters import drop_path_rates
-from multimae_att.model.readout import readout_attention
+from multimae_att.scoring.readout import readout_attention
 
-TensorDict = Dict[str, torch.Tensor]
+TensorDict = dict[str, torch.Tensor]
 
 
 class Tokens(dict):
@@ -38,7 +39,7 @@ class Tokens(dict):
     Returned by :meth:`MultiMAE.embed`; a plain dict of such tensors is accepted too (see
     :meth:`MultiMAE.is_token_dict`)."""
 
-    def __init__(self, data: Mapping[str, torch.Tensor], image_size: Tuple[int, int]) -> None:
+    def __init__(self, data: Mapping[str, torch.Tensor], image_size: tuple[int, int]) -> None:
         super().__init__(data)
         self.image_size = (int(image_size[0]), int(image_size[1]))
 
@@ -54,7 +55,7 @@ class MultiMAE(nn.Module):
     """
 
     def __init__(self, input_adapters: Mapping[str, nn.Module],
-                 output_adapters: Optional[Mapping[str, nn.Module]], num_global_tokens: int = 1,
+                 output_adapters: Mapping[str, nn.Module] | None, num_global_tokens: int = 1,
                  dim_tokens: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0,
@@ -63,7 +64,7 @@ class MultiMAE(nn.Module):
         for adapter in input_adapters.values():
             adapter.init(dim_tokens=dim_tokens)
         self.input_adapters = nn.ModuleDict(input_adapters)
-        self.output_adapters: Optional[nn.ModuleDict] = None
+        self.output_adapters: nn.ModuleDict | None = None
         if output_adapters is not None:
             for adapter in output_adapters.values():
                 adapter.init(dim_tokens_enc=dim_tokens)
@@ -145,13 +146,13 @@ class MultiMAE(nn.Module):
             k in self.input_adapters and torch.is_tensor(v) and v.is_floating_point()
             and v.ndim == 3 and v.shape[-1] == self.dim_tokens for k, v in x.items())
 
-    def _canonical(self, x: Mapping[str, Any]) -> List[str]:
+    def _canonical(self, x: Mapping[str, Any]) -> list[str]:
         names = [m for m in self.input_adapters if m in x]
         if not names:
             raise ValueError(f"no input modality among {list(x)}; the model's inputs are {list(self.input_adapters)}")
         return names
 
-    def embed(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor]) -> Tokens:
+    def embed(self, x: Mapping[str, torch.Tensor] | torch.Tensor) -> Tokens:
         """Adapter outputs: dict modality -> ``[B, N_m, D]`` (pos-emb added), canonical order.
 
         ``x``: dict modality -> raw input (``rgb [B, 3, H, W]``, ``depth [B, 1, H, W]``,
@@ -184,11 +185,11 @@ class MultiMAE(nn.Module):
             image_size = (gh * adapter.patch_size_full[0], gw * adapter.patch_size_full[1])
         return Tokens({m: tokens[m] for m in names}, image_size)
 
-    def input_info(self, tokens: Tokens) -> "OrderedDict[str, Any]":
+    def input_info(self, tokens: Tokens) -> OrderedDict[str, Any]:
         """MultiMAE's ``input_info`` (what output adapters read): per modality ``num_tokens``,
         ``start_idx``, ``end_idx`` in the canonical concatenation; ``image_size``;
         ``num_task_tokens``; ``num_global_tokens``."""
-        info: "OrderedDict[str, Any]" = OrderedDict()
+        info: OrderedDict[str, Any] = OrderedDict()
         info["tasks"] = {}
         start = 0
         for m, t in tokens.items():
@@ -258,7 +259,7 @@ class MultiMAE(nn.Module):
 
     # ------------------------------------------------------------------ masked pass
     def _visible_ids(self, tokens: Tokens, hidden: Mapping[str, torch.Tensor],
-                     thrown: Optional[Mapping[str, torch.Tensor]], num_visible: int | None = None) -> torch.Tensor:
+                     thrown: Mapping[str, torch.Tensor] | None, num_visible: int | None = None) -> torch.Tensor:
         """Canonical positions of the visible tokens ``[B, K]`` (ascending); checks the masks.
 
         ``num_visible``: K when the caller knows it (the pretraining step does): the count check
@@ -295,7 +296,7 @@ class MultiMAE(nn.Module):
         return self.encoder(self._with_global(z))
 
     def decode(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any], ids_keep: torch.Tensor,
-               thrown: Optional[Mapping[str, torch.Tensor]] = None,
+               thrown: Mapping[str, torch.Tensor] | None = None,
                fp32_output_adapters: Iterable[str] = (),
                kept_range: Mapping[str, tuple[int, int]] | None = None) -> TensorDict:
         """Run every output adapter; ``thrown[m]`` (bool ``[B, N_m]``) drops those query rows of
@@ -321,11 +322,11 @@ class MultiMAE(nn.Module):
         return preds
 
     def forward_masked(self, tokens: Mapping[str, torch.Tensor], hidden: Mapping[str, torch.Tensor],
-                       thrown: Optional[Mapping[str, torch.Tensor]] = None, *,
+                       thrown: Mapping[str, torch.Tensor] | None = None, *,
                        fp32_output_adapters: Iterable[str] = (),
                        return_encoder: bool = False, num_visible: int | None = None,
                        kept_range: Mapping[str, tuple[int, int]] | None = None
-                       ) -> Union[TensorDict, Tuple[TensorDict, torch.Tensor]]:
+                       ) -> TensorDict | tuple[TensorDict, torch.Tensor]:
         """Masked encoder + decoders over the cached ``tokens`` (no second adapter pass).
 
         ``hidden[m]`` bool/int ``[B, N_m]`` (1 = hidden) for every input modality; ``thrown[m]``
@@ -350,8 +351,8 @@ class MultiMAE(nn.Module):
 
     # ------------------------------------------------------------------ MultiMAE's forward
     def random_masks(self, tokens: Mapping[str, torch.Tensor], num_encoded_tokens: int,
-                     alphas: Union[float, Sequence[float]] = 1.0, sample_tasks_uniformly: bool = False,
-                     generator: Optional[torch.Generator] = None) -> TensorDict:
+                     alphas: float | Sequence[float] = 1.0, sample_tasks_uniformly: bool = False,
+                     generator: torch.Generator | None = None) -> TensorDict:
         """MultiMAE's random masking through the masking engine: Dirichlet budgets per sample
         (exactly ``num_encoded_tokens`` visible in total) then uniform choice per modality.
         Returns dict modality -> bool ``[B, N_m]`` (True = hidden)."""
@@ -364,11 +365,11 @@ class MultiMAE(nn.Module):
         scores = {m: t.new_zeros(t.shape[:2]) for m, t in tokens.items()}  # values unused by 'random'
         return dict(make_masks("random", scores, visible, generator=generator).hidden)
 
-    def forward(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor], mask_inputs: bool = True,
-                task_masks: Optional[Mapping[str, torch.Tensor]] = None,
-                num_encoded_tokens: Optional[int] = 128, alphas: Union[float, Sequence[float]] = 1.0,
+    def forward(self, x: Mapping[str, torch.Tensor] | torch.Tensor, mask_inputs: bool = True,
+                task_masks: Mapping[str, torch.Tensor] | None = None,
+                num_encoded_tokens: int | None = 128, alphas: float | Sequence[float] = 1.0,
                 sample_tasks_uniformly: bool = False,
-                fp32_output_adapters: Iterable[str] = ()) -> Tuple[Any, TensorDict]:
+                fp32_output_adapters: Iterable[str] = ()) -> tuple[Any, TensorDict]:
         """MultiMAE's forward: adapters, masking, encoder, decoders -> ``(preds, task_masks)``.
 
         ``mask_inputs=False``: every token visible, canonical order (returned masks all 0).
@@ -405,20 +406,20 @@ class MultiViT(MultiMAE):
     Output adapters are called MultiMAE-style: ``adapter(encoder_tokens=..., input_info=...)``.
     """
 
-    def process_input(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, Dict]:
+    def process_input(self, x: Mapping[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Raw inputs -> (encoder input ``[B, N + G, D]``, ``input_info``)."""
         tokens = self.embed(x)
         z = self._with_global(torch.cat(list(tokens.values()), dim=1))
         self._select_attention(z)  # the pass that follows runs on z (see set_attention)
         return z, self.input_info(tokens)
 
-    def forward(self, x: Union[Mapping[str, torch.Tensor], torch.Tensor], return_all_layers: bool = False,
+    def forward(self, x: Mapping[str, torch.Tensor] | torch.Tensor, return_all_layers: bool = False,
                 **kwargs: Any) -> Any:
         """Encoder output ``[B, N + G, D]`` (a list of every block's output with
         ``return_all_layers``), or, with output adapters, dict name -> adapter output."""
         z, info = self.process_input(x)
         if return_all_layers:
-            encoded: Union[torch.Tensor, List[torch.Tensor]] = []
+            encoded: torch.Tensor | list[torch.Tensor] = []
             for block in self.encoder:
                 z = block(z)
                 encoded.append(z)

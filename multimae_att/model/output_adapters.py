@@ -12,8 +12,9 @@ compatibility and not needed (``ids_keep`` determines everything).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from multimae_att.device_checks import check
 from multimae_att.model.pos_emb import Size2, build_2d_sincos_posemb, flatten_grid, pair, resize_pos_emb
 
 
-def drop_path_rates(rate: float, depth: int) -> List[float]:
+def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic-depth rate per block, rising linearly from 0 to ``rate`` (plain floats, so
     models can be built on the meta device)."""
     return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
@@ -86,12 +87,12 @@ class SpatialOutputAdapter(nn.Module):
     """
 
     def __init__(self, num_channels: int, stride_level: int, patch_size_full: Size2,
-                 dim_tokens_enc: Optional[int] = None, dim_tokens: int = 256, depth: int = 0,
+                 dim_tokens_enc: int | None = None, dim_tokens: int = 256, depth: int = 0,
                  learnable_pos_emb: bool = False, image_size: Size2 = 224, mlp_ratio: float = 4.0,
                  num_heads: int = 8, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 use_task_queries: bool = True, task: Optional[str] = None,
-                 context_tasks: Optional[Iterable[str]] = None, use_xattn: bool = True) -> None:
+                 use_task_queries: bool = True, task: str | None = None,
+                 context_tasks: Iterable[str] | None = None, use_xattn: bool = True) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.stride_level = stride_level
@@ -106,7 +107,7 @@ class SpatialOutputAdapter(nn.Module):
         self.P_H = max(1, self.patch_size_full[0] // stride_level)
         self.P_W = max(1, self.patch_size_full[1] // stride_level)
 
-        self.task_embeddings: Optional[nn.ParameterDict] = None
+        self.task_embeddings: nn.ParameterDict | None = None
         if context_tasks is not None:
             self.task_embeddings = nn.ParameterDict(
                 {t: nn.Parameter(torch.zeros(1, 1, dim_tokens)) for t in context_tasks})
@@ -145,14 +146,14 @@ class SpatialOutputAdapter(nn.Module):
         self.proj_context = nn.Linear(dim_tokens_enc, self.dim_tokens)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         return {"pos_emb", "mask_token", "task_embeddings"}
 
-    def _grid(self, input_info: Mapping[str, Any]) -> Tuple[int, int]:
+    def _grid(self, input_info: Mapping[str, Any]) -> tuple[int, int]:
         H, W = input_info["image_size"]
         return H // (self.stride_level * self.P_H), W // (self.stride_level * self.P_W)
 
-    def _task_emb(self, task: Optional[str]) -> Optional[torch.Tensor]:
+    def _task_emb(self, task: str | None) -> torch.Tensor | None:
         if self.task_embeddings is not None and task in self.task_embeddings:
             return self.task_embeddings[task][0]  # [1, D]
         return None
@@ -169,7 +170,7 @@ class SpatialOutputAdapter(nn.Module):
         return torch.cat(parts, dim=0)
 
     def _queries_and_context(self, ctx: torch.Tensor, input_info: Mapping[str, Any],
-                             ids_keep: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                             ids_keep: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``ctx [B, K+G, D]`` projected encoder tokens -> (queries ``[B, h*w, D]``, context ``[B, K+G, D]``)."""
         B, D = ctx.shape[0], ctx.shape[2]
         G = int(input_info.get("num_global_tokens", 0))
@@ -194,7 +195,7 @@ class SpatialOutputAdapter(nn.Module):
         return queries.expand(B, -1, -1), context
 
     def _decode(self, queries: torch.Tensor, context: torch.Tensor,
-                key_valid: Optional[torch.Tensor]) -> torch.Tensor:
+                key_valid: torch.Tensor | None) -> torch.Tensor:
         """Cross-attention + MLP, decoder blocks, patch projection: ``[B, Q, D] -> [B, Q, C*P_H*P_W]``."""
         x = queries
         if self.use_xattn:
@@ -207,8 +208,8 @@ class SpatialOutputAdapter(nn.Module):
         return self.out_proj(x)
 
     def forward(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any],
-                ids_keep: Optional[torch.Tensor] = None, ids_restore: Optional[torch.Tensor] = None,
-                query_keep: Optional[torch.Tensor] = None,
+                ids_keep: torch.Tensor | None = None, ids_restore: torch.Tensor | None = None,
+                query_keep: torch.Tensor | None = None,
                 kept_range: tuple[int, int] | None = None) -> torch.Tensor:
         """Decode ``encoder_tokens [B, K+G, D_enc]`` into ``[B, num_channels, h*P_H, w*P_W]``.
 

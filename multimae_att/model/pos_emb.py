@@ -1,6 +1,6 @@
 """Fixed 2-D sine-cosine positional embeddings and their resizing.
 
-Layout (contract, DESIGN.md §3): a ``[1, D, h, w]`` grid whose channels are four equal blocks
+Layout (checkpoints store these tables: a contract): a ``[1, D, h, w]`` grid whose channels are four equal blocks
 ``sin(row·ω), cos(row·ω), sin(col·ω), cos(col·ω)`` with ``ω_k = 1 / T^(k / (D/4))``,
 ``k = 0 .. D/4 - 1`` and ``T = 10000``. This equals MultiMAE's (MoCo-v3 style) tables for the
 square grids it is used with; for non-square grids MultiMAE's construction scrambles rows and
@@ -8,15 +8,13 @@ columns, ours keeps them apart.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import torch
 import torch.nn.functional as F
 
-Size2 = Union[int, Tuple[int, int]]
+Size2 = int | tuple[int, int]
 
 
-def pair(value: Size2) -> Tuple[int, int]:
+def pair(value: Size2) -> tuple[int, int]:
     """``7 -> (7, 7)``; a 2-sequence is returned as a tuple."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -44,7 +42,7 @@ def build_2d_sincos_posemb(h: int, w: int, embed_dim: int = 1024, temperature: f
     return table.permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def resize_pos_emb(pos_emb: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
+def resize_pos_emb(pos_emb: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize a ``[1, D, h, w]`` table to ``size = (h', w')`` (``align_corners=False``).
 
     Returns the input itself when the size already matches: interpolating to the same size is

@@ -14,26 +14,33 @@ later losses and final weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from multimae_att.config import ConfigError
-from multimae_att.losses import LossSpec
+from multimae_att.masking.planner import MaskPlanner
 from multimae_att.optim import build_adamw, load_optimizer_state
-from multimae_att.pretrain.cache import CacheRefresher, build_cache
-from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
-from multimae_att.pretrain.pictures import picture_info, save_pictures
 from multimae_att.preflight import check_pretrain
-from multimae_att.pretrain.setup import (build_model, build_policy, build_pretrain_loader,
-                                         load_init_checkpoint, param_groups)
-from multimae_att.pretrain.step import MaskPlanner, PretrainModule, forward_loss, input_grids
+from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
+from multimae_att.pretrain.losses import LossSpec
+from multimae_att.pretrain.pictures import picture_info, save_pictures
+from multimae_att.pretrain.setup import (
+    build_model,
+    build_policy,
+    build_pretrain_loader,
+    load_init_checkpoint,
+    param_groups,
+)
+from multimae_att.pretrain.step import PretrainModule, forward_loss, input_grids
 from multimae_att.run.trainer import DataStream, Job, Run, run_length
-from multimae_att.runstate import step_seed
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
-from multimae_att.scoring import build_scoring
+from multimae_att.scoring.refresh import CacheRefresher, build_cache
+from multimae_att.scoring.sources import build_scoring
+from multimae_att.seeds import step_seed
 
 __all__ = ["train", "DataStream", "RunPlan", "plan_run", "PretrainJob"]
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from multimae_att.data import IMAGENET_MEAN, IMAGENET_STD
+from multimae_att.modalities import get_modality
 
 __all__ = ["PictureInfo", "render_modality", "save_pictures", "picture_info",
            "read_semseg_class_names", "semseg_palette", "PANEL_TITLES"]
@@ -114,20 +115,22 @@ def picture_info(cfg: Any) -> PictureInfo:
 # ----------------------------------------------------------------------------- pixels
 def _to_rgb(modality: str, x: torch.Tensor, size: tuple[int, int], depth_range: tuple[float, float]
             ) -> np.ndarray:
-    """One sample of a modality -> float ``[H, W, 3]`` in [0, 1] at ``size``."""
-    if modality == "rgb":
+    """One sample of a modality -> float ``[H, W, 3]`` in [0, 1] at ``size``, coloured as the
+    modality table says (``picture``: image, colormap or palette)."""
+    picture = get_modality(modality).picture
+    if picture == "image":
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         img = (x.float() * std + mean).clamp(0, 1)
         return img.permute(1, 2, 0).numpy()
-    if modality == "depth":
+    if picture == "colormap":
         from matplotlib import colormaps
 
         lo, hi = depth_range
         y = ((x.float()[0] - lo) / (hi - lo)).clamp(0, 1) if hi > lo else torch.zeros_like(x.float()[0])
         return colormaps[DEPTH_CMAP](y.numpy())[..., :3]
-    if modality != "semseg":
-        raise ValueError(f"no picture convention for modality {modality!r} (rgb, depth, semseg)")
+    if picture != "palette":
+        raise ValueError(f"no picture convention for modality {modality!r} (the modality table has none)")
     labels = _labels(x)
     img = torch.from_numpy(_PALETTE)[labels.clamp(0, len(_PALETTE) - 1)].permute(2, 0, 1)
     return F.interpolate(img[None], size=size, mode="nearest")[0].permute(1, 2, 0).numpy()
@@ -186,7 +189,7 @@ def build_figure(modality, inputs, preds, hidden, thrown, scores, grid, size, st
 
     n = inputs.shape[0]
     titles = [t for t in PANEL_TITLES if t != "scores" or scores is not None]
-    semseg = modality == "semseg"
+    semseg = get_modality(modality).picture == "palette"     # class labels: a palette and a legend
     cols = len(titles) + (1 if semseg else 0)               # semseg: a legend column
     widths = [1.0] * len(titles) + ([0.9] if semseg else [])
     fig = Figure(figsize=(PANEL_INCHES * sum(widths) + (0.5 if scores is not None else 0.0),
@@ -196,7 +199,8 @@ def build_figure(modality, inputs, preds, hidden, thrown, scores, grid, size, st
     fig.suptitle(header, fontsize=11, fontweight="bold")
     for i in range(n):
         x = inputs[i].detach().float().cpu() if not semseg else inputs[i].detach().cpu()
-        depth_range = (float(x.min()), float(x.max())) if modality == "depth" else (0.0, 1.0)
+        depth_range = (float(x.min()), float(x.max())) if get_modality(modality).picture == "colormap" \
+            else (0.0, 1.0)
         inp = _to_rgb(modality, x, size, depth_range)
         hid = _patches(hidden[i].cpu(), grid, size)
         thr = thrown[i].cpu() if thrown is not None else torch.zeros_like(hidden[i].cpu())
@@ -285,8 +289,8 @@ def save_pictures(directory: str | Path, step: int, inputs: Mapping[str, torch.T
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    ref = inputs.get("rgb", inputs.get("depth"))
-    size = tuple(ref.shape[-2:]) if ref is not None else tuple(4 * s for s in inputs["semseg"].shape[-2:])
+    first, x0 = next(iter(inputs.items()))      # the image size, from any input and its stride level
+    size = tuple((get_modality(first).stride or 1) * s for s in x0.shape[-2:])
     pictures = {}
     for m, x in inputs.items():
         n = min(num_samples, x.shape[0])

@@ -90,14 +90,15 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
 
 
 def build_policy(cfg: PretrainConfig):
-    """The :class:`~multimae_att.masking.MaskingPolicy` of ``masking.*``."""
-    from multimae_att.masking import MaskingPolicy
+    """The :class:`~multimae_att.masking.MaskingPolicy` of ``masking.*`` (through
+    :func:`~multimae_att.masking.build_masker`, the one builder of a policy from a config section)."""
+    from multimae_att.masking import build_masker
 
     m = cfg.masking
-    # MaskingPolicy reads the adaptive section as is ('enabled': false turns it off).
-    return MaskingPolicy(m.strategy, m.params, warmup_epochs=m.warmup_epochs, prob=m.prob,
-                         alphas=m.alphas, sample_tasks_uniformly=m.sample_tasks_uniformly,
-                         adaptive=dataclasses.asdict(m.adaptive), modalities=list(cfg.model.in_modalities))
+    keys = ("strategy", "params", "warmup_epochs", "prob", "alphas", "sample_tasks_uniformly")
+    # the adaptive section as is ('enabled': false turns it off)
+    section = {**{k: getattr(m, k) for k in keys}, "adaptive": dataclasses.asdict(m.adaptive)}
+    return build_masker(section, list(cfg.model.in_modalities))
 
 
 def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None
@@ -128,9 +129,14 @@ def load_init_checkpoint(model: nn.Module, spec: str) -> dict | None:
     :mod:`multimae_att.checkpoint`'s (positional grids are resized to ``data.image_size``). A
     file for another architecture raises :class:`ConfigError` listing the differences.
     """
-    from multimae_att.checkpoint import (CheckpointKeyError, UnreadableCheckpointError,
-                                         UnsafeCheckpointError, load_checkpoint, load_weights,
-                                         model_state)
+    from multimae_att.checkpoint import (
+        CheckpointKeyError,
+        UnreadableCheckpointError,
+        UnsafeCheckpointError,
+        load_checkpoint,
+        load_weights,
+        model_state,
+    )
     from multimae_att.hub import CheckpointHashError, resolve_checkpoint
 
     try:

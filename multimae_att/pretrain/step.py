@@ -1,13 +1,11 @@
-"""One pretraining step (DESIGN.md §2): embed once -> scores -> budgets -> masks -> masked pass -> loss.
+"""One pretraining step: embed once -> scores -> budgets -> masks -> masked pass -> loss.
 
 The pieces, each usable on its own (the benchmark calls :func:`forward_loss` directly):
 
 - :func:`model_inputs`: batch dict -> model inputs (depth standardised when asked);
-- :class:`MaskPlanner`: scores (a fresh pass of the score source, :mod:`multimae_att.scoring`, or
-  the attention cache), budgets and masks. Randomness is drawn for the whole *global*
-  micro-batch (all processes) from a generator seeded by the step, and each process keeps its
-  own rows, so the masks of a sample do not depend on how many processes share the batch
-  (1-process and N-process runs agree);
+- :class:`~multimae_att.masking.planner.MaskPlanner` (:mod:`multimae_att.masking.planner`): scores
+  (a pass of the score source, :mod:`multimae_att.scoring`, or the attention cache), budgets and
+  masks, the same for a sample whether 1 or N processes share the batch;
 - :class:`PretrainModule`: the ``nn.Module`` that DDP wraps: its ``forward`` embeds the inputs
   once, asks the planner for masks and runs ``forward_masked`` over the same token embeddings
   (and, with a loss predictor, its head over the no-mask features, with grad);
@@ -19,22 +17,20 @@ Process layout: local sample ``i`` of rank ``r`` is row ``i * W + r`` of the glo
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multimae_att.loss_prediction import count_pairs, loss_targets, ranking_loss, spearman
-from multimae_att.losses import LossSpec, multimodal_loss
-from multimae_att.masking import MaskingPolicy
-from multimae_att.masking.strategies import draw
+from multimae_att.masking.planner import MaskPlan, MaskPlanner, token_grids
 from multimae_att.model import MultiMAE, Tokens
-from multimae_att.scoring import AttentionScores, PredictedLossScores, ScorePass
+from multimae_att.pretrain.losses import LossSpec, multimodal_loss
+from multimae_att.scoring.loss_prediction import loss_targets, ranking_loss, spearman
 
-__all__ = ["model_inputs", "MaskPlan", "MaskPlanner", "PretrainModule", "StepResult", "forward_loss",
-           "token_grids", "input_grids"]
+__all__ = ["model_inputs", "PretrainModule", "StepResult", "forward_loss", "input_grids"]
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -47,6 +43,7 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
     when ``standardize_depth``, as MultiMAE's pretraining), semseg ``[B, H/4, W/4]`` int64.
     """
     from multimae_att.data import robust_standardize_depth
+    from multimae_att.modalities import get_modality
 
     out = {}
     for m in modalities:
@@ -56,177 +53,7 @@ def model_inputs(batch: Mapping[str, Any], modalities: list[str], standardize_de
         if m == "depth" and standardize_depth:
             valid = batch.get("mask_valid")
             x = robust_standardize_depth(x, None if valid is None else valid.to(device, non_blocking=True))
-        out[m] = x.long() if m == "semseg" else x.float()
-    return out
-
-
-@dataclass
-class MaskPlan:
-    """Masks of the local batch and what the loss and pictures need.
-
-    ``hidden``/``thrown``: modality -> bool ``[B, N_m]`` (1 = hidden / thrown); ``scores``:
-    modality -> float ``[B, N_m]`` head-averaged (None when no scoring pass ran); ``visible``:
-    int64 ``[B, M]``; ``guided``: bool ``[B]``; ``denominators``: modality -> scalar tensor on the
-    masks' device, (samples of the global micro-batch with at least one hidden, non-thrown
-    token) / number of processes. ``num_visible``: K, the visible tokens of every sample;
-    ``kept_range``: modality -> (fewest, most) tokens a sample keeps (not thrown), known
-    without reading the masks. Both are host ints, so the model and the losses need no host
-    sync to size their tensors (None: read from the masks).
-
-    Loss prediction (``predicted_loss`` source, else None): ``features`` modality -> detached
-    no-mask features ``[b, N_m, D]`` of the local rows ``feature_rows`` (int64 ``[b]``; all rows
-    with a fresh pass, a drawn share with the cache); ``lossp_pairs``: pairs of counted tokens in
-    those rows over the global micro-batch / number of processes (the ranking loss's divisor);
-    ``lossp_pred``: the head's outputs on ``features`` with grad, set by :class:`PretrainModule`.
-    """
-
-    hidden: TensorDict
-    thrown: Optional[TensorDict]
-    scores: Optional[TensorDict]
-    visible: torch.Tensor
-    guided: torch.Tensor
-    denominators: dict[str, torch.Tensor]
-    num_visible: int | None = None
-    kept_range: dict[str, tuple[int, int]] | None = None
-    features: Optional[TensorDict] = None
-    feature_rows: Optional[torch.Tensor] = None
-    lossp_pairs: Optional[torch.Tensor] = None
-    lossp_pred: Optional[TensorDict] = None
-
-    def counted(self) -> TensorDict:
-        """modality -> bool ``[B, N_m]``: hidden and not thrown (the tokens the loss reads)."""
-        if self.thrown is None:
-            return dict(self.hidden)
-        return {m: h & ~self.thrown[m] for m, h in self.hidden.items()}
-
-
-class MaskPlanner:
-    """Scores -> budgets -> masks for one micro-batch (see the module docstring).
-
-    ``source``: a score source (:mod:`multimae_att.scoring`; default: attention at
-    ``score_layer`` / ``score_query``). ``cache``: an
-    :class:`multimae_att.attention_cache.AttentionCache` or None; when given, scores come from
-    it and only samples without a fresh cached map get a scoring pass. ``total_epochs``: the
-    run's length, for curriculum strategies (progress = epoch / total_epochs; required by them).
-    ``cached_train_share``: with a ``predicted_loss`` source and the cache, the probability
-    that a sample's no-mask features are computed to train the loss predictor (drawn per sample
-    of the global micro-batch); with fresh passes every sample trains it.
-    """
-
-    def __init__(self, policy: MaskingPolicy, num_encoded_tokens: int, score_layer: int = -1,
-                 score_query: str = "global", rank: int = 0, world_size: int = 1,
-                 cache: Any = None, *, source: Any = None, total_epochs: float | None = None,
-                 cached_train_share: float = 0.0625) -> None:
-        self.policy = policy
-        self.K = num_encoded_tokens
-        self.source = source if source is not None else AttentionScores(score_layer, score_query)
-        self.rank, self.world_size = rank, world_size
-        self.cache = cache
-        if policy.uses_progress and not (total_epochs is not None and total_epochs > 0):
-            raise ValueError(f"masking strategy {policy.strategy.name!r} follows the run's progress: "
-                             "the planner needs total_epochs > 0")
-        self.total_epochs = total_epochs
-        if not 0.0 <= cached_train_share <= 1.0:
-            raise ValueError(f"cached_train_share must lie in [0, 1], got {cached_train_share}")
-        self.cached_train_share = float(cached_train_share)
-
-    @property
-    def trains_predictor(self) -> bool:
-        """True when the source is a loss predictor that this planner feeds features to."""
-        return isinstance(self.source, PredictedLossScores)
-
-    def progress(self, epoch: float) -> float | None:
-        """Position in the run in [0, 1] (None without ``total_epochs``)."""
-        if self.total_epochs is None:
-            return None
-        return min(max(epoch / self.total_epochs, 0.0), 1.0)
-
-    def scores(self, model: MultiMAE, tokens: Tokens, batch: Mapping[str, Any],
-               epoch: float) -> ScorePass:
-        """Scores of this batch: ``[B, N_m]`` (``[B, H, N_m]`` for per-head strategies)."""
-        per_head = self.policy.per_head
-        if self.cache is None or per_head:
-            return self.source(model, tokens, per_head=per_head)
-        grids = token_grids(model, tokens)
-        # The cache lives on the host: keep `valid` there, so finding the misses reads no device
-        # value; the scores go up from pinned memory (a pageable copy would wait for the GPU).
-        cached, valid = self.cache.lookup(batch, grids, int(epoch))
-        dev = next(iter(tokens.values())).device
-        if dev.type == "cuda":
-            cached = {m: s.pin_memory().to(dev, non_blocking=True) for m, s in cached.items()}
-        elif dev.type != "cpu":
-            cached = {m: s.to(dev) for m, s in cached.items()}
-
-        def score_fn(index: torch.Tensor) -> TensorDict:
-            sub = Tokens({m: t[index.to(t.device)] for m, t in tokens.items()}, tokens.image_size)
-            return self.source(model, sub).scores
-
-        return ScorePass(self.cache.fill(batch, cached, valid, score_fn, int(epoch), grids))
-
-    def __call__(self, model: MultiMAE, tokens: Tokens, batch: Mapping[str, Any], epoch: float,
-                 generator: torch.Generator, want_scores: bool = False) -> MaskPlan:
-        """Masks for the local micro-batch; ``want_scores`` forces a scoring pass (AttG with ``source: scores``)."""
-        first = next(iter(tokens.values()))
-        B, W, dev = first.shape[0], self.world_size, first.device
-        rows = torch.arange(B, device=dev) * W + self.rank     # local rows in the global batch
-        sizes = {m: t.shape[1] for m, t in tokens.items()}
-        need = self.policy.needs_scores(epoch)
-        # A predictor trained on fresh passes gets one every step (warm-up included).
-        fresh_lossp = self.trains_predictor and self.cache is None
-        scored = self.scores(model, tokens, batch, epoch) if (need or want_scores or fresh_lossp) else None
-        scores = None if scored is None else scored.scores
-        visible = self.policy.budgets(list(sizes.values()), self.K, B * W, generator, device=dev)
-        glob = None
-        if need:
-            glob = {m: s.new_zeros((B * W,) + tuple(s.shape[1:])).index_copy_(0, rows, s.float())
-                    for m, s in scores.items()}
-        masks = self.policy(glob, visible, epoch, generator, num_tokens=sizes,
-                            progress=self.progress(epoch))
-        counted = {m: masks.hidden[m] if masks.thrown is None else masks.hidden[m] & ~masks.thrown[m]
-                   for m in masks.hidden}
-        denominators = {m: c.any(dim=1).sum() / W for m, c in counted.items()}  # on the device: no sync
-        if scores is not None and self.policy.per_head:
-            scores = {m: s.mean(dim=1) for m, s in scores.items()}
-        plan = MaskPlan(hidden={m: h[rows] for m, h in masks.hidden.items()},
-                        thrown=None if masks.thrown is None else {m: t[rows] for m, t in masks.thrown.items()},
-                        scores=scores, visible=visible[rows],
-                        guided=(masks.guided[rows] if masks.guided is not None
-                                else torch.ones(B, dtype=torch.bool, device=dev)),
-                        denominators=denominators, num_visible=self.K,
-                        kept_range=self.policy.kept_range(sizes, self.K, epoch))
-        if self.trains_predictor:
-            self._predictor_features(plan, model, tokens, scored, counted, rows, generator)
-        return plan
-
-    def _predictor_features(self, plan: MaskPlan, model: MultiMAE, tokens: Tokens,
-                            scored: ScorePass | None, counted: TensorDict, rows: torch.Tensor,
-                            generator: torch.Generator) -> None:
-        """Fill ``plan.features`` / ``feature_rows`` / ``lossp_pairs`` (drawn after the masks, so
-        the masks do not depend on it)."""
-        B, W = rows.shape[0], self.world_size
-        dev = rows.device
-        if scored is not None and scored.features is not None:   # a fresh pass over every sample
-            pick = torch.ones(B * W, dtype=torch.bool, device=dev)
-            plan.features, plan.feature_rows = scored.features, torch.arange(B, device=dev)
-        else:
-            pick = draw("uniform", (B * W,), dev, generator) < self.cached_train_share
-            local = pick[rows].nonzero().squeeze(1)  # a host sync; the cached path has others
-            plan.feature_rows = local
-            if local.numel():
-                sub = Tokens({m: t[local] for m, t in tokens.items()}, tokens.image_size)
-                plan.features = self.source.features(model, sub)
-            else:  # no sample this step: an empty batch keeps the head in the graph (DDP)
-                plan.features = {m: t.detach()[:0] for m, t in tokens.items()}
-        plan.lossp_pairs = count_pairs({m: c & pick[:, None] for m, c in counted.items()}) / W
-
-
-def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
-    """modality -> (h, w) token grid of this batch (every adapter tiles the full image)."""
-    H, W = tokens.image_size
-    out = {}
-    for m in tokens:
-        ph, pw = model.input_adapters[m].patch_size_full
-        out[m] = (H // ph, W // pw)
+        out[m] = x.long() if get_modality(m).labels else x.float()   # class labels stay integers
     return out
 
 
@@ -282,7 +109,7 @@ def attg_scores_from_data(batch: Mapping[str, Any], grids: Mapping[str, tuple[in
 def forward_loss(module: nn.Module, batch: Mapping[str, Any], planner: MaskPlanner, *,
                  epoch: float, generator: torch.Generator, in_modalities: list[str],
                  standardize_depth: bool, loss_weights: Mapping[str, float],
-                 specs: Mapping[str, LossSpec] | None = None, attg: Optional[str] = None,
+                 specs: Mapping[str, LossSpec] | None = None, attg: str | None = None,
                  tau: float = 0.75, attg_normalize: bool = False, want_scores: bool = False,
                  loss_prediction_weight: float = 1.0,
                  device: torch.device | None = None) -> StepResult:

@@ -11,8 +11,9 @@ Both runners write the same layout into ``output_dir``::
 
 :func:`run_status` says which of three states a folder is in: *empty* (nothing to resume or
 report: no training state, no results), *in progress* (training states, no complete results) or
-*finished* (``metrics.json`` and every exported file it lists under ``outputs``). The study runner and ``python -m multimae_att.show`` use it to
-skip finished runs and to report on a folder; the runners use it to decide between a fresh
+*finished* (``metrics.json`` and every exported file it lists under ``outputs``). The study runner
+and ``python -m multimae_att.show`` use it to skip finished runs
+and to report on a folder; the runners use it to decide between a fresh
 start, a resume and "nothing to do".
 """
 from __future__ import annotations
@@ -39,8 +40,8 @@ PREVIOUS_PREFIX = "previous-"
 STATE_PREFIX = "state"
 FINAL_OUTPUTS = ("final.pth", "checkpoint-best.pth", "checkpoint-last.pth")
 _STATE_NAME = re.compile(rf"^{STATE_PREFIX}_(\d+)\.pth$")
-# Temporary files of an interrupted atomic write: checkpoint.save_atomic (".tmp_<name>.<random>")
-# and runstate.write_text_atomic (".<name>.tmp<pid>").
+# Temporary files of an interrupted atomic write: multimae_att.atomic (".<name>.tmp<pid>"), and
+# ".tmp_<name>.<random>" of earlier versions' checkpoint.save_atomic.
 _TEMP_NAME = re.compile(r"^\.tmp_.+|^\..+\.tmp\d+$")
 
 

@@ -31,16 +31,26 @@ comes before any work and nothing is written before the decision:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from multimae_att.config import ConfigError, config_to_dict, flatten_config, save_config
-from multimae_att.run.folder import (CONFIG_FILE, PREVIOUS_PREFIX, STATES_DIR, RunStatus, move_to_previous,
-                                     read_results, remove_temp_files, run_status)
+from multimae_att.config import ConfigError, config_to_dict, save_config
+from multimae_att.run.folder import (
+    CONFIG_FILE,
+    PREVIOUS_PREFIX,
+    STATES_DIR,
+    RunStatus,
+    move_to_previous,
+    read_results,
+    remove_temp_files,
+    run_status,
+)
 from multimae_att.run.provenance import checkpoint_identity, describe_identity
-from multimae_att.runstate import LoadedState, TrainStateStore
+from multimae_att.run.resume import flatten_config
+from multimae_att.run.states import LoadedState, TrainStateStore
 
 __all__ = ["RunFolder", "RunFolderError", "init_checkpoint_changes", "LENGTH_KEYS", "runner_parser"]
 

@@ -10,8 +10,9 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version", "provenance",
            "describe_identity"]

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from multimae_att.config import ConfigError
 from multimae_att.run.folder import LOG_FILE
-from multimae_att.runstate import MetricsLogger
+from multimae_att.run.metrics_log import MetricsLogger
 
 __all__ = ["TRACKERS", "check_trackers", "RunLogger", "flat_scalars"]
 
@@ -107,7 +108,7 @@ class RunLogger:
             accelerator.init_trackers(PROJECT, config=_hparams(config), init_kwargs=kwargs)
         self.bar = None
         if progress and self.main and total_steps > 0:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
 
     def advance(self) -> None:

@@ -21,7 +21,7 @@ and hands it to :class:`Run`, which owns everything the two runners have in comm
 Exact resume without replay: the data order and augmentation are functions of (seed, epoch,
 sample) (:mod:`multimae_att.data`), the data position is ``step * accum_steps`` micro-batches
 (:class:`DataStream`), the global RNG is re-seeded per step, and a job seeds its own draws by
-(seed, step, ...) (:func:`multimae_att.runstate.step_seed`). A state therefore holds the model,
+(seed, step, ...) (:func:`multimae_att.seeds.step_seed`). A state therefore holds the model,
 optimizer, scaler, step, log window and the job's own state (``Job.extra_state``).
 """
 from __future__ import annotations
@@ -29,20 +29,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from multimae_att.atomic import write_text_atomic
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.optim import load_optimizer_state
 from multimae_att.run.folder import RESULTS_FILE, read_results
 from multimae_att.run.lifecycle import RunFolder
 from multimae_att.run.provenance import provenance
 from multimae_att.run.trackers import RunLogger, check_trackers
-from multimae_att.runstate import capture_rng, step_seed, write_text_atomic
+from multimae_att.seeds import step_seed
 
 __all__ = ["Run", "Job", "DataStream", "LogWindow", "make_accelerator", "run_length", "end_distributed",
            "log_trackers"]
@@ -338,7 +340,6 @@ class Run:
                 "data_position": {"consumed_batches": step * self.cfg.optim.accum_steps,
                                   "batches_per_epoch": job.batches_per_epoch},
                 "log_window": window,
-                "rng": capture_rng(),   # for the record: draws are re-seeded per step
                 "world_size": self.acc.num_processes,
                 "config": config_to_dict(self.cfg),
                 "init_checkpoint": self.folder.init,
@@ -359,7 +360,7 @@ class Run:
         step = self.step
         started, first = time.perf_counter(), step
         while step < job.total_steps:
-            job.before_step(step, lambda: self.save(step, job))
+            job.before_step(step, lambda step=step: self.save(step, job))
             lr = job.lr(step)
             for group in job.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -444,7 +445,7 @@ class Run:
         if self.last_record is not None:
             return self.last_record
         from multimae_att.run.folder import LOG_FILE
-        from multimae_att.runstate import MetricsLogger
+        from multimae_att.run.metrics_log import MetricsLogger
 
         log = self.out / LOG_FILE
         records = [r for r in MetricsLogger.read(log) if "loss" in r] if log.is_file() else []

@@ -24,9 +24,10 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from multimae_att.study.plan import DIAGNOSE, FINETUNE, PRETRAIN, Cell, entry_path
 
@@ -146,7 +147,7 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
             if not record["ok"]:
                 record["error"] = str(e.code)
                 print(e.code, file=sys.stderr)
-        except BaseException as e:       # noqa: BLE001 -- reported, the worker goes on
+        except BaseException as e:
             record["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
             if isinstance(e, KeyboardInterrupt):

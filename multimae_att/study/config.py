@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from multimae_att.config import ConfigError, load_config
 
@@ -46,7 +46,7 @@ class WarmStart:
     (``init.checkpoint`` of every continuation run), not both."""
 
     overrides: list[str] = field(default_factory=list)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.overrides:
@@ -72,7 +72,7 @@ class DiagnoseSpec:
 
     enabled: bool = True
     split: str = "val"
-    max_images: Optional[int] = None
+    max_images: int | None = None
     batch_size: int = 32
 
 
@@ -93,24 +93,24 @@ class PrepareStep:
 class SubmititConfig:
     """``--launcher submitit``: one Slurm job per cell (an Accelerate launch), with dependencies."""
 
-    cluster: Optional[str] = None       # None = slurm when available; local/debug for testing
-    partition: Optional[str] = None
-    account: Optional[str] = None
+    cluster: str | None = None       # None = slurm when available; local/debug for testing
+    partition: str | None = None
+    account: str | None = None
     cpus_per_cell: int = 10
-    mem_gb: Optional[int] = None
+    mem_gb: int | None = None
     time_min: int = 4320                # per cell; a requeued (timed-out) cell resumes
     slurm_args: dict[str, Any] = field(default_factory=dict)   # further sbatch options
-    folder: Optional[str] = None        # submitit's logs; None = <study_dir>/submitit
-    wait: Optional[bool] = None         # wait for the jobs and write the report; None = not on Slurm
+    folder: str | None = None        # submitit's logs; None = <study_dir>/submitit
+    wait: bool | None = None         # wait for the jobs and write the report; None = not on Slurm
 
 
 @dataclass
 class StudyConfig:
     study_dir: str = "runs/study"
     pretrain: RunSpec = field(default_factory=RunSpec)
-    warm_start: Optional[WarmStart] = None
+    warm_start: WarmStart | None = None
     variants: dict[str, list[str]] = field(default_factory=dict)
-    baseline: Optional[str] = None      # None = the first variant
+    baseline: str | None = None      # None = the first variant
     seeds: list[int] = field(default_factory=lambda: [0])
     evals: dict[str, EvalSpec] = field(default_factory=dict)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
@@ -120,7 +120,7 @@ class StudyConfig:
     # GPUs (processes) per cell: >= 2 makes each cell an Accelerate launch over that many GPUs
     # (locally and on Slurm); 0 / 1: one process (local: in a worker, on its own GPU if any)
     gpus_per_cell: int = 1
-    threads_per_cell: Optional[int] = None   # local: torch threads per cell; None = cores // jobs
+    threads_per_cell: int | None = None   # local: torch threads per cell; None = cores // jobs
     submitit: SubmititConfig = field(default_factory=SubmititConfig)
 
     def check(self) -> None:
@@ -145,7 +145,7 @@ class StudyConfig:
                 raise ValueError(f"evals.{name}.config: the finetune config file is required")
             if not ev.metrics:
                 raise ValueError(f"evals.{name}.metrics: list the metrics.json keys for the report")
-            from multimae_att.study.collect import BOOKKEEPING_KEYS   # (collect imports this module)
+            from multimae_att.study.collect import BOOKKEEPING_KEYS  # (collect imports this module)
 
             kept = sorted(set(ev.metrics) & BOOKKEEPING_KEYS)
             if kept:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from multimae_att.runstate import write_text_atomic
+from multimae_att.atomic import write_text_atomic
 
 __all__ = ["append_record", "read_record", "append_invocation", "update_invocation", "read_invocations"]
 

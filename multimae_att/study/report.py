@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multimae_att.study.collect import (BOOKKEEPING_COLUMNS, COST_COLUMNS, FIXED_COLUMNS, collect_rows,
-                                       loss_curve, write_csv)
+from multimae_att.study.collect import (
+    BOOKKEEPING_COLUMNS,
+    COST_COLUMNS,
+    FIXED_COLUMNS,
+    collect_rows,
+    loss_curve,
+    write_csv,
+)
 from multimae_att.study.config import StudyConfig
 from multimae_att.study.plan import Cell
 from multimae_att.study.records import read_invocations
@@ -168,7 +174,7 @@ def write_report(study: StudyConfig, cells: list[Cell], states: dict[str, str],
                     [[v, " ".join(f"`{o}`" for o in study.variants[v]) or "(none)"] for v in variants])
     lines += _invocations_section(study.study_dir)
     out = root / "REPORT.md"
-    from multimae_att.runstate import write_text_atomic
+    from multimae_att.atomic import write_text_atomic
 
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out

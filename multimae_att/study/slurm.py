@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from multimae_att.study.cellrun import run_command
 from multimae_att.study.config import StudyConfig
@@ -122,7 +123,7 @@ def run_submitit(study: StudyConfig, todo: list[Cell], report_command: list[str]
         jobs[cell.id] = job
         job_ids[cell.id] = job.job_id
         print_fn(f"submitted {cell.id}: job {job.job_id}")
-    from multimae_att.runstate import write_text_atomic
+    from multimae_att.atomic import write_text_atomic
 
     write_text_atomic(jobs_file, json.dumps(job_ids, indent=1) + "\n")
     if not wait:
@@ -133,7 +134,7 @@ def run_submitit(study: StudyConfig, todo: list[Cell], report_command: list[str]
             rep = ex.submit(CellJob("report", report_command, str(Path(study.study_dir) / "logs" / "report.log"),
                                     str(Path(study.study_dir) / "records" / "report.json"), os.getcwd()))
             print_fn(f"submitted the report: job {rep.job_id} (runs when every cell has ended)")
-        return {c: "submitted" for c in jobs} | outcome
+        return dict.fromkeys(jobs, "submitted") | outcome
     for cell_id, job in jobs.items():
         if cell_id not in outcome and not isinstance(job, str):
             outcome[cell_id] = _result(job, cell_id, print_fn)

@@ -9,8 +9,8 @@ many seeds have a difference of the same sign as the mean (``k/n``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 __all__ = ["Summary", "Paired", "summarize", "paired", "fmt"]
 

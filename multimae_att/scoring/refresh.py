@@ -1,7 +1,7 @@
 """The runner's side of the attention cache (``masking.cache.*``): creation and full-image refreshes.
 
 With ``masking.cache.refresh=full`` (default) the maps come from a full-image scoring pass over
-the training split (:func:`multimae_att.attention_cache.refresh_cache`, an evaluation-mode loader
+the training split (:func:`multimae_att.scoring.cache.refresh_cache`, an evaluation-mode loader
 with ``eval_full_image=True``: crop box = the whole source, no flip) at the start of every
 refresh window. Every later lookup in that window hits, so training writes nothing to the cache.
 
@@ -31,10 +31,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from multimae_att.atomic import write_text_atomic
 from multimae_att.pretrain.config import PretrainConfig
-from multimae_att.runstate import write_text_atomic
 
 __all__ = ["build_cache", "refresh_point", "window_end", "window_reads_cache", "CacheRefresher",
            "REFRESH_RECORD"]
@@ -47,7 +47,7 @@ def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
     c = cfg.masking.cache
     if not c.enabled:
         return None
-    from multimae_att.attention_cache import AttentionCache
+    from multimae_att.scoring.cache import AttentionCache
 
     path = Path(c.path or Path(cfg.output_dir) / "attention_cache")
     if accelerator.is_main_process and not (path / "meta.json").exists():
@@ -67,7 +67,7 @@ def build_cache(cfg: PretrainConfig, loader: Any, accelerator: Any):
     return cache
 
 
-def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[int]) -> int:
+def refresh_point(epoch: int, refresh_every: int | None, max_age: int | None) -> int:
     """First epoch of the refresh window holding ``epoch`` (see the module docstring)."""
     base, rest = 0, epoch
     if refresh_every is not None:
@@ -77,7 +77,7 @@ def refresh_point(epoch: int, refresh_every: Optional[int], max_age: Optional[in
     return base
 
 
-def window_end(point: int, refresh_every: Optional[int], max_age: Optional[int]) -> float:
+def window_end(point: int, refresh_every: int | None, max_age: int | None) -> float:
     """First epoch after the window that starts at ``point`` (``inf`` without either limit)."""
     ends = [math.inf]
     if refresh_every is not None:
@@ -113,18 +113,18 @@ class CacheRefresher:
     """
 
     def __init__(self, cfg: PretrainConfig, cache: Any, model: Any, accelerator: Any,
-                 resumed_step: Optional[int], policy: Any = None, last_epoch: float = math.inf,
+                 resumed_step: int | None, policy: Any = None, last_epoch: float = math.inf,
                  source: Any = None) -> None:
         self.cfg, self.cache, self.model, self.accelerator = cfg, cache, model, accelerator
         self.source = source  # the run's score source (None: attention at masking.score_layer/query)
         self.policy, self.last_epoch = policy, last_epoch
         self.c = cfg.masking.cache
         self.record_file = Path(cache.path) / REFRESH_RECORD
-        self.done: Optional[int] = None   # window refreshed (or verified) in this process
+        self.done: int | None = None   # window refreshed (or verified) in this process
         self.resumed_step = resumed_step  # None: a fresh start (never trust an old record)
-        self.last_saved: Optional[int] = resumed_step
+        self.last_saved: int | None = resumed_step
 
-    def _record(self) -> Optional[dict]:
+    def _record(self) -> dict | None:
         try:
             return json.loads(self.record_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -164,15 +164,15 @@ class CacheRefresher:
     def _refresh(self, step: int, epoch: int, point: int) -> None:
         import torch
 
-        from multimae_att.attention_cache import refresh_cache
         from multimae_att.pretrain.setup import build_refresh_loader
         from multimae_att.pretrain.step import model_inputs
+        from multimae_att.scoring.cache import refresh_cache
 
         acc = self.accelerator
         if acc.is_main_process:
             self.record_file.unlink(missing_ok=True)  # an interrupted refresh leaves no record
         # Each process scores a disjoint share of the samples of its node (the cache directory
-        # is per node, see multimae_att.attention_cache): local rank / local world size.
+        # is per node, see multimae_att.scoring.cache): local rank / local world size.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         loader = build_refresh_loader(self.cfg, acc.local_process_index, local_world)
         loader.set_epoch(0)

@@ -10,7 +10,7 @@ value/output projections and MLP are skipped, so the pass is cheaper than a plai
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

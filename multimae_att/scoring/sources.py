@@ -10,7 +10,7 @@ inputs) into those scores with one no-grad pass over all tokens:
   all modalities, as AMT's code does before averaging the heads (raw averaging lets the heads
   with peaked rows dominate). Costs less than a plain forward (the readout block is cut short).
 - ``predicted_loss`` (:class:`PredictedLossScores`): a loss-prediction head
-  (:class:`~multimae_att.loss_prediction.LossPredictor`) on the last-layer features of the
+  (:class:`~multimae_att.scoring.loss_prediction.LossPredictor`) on the last-layer features of the
   no-mask pass (the full last block runs: the cost of a plain inference forward). The head's raw
   outputs only order tokens (a pairwise ranking loss trains them), so the scores are their
   softmax over each modality's tokens: non-negative like attention probabilities, and
@@ -24,8 +24,9 @@ interface (``source(model, tokens_or_inputs, per_head=False)``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,7 +87,7 @@ class AttentionScores:
 
 
 class PredictedLossScores:
-    """``predicted_loss`` source over a :class:`~multimae_att.loss_prediction.LossPredictor`."""
+    """``predicted_loss`` source over a :class:`~multimae_att.scoring.loss_prediction.LossPredictor`."""
 
     name = "predicted_loss"
 
@@ -127,7 +128,7 @@ def build_scoring(masking: Any, modalities: list[str], dim: int):
     """``(source, loss_predictor or None)`` from the ``masking`` config section
     (``score_source``, ``score_norm``, ``score_layer``, ``score_query``, ``loss_predictor.hidden``)
     for a model of width ``dim`` with input ``modalities``."""
-    from multimae_att.loss_prediction import LossPredictor
+    from multimae_att.scoring.loss_prediction import LossPredictor
 
     predictor = None
     if masking.score_source == "predicted_loss":

@@ -23,13 +23,13 @@ learned (by the BCE on the order of each pair, HPM's "relative" loss).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimae_att.losses import input_modality_of
+from multimae_att.pretrain.losses import input_modality_of
 
 __all__ = ["LossPredictor", "loss_targets", "ranking_loss", "count_pairs", "spearman"]
 
@@ -86,7 +86,7 @@ def loss_targets(patch_losses: Mapping[str, Tensor], loss_weights: Mapping[str, 
     """Per-token loss of each *input* modality, ``[B, N_m]``: the sum over the outputs that read
     it (``rgb`` and ``norm_rgb`` read ``rgb``) of ``loss.weights[output] * per-patch loss``, i.e.
     what the token contributes to the training loss. ``patch_losses``: output -> ``[B, N_m]``
-    (from :func:`multimae_att.losses.multimodal_loss`); a modality no output reads is left out.
+    (from :func:`multimae_att.pretrain.losses.multimodal_loss`); a modality no output reads is left out.
     """
     out: TensorDict = {}
     for name, loss in patch_losses.items():

@@ -19,7 +19,7 @@ the seed (:func:`seed_component`). Batched over images with ``torch.linalg.eigh`
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
