@@ -13,10 +13,11 @@ Per kind, the metric columns:
 
 Bookkeeping columns, after the metrics: ``step`` (the step of the results; for pretraining the
 last logged step), ``report_epoch``, ``report_step`` (which evaluation ``train.report`` chose) and
-``skipped_eval_samples`` (how many corrupt samples the evaluation left out). Cost columns, last: the cell's cost from the study records (``cpu_s``,
-``wall_s``, ``peak_rss_mb``, ``peak_cuda_mb``), ``s_per_step`` of a pretraining run (median of the
-logged ``step_time``), and for eval / diagnose rows the cost of the pretraining run they evaluate
-(``pretrain_s_per_step``, ``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
+``skipped_eval_samples`` (how many corrupt samples the evaluation left out). Cost columns, last:
+the cell's cost from the study records (``cpu_s``, ``wall_s``, ``peak_rss_mb``, ``peak_cuda_mb``),
+``s_per_step`` of a pretraining run (median of the logged ``step_time``), and for eval / diagnose
+rows the cost of the pretraining run they evaluate (``pretrain_s_per_step``,
+``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
 """
 from __future__ import annotations
 
