@@ -98,7 +98,8 @@ def _fake_finished(cells, values: dict, s_per_step: dict) -> None:
         elif c.kind == "eval":
             save_config(c.config, out / "config.yaml")
             (out / "metrics.json").write_text(_results(
-                12, [], task="knn", knn_top1=values[c.variant, c.seed], per_class=[1, 2], skipped_eval_samples=0,
+                12, [], task="knn", knn_top1=values[c.variant, c.seed], per_class=[1, 2],
+                skipped_eval_samples=["val/3"] if c.seed == 1 else [],
                 report="best", report_epoch=2, report_step=8))
         else:
             (out / "diagnose.json").write_text(json.dumps(
@@ -134,7 +135,7 @@ def test_report_on_hand_made_metrics(tmp_path, data_root):
     metric_columns = columns[len(FIXED_COLUMNS):columns.index("step")]
     assert metric_columns == ["fg_auroc.rgb", "fg_token_share.rgb", "hidden_fg_share", "knn_top1", "loss"]
     assert columns[len(FIXED_COLUMNS) + len(metric_columns):][:4] == BOOKKEEPING_COLUMNS
-    assert (row["step"], row["report_epoch"], row["report_step"], row["skipped_eval_samples"]) == ("12", "2", "8", "0")
+    assert (row["step"], row["report_epoch"], row["report_step"], row["skipped_eval_samples"]) == ("12", "2", "8", "1")
     pre = next(r for r in rows if r["cell"] == "pretrain/high/seed1")
     assert pre["step"] == "3" and pre["report_step"] == ""
     assert "report_step" not in report and "Missing" not in report

@@ -31,7 +31,7 @@ from typing import Any
 
 from multimae_att.study.plan import DIAGNOSE, FINETUNE, PRETRAIN, Cell, entry_path
 
-__all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload"]
+__all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload", "cpu_seconds"]
 
 _MAINS: dict[str, Callable] = {}
 
@@ -75,7 +75,8 @@ def fresh_state(threads: int) -> None:
     random.seed(0)
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -134,7 +135,7 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
     record: dict[str, Any] = {"ok": False, "error": None, "threads": threads, "host": socket.gethostname(),
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "load_before": os.getloadavg()[0], "pid": os.getpid()}
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with _redirected(Path(log_path)):
         print(f"=== {cell.id}: {' '.join(cell.command())}", flush=True)
         try:
@@ -157,7 +158,7 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
             os.environ.clear()
             os.environ.update(env)
     record["wall_s"] = round(time.perf_counter() - t0, 3)
-    record["cpu_s"] = round(_cpu_seconds() - c0, 3)
+    record["cpu_s"] = round(cpu_seconds() - c0, 3)
     peak = _peak_rss_mb() if rss_reset else None   # without the reset it would be the worker's peak
     record["peak_rss_mb"] = round(peak, 1) if peak is not None else None
     record["peak_cuda_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)

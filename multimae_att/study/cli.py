@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ def _prepare(steps) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import multimae_att  # noqa: F401  (torchvision guard before timm)
+    from multimae_att.study.cellrun import cpu_seconds
     from multimae_att.study.config import load_study_config
     from multimae_att.study.local import default_threads, record_path, run_local
     from multimae_att.study.plan import build_plan
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in cells if states[c.id].state != "finished"]
     print(f"study {study.study_dir}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
           f"{len(todo)} to run", flush=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()   # the prepare steps before are not this run's cells
     run_index = append_invocation(study.study_dir, {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "ended": None, "launcher": study.launcher,
         "jobs": study.jobs, "threads": threads, "cores": os.cpu_count(), "load_before": os.getloadavg()[0],
@@ -123,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         update_invocation(study.study_dir, run_index, {
             "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 1),
+            "cpu_s": round(cpu_seconds() - c0, 1),
             "load_after": os.getloadavg()[0], "cells_run": len(outcome),
             "failed": sum(1 for v in outcome.values() if v == "failed")})
     if interrupted:

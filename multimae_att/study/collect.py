@@ -13,10 +13,11 @@ Per kind, the metric columns:
 
 Bookkeeping columns, after the metrics: ``step`` (the step of the results; for pretraining the
 last logged step), ``report_epoch``, ``report_step`` (which evaluation ``train.report`` chose) and
-``skipped_eval_samples``. Cost columns, last: the cell's cost from the study records (``cpu_s``,
-``wall_s``, ``peak_rss_mb``, ``peak_cuda_mb``), ``s_per_step`` of a pretraining run (median of the
-logged ``step_time``), and for eval / diagnose rows the cost of the pretraining run they evaluate
-(``pretrain_s_per_step``, ``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
+``skipped_eval_samples`` (how many corrupt samples the evaluation left out). Cost columns, last:
+the cell's cost from the study records (``cpu_s``, ``wall_s``, ``peak_rss_mb``, ``peak_cuda_mb``),
+``s_per_step`` of a pretraining run (median of the logged ``step_time``), and for eval / diagnose
+rows the cost of the pretraining run they evaluate (``pretrain_s_per_step``,
+``pretrain_peak_rss_mb``, ``pretrain_cpu_s``).
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def _eval_metrics(path: Path) -> dict[str, Any]:
     d = json.loads(path.read_text())
     out = {k: v for k, v in d.items() if k not in BOOKKEEPING_KEYS and _number(v)}
     out.update({k: d[k] for k in BOOKKEEPING_COLUMNS if _number(d.get(k))})
+    if isinstance(d.get("skipped_eval_samples"), list):   # the ids of the samples left out: their count
+        out["skipped_eval_samples"] = len(d["skipped_eval_samples"])
     return out
 
 

@@ -261,7 +261,8 @@ def _invocations_section(study_dir: str) -> list[str]:
                      f"{r['cells_run']} of {r['cells_to_run']} ({r['failed']} failed)"])
     return ["", "## Runs of this study", "",
             "Each `run_study.py` invocation: wall and CPU minutes (this process and its workers, "
-            f"start-up included) on {runs[-1].get('cores', '?')} cores, and the machine's 1-minute load "
-            "average at start and end (other users' work included). A killed invocation's time is "
-            "unknown; its finished cells are kept, its interrupted cell resumed.", ""] + _table(
+            f"start-up included, the `prepare` steps not) on {runs[-1].get('cores', '?')} cores, and "
+            "the machine's 1-minute load average at start and end (other users' work included). A "
+            "killed invocation's time is unknown; its finished cells are kept, its interrupted cell "
+            "resumed.", ""] + _table(
         ["started", "wall min", "CPU min", "launcher", "load", "cells run"], body)
