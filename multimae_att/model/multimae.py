@@ -298,11 +298,12 @@ class MultiMAE(nn.Module):
     def decode(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any], ids_keep: torch.Tensor,
                thrown: Mapping[str, torch.Tensor] | None = None,
                fp32_output_adapters: Iterable[str] = (),
-               kept_range: Mapping[str, tuple[int, int]] | None = None) -> TensorDict:
+               kept_range: Mapping[str, tuple[int, int]] | None = None, packed: bool = False) -> TensorDict:
         """Run every output adapter; ``thrown[m]`` (bool ``[B, N_m]``) drops those query rows of
         the decoder whose ``task`` (or, without one, whose name) is ``m`` (predictions there are zero).
         ``kept_range[m]``: (fewest, most) rows a sample keeps (host ints), so no count is read from
-        the mask."""
+        the mask. ``packed``: such a decoder returns its decoded rows
+        (:class:`~multimae_att.model.packed.PackedPrediction`) instead of the zero-filled image."""
         fp32 = set(fp32_output_adapters)
         preds = {}
         for name, adapter in self.output_adapters.items():
@@ -312,6 +313,8 @@ class MultiMAE(nn.Module):
             kwargs = {"input_info": input_info, "ids_keep": ids_keep}
             if keep is not None:
                 kwargs["query_keep"] = keep
+                if packed:
+                    kwargs["packed"] = True
                 if kept_range is not None and task in kept_range:
                     kwargs["kept_range"] = kept_range[task]
             if name in fp32:
@@ -325,7 +328,7 @@ class MultiMAE(nn.Module):
                        thrown: Mapping[str, torch.Tensor] | None = None, *,
                        fp32_output_adapters: Iterable[str] = (),
                        return_encoder: bool = False, num_visible: int | None = None,
-                       kept_range: Mapping[str, tuple[int, int]] | None = None
+                       kept_range: Mapping[str, tuple[int, int]] | None = None, packed: bool = False
                        ) -> TensorDict | tuple[TensorDict, torch.Tensor]:
         """Masked encoder + decoders over the cached ``tokens`` (no second adapter pass).
 
@@ -337,16 +340,18 @@ class MultiMAE(nn.Module):
         Decoder queries at thrown positions are dropped and their predictions are zero-filled.
         ``num_visible``: K and ``kept_range`` (modality -> fewest and most tokens a sample keeps,
         i.e. does not throw), when known, spare reading counts from the masks (each a host sync
-        on a GPU).
-        Returns preds: dict output name -> ``[B, C, H_m, W_m]`` (and the encoder output
-        ``[B, K + G, D]`` with ``return_encoder``).
+        on a GPU). ``packed``: a decoder that drops thrown queries returns its decoded rows
+        (:class:`~multimae_att.model.packed.PackedPrediction`, what the pretraining losses read)
+        instead of the zero-filled image.
+        Returns preds: dict output name -> ``[B, C, H_m, W_m]`` (or a ``PackedPrediction``; and
+        the encoder output ``[B, K + G, D]`` with ``return_encoder``).
         """
         tokens = self._as_tokens(tokens)
         self._select_attention(next(iter(tokens.values())))
         ids_keep = self._visible_ids(tokens, hidden, thrown, num_visible)
         encoded = self.encode_visible(tokens, ids_keep)
         preds = {} if self.output_adapters is None else self.decode(
-            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters, kept_range)
+            encoded, self.input_info(tokens), ids_keep, thrown, fp32_output_adapters, kept_range, packed)
         return (preds, encoded) if return_encoder else preds
 
     # ------------------------------------------------------------------ MultiMAE's forward

@@ -23,6 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from multimae_att.device_checks import check
+from multimae_att.model.packed import PackedPrediction
 from multimae_att.model.pos_emb import Size2, build_2d_sincos_posemb, flatten_grid, pair, resize_pos_emb
 
 
@@ -210,7 +211,8 @@ class SpatialOutputAdapter(nn.Module):
     def forward(self, encoder_tokens: torch.Tensor, input_info: Mapping[str, Any],
                 ids_keep: torch.Tensor | None = None, ids_restore: torch.Tensor | None = None,
                 query_keep: torch.Tensor | None = None,
-                kept_range: tuple[int, int] | None = None) -> torch.Tensor:
+                kept_range: tuple[int, int] | None = None,
+                packed: bool = False) -> torch.Tensor | PackedPrediction:
         """Decode ``encoder_tokens [B, K+G, D_enc]`` into ``[B, num_channels, h*P_H, w*P_W]``.
 
         ``ids_keep [B, K]``: canonical positions of the visible tokens (None = all tokens visible,
@@ -219,7 +221,8 @@ class SpatialOutputAdapter(nn.Module):
         to in the decoder blocks — and their predictions are **zero-filled**. ``kept_range``: the
         fewest and most kept rows of a sample (host ints): the rows are packed to the most without
         reading counts from ``query_keep`` (each read is a host sync on a GPU), and when both are
-        equal no padding mask is needed.
+        equal no padding mask is needed. ``packed`` (with ``query_keep``): return the decoded rows
+        as a :class:`~multimae_att.model.packed.PackedPrediction` instead of the zero-filled image.
         """
         if self.dim_tokens_enc is None:
             raise RuntimeError("SpatialOutputAdapter: call init(dim_tokens_enc) first")
@@ -229,23 +232,20 @@ class SpatialOutputAdapter(nn.Module):
             n = int(input_info["num_task_tokens"])
             ids_keep = torch.arange(n, device=ctx.device).expand(ctx.shape[0], n)
         queries, context = self._queries_and_context(ctx, input_info, ids_keep, grid)
-        if kept_range is not None and query_keep is not None:
-            out = self._decode_subset(queries, context, query_keep, kept_range)
-        elif query_keep is None or bool(query_keep.all()):
-            out = self._decode(queries, context, None)
-        else:
-            out = self._decode_subset(queries, context, query_keep)
+        if query_keep is not None and (packed or kept_range is not None or not bool(query_keep.all())):
+            rows = self._decode_subset(queries, context, query_keep, grid, kept_range)
+            return rows if packed else rows.image()
+        out = self._decode(queries, context, None)
         h, w = grid
         out = out.reshape(out.shape[0], h, w, self.num_channels, self.P_H, self.P_W)
         return out.permute(0, 3, 1, 4, 2, 5).reshape(out.shape[0], self.num_channels, h * self.P_H, w * self.P_W)
 
     def _decode_subset(self, queries: torch.Tensor, context: torch.Tensor, keep: torch.Tensor,
-                       kept_range: tuple[int, int] | None = None) -> torch.Tensor:
+                       grid: tuple[int, int], kept_range: tuple[int, int] | None = None) -> PackedPrediction:
         """Decode only the kept query rows; rows may differ per sample, so pack them to the most
         kept (``kept_range[1]``, else read from ``keep``) and mask the padding as keys (not
-        needed when every sample keeps the same number). Returns ``[B, Q, P]`` with zeros at
-        dropped rows."""
-        B, Q, D = queries.shape
+        needed when every sample keeps the same number)."""
+        Q, D = queries.shape[1:]
         counts = keep.sum(1)
         if kept_range is None:
             width, uniform = int(counts.max()), False
@@ -256,11 +256,11 @@ class SpatialOutputAdapter(nn.Module):
                   f"decoder {self.task!r}: a sample keeps a number of queries outside kept_range={kept_range}")
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept rows first
         packed = queries.gather(1, order.unsqueeze(-1).expand(-1, -1, D))
+        valid = None
         if uniform:  # no padding row: nothing to mask
             out = self._decode(packed, context, None)
         else:
             valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]  # [B, width]
             key_valid = valid | (counts == 0)[:, None]  # a sample with nothing kept must not attend to nothing
-            out = self._decode(packed, context, key_valid) * valid.unsqueeze(-1).to(queries.dtype)
-        full = out.new_zeros(B, Q, out.shape[-1])
-        return full.scatter(1, order.unsqueeze(-1).expand(-1, -1, out.shape[-1]), out)
+            out = self._decode(packed, context, key_valid)
+        return PackedPrediction(out, order, valid, grid, self.num_channels, (self.P_H, self.P_W))

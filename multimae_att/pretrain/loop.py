@@ -23,6 +23,7 @@ import torch
 
 from multimae_att.config import ConfigError
 from multimae_att.masking.planner import MaskPlanner
+from multimae_att.model.packed import as_images
 from multimae_att.optim import build_adamw, load_optimizer_state
 from multimae_att.preflight import check_pretrain
 from multimae_att.pretrain.config import PretrainConfig, resume_config_changes
@@ -209,7 +210,7 @@ class PretrainJob(Job):
             self.policy.update_losses(losses)
         res = self.last_res
         if self.pictures:  # score panels only when the masks came from scores (no extra scoring pass)
-            drawn = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, res.preds,
+            drawn = save_pictures(Path(self.cfg.output_dir) / "pictures", step, res.inputs, as_images(res.preds),
                                   res.plan.hidden, res.plan.thrown, res.plan.scores,
                                   input_grids(self.weights, res.inputs), self.cfg.log.pictures_samples,
                                   info=self.picture_info, guided=res.plan.guided)

@@ -14,7 +14,10 @@ code), then masked:
 
 Step 1 is computed only on the counted patches (gathered, padded to the fullest sample) where
 that is cheaper than scoring every pixel (:data:`GATHER_UP_TO`): for ce over many classes and
-norm_pix when few patches count (AMT); both paths give the same values and gradients.
+norm_pix when few patches count; both paths give the same values and gradients. A decoder that
+drops thrown queries (AMT) hands over its decoded rows (:class:`PackedPrediction`): step 1 then
+runs on those rows against the gathered target patches (:func:`packed_patch_losses`), with the
+same values and gradients as on the zero-filled image.
 
 Steps 1-2 equal MultiMAE's per-pixel masked means (every patch has the same pixel count), but
 fold in per-patch weights naturally. AttG (Sick et al., "Attention-Guided Masked Autoencoders"):
@@ -37,8 +40,9 @@ import torch.nn.functional as F
 
 from multimae_att.device_checks import check
 from multimae_att.modalities import OUTPUTS, LossSpec, target_of
+from multimae_att.model.packed import PackedPrediction
 
-__all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "masked_mean",
+__all__ = ["LossSpec", "DEFAULT_SPECS", "GATHER_UP_TO", "counted_patch_losses", "packed_patch_losses", "masked_mean",
            "attg_weights", "masked_loss", "multimodal_loss", "input_modality_of"]
 
 #: output -> how it is scored: the modality table's loss spec of each output (a run may override
@@ -199,6 +203,31 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     return vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
 
 
+def packed_patch_losses(pred: PackedPrediction, target: torch.Tensor, mask: torch.Tensor,
+                        spec: LossSpec) -> torch.Tensor:
+    """Per-patch losses ``[B, h * w]`` float32 from a decoder's packed rows, 0 where ``mask``
+    (1 = counted) is not set; the same values as :func:`counted_patch_losses` on ``pred.image()``.
+
+    Each decoded row is scored against the target pixels of its patch (gathered by
+    ``pred.index``; rows of visible tokens are scored too and then masked out, as the dense path
+    does), so the prediction is never zero-filled, unpatchified or cut up again. Every counted
+    patch must be a decoded row (counted = hidden and not thrown, decoded = not thrown).
+    """
+    B, N = mask.shape
+    if pred.num_tokens != N:
+        raise ValueError(f"{spec.kind} loss: packed prediction on a {pred.grid} grid, mask has {N} patches")
+    if target.shape[-2:] != (pred.grid[0] * pred.patch[0], pred.grid[1] * pred.patch[1]):
+        raise ValueError(f"{spec.kind} target {tuple(target.shape)} does not match the prediction's "
+                         f"{pred.grid} grid of {pred.patch} patches")
+    W = pred.rows.shape[1]
+    rows = pred.rows.reshape(B, W, pred.channels, -1).transpose(1, 2)              # [B, C, W, ph * pw]
+    vals = _patch_loss(rows, _gather_patches(target, pred.grid, pred.index), spec)  # [B, W]
+    # Padding rows go to a spare column N (so none collides with a real patch), then dropped.
+    dest = pred.index if pred.valid is None else torch.where(pred.valid, pred.index, torch.full_like(pred.index, N))
+    per_patch = vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
+    return torch.where(mask, per_patch, torch.zeros_like(per_patch))
+
+
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None,
                 denominator: float | torch.Tensor | None = None,
@@ -239,7 +268,7 @@ def attg_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.exp(m_norm / tau)
 
 
-def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, spec: LossSpec,
+def masked_loss(pred: torch.Tensor | PackedPrediction, target: torch.Tensor, hidden: torch.Tensor, spec: LossSpec,
                 thrown: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None,
                 denominator: float | torch.Tensor | None = None,
@@ -248,21 +277,26 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, 
                 name: str = "", max_count: int | None = None) -> torch.Tensor:
     """Loss of one output modality on its hidden, non-thrown patches.
 
+    ``pred``: the prediction ``[B, C, H, W]``, or a decoder's packed rows
+    (:class:`~multimae_att.model.packed.PackedPrediction`, scored by :func:`packed_patch_losses`).
     ``hidden``/``thrown``: bool ``[B, N]`` (1 = hidden / thrown); ``weights``: ``[B, N]`` or None;
     ``denominator`` and ``normalize_weights``: see :func:`masked_mean`; ``max_count``: see
     :func:`counted_patch_losses`. ``patch_losses``: when a dict is given, ``patch_losses[name]``
     receives the detached per-patch losses ``[B, N]`` (0 on patches that do not count), e.g. as
     targets of a loss predictor.
     """
-    grid = _patch_grid(pred, hidden.shape[1], grid)
     mask = hidden.bool() if thrown is None else hidden.bool() & ~thrown.bool()
-    per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
+    if isinstance(pred, PackedPrediction):
+        per_patch = packed_patch_losses(pred, target, mask, spec)
+    else:
+        grid = _patch_grid(pred, hidden.shape[1], grid)
+        per_patch = counted_patch_losses(pred, target, mask, spec, grid, max_count=max_count)
     if patch_losses is not None:
         patch_losses[name] = per_patch.detach()
     return masked_mean(per_patch, mask, weights, denominator, normalize_weights)
 
 
-def multimodal_loss(preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor],
+def multimodal_loss(preds: Mapping[str, torch.Tensor | PackedPrediction], targets: Mapping[str, torch.Tensor],
                     hidden: Mapping[str, torch.Tensor],
                     thrown: Mapping[str, torch.Tensor] | None = None,
                     loss_weights: Mapping[str, float] | None = None,

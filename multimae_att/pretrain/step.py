@@ -27,6 +27,7 @@ from torch import nn
 
 from multimae_att.masking.planner import MaskPlan, MaskPlanner, token_grids
 from multimae_att.model import MultiMAE, Tokens
+from multimae_att.model.packed import PackedPrediction
 from multimae_att.pretrain.losses import LossSpec, multimodal_loss
 from multimae_att.scoring.loss_prediction import loss_targets, ranking_loss, spearman
 
@@ -77,7 +78,8 @@ class PretrainModule(nn.Module):
         tokens = self.model.embed(inputs)
         plan = plan_fn(self.model, tokens)
         preds = self.model.forward_masked(tokens, plan.hidden, plan.thrown, num_visible=plan.num_visible,
-                                          kept_range=plan.kept_range, fp32_output_adapters=self.fp32_output_adapters)
+                                          kept_range=plan.kept_range, fp32_output_adapters=self.fp32_output_adapters,
+                                          packed=True)  # AMT: losses read the decoded rows
         if self.loss_predictor is not None:
             if plan.features is None:
                 raise ValueError("PretrainModule has a loss predictor but the planner gave no "
@@ -91,7 +93,7 @@ class StepResult:
     loss: torch.Tensor                 # scalar, with graph (weighted sum over outputs)
     parts: dict[str, torch.Tensor]     # output -> loss, detached
     plan: MaskPlan
-    preds: TensorDict
+    preds: dict[str, torch.Tensor | PackedPrediction]  # image, or decoded rows when thrown (as_images)
     inputs: TensorDict
     # detached scalars to log: 'lossp/loss' (ranking loss), 'lossp/spearman_train' (scores vs losses)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
