@@ -219,9 +219,12 @@ def packed_patch_losses(pred: PackedPrediction, target: torch.Tensor, mask: torc
     if target.shape[-2:] != (pred.grid[0] * pred.patch[0], pred.grid[1] * pred.patch[1]):
         raise ValueError(f"{spec.kind} target {tuple(target.shape)} does not match the prediction's "
                          f"{pred.grid} grid of {pred.patch} patches")
-    W = pred.rows.shape[1]
-    rows = pred.rows.reshape(B, W, pred.channels, -1).transpose(1, 2)              # [B, C, W, ph * pw]
-    vals = _patch_loss(rows, _gather_patches(target, pred.grid, pred.index), spec)  # [B, W]
+    W, C = pred.rows.shape[1], pred.channels
+    target = _gather_patches(target, pred.grid, pred.index)  # [B, C, W, ph * pw], labels [B, W, ph * pw]
+    if spec.kind == "ce":  # one row per item, classes along a contiguous dim 1 (a strided log-softmax is slower)
+        vals = _patch_loss(pred.rows.reshape(B * W, C, 1, -1), target.reshape(B * W, 1, -1), spec).reshape(B, W)
+    else:
+        vals = _patch_loss(pred.rows.reshape(B, W, C, -1).transpose(1, 2), target, spec)  # [B, W]
     # Padding rows go to a spare column N (so none collides with a real patch), then dropped.
     dest = pred.index if pred.valid is None else torch.where(pred.valid, pred.index, torch.full_like(pred.index, N))
     per_patch = vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
