@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-_TEXT = ("*.py", "*.md", "*.yaml", "*.sh", "*.cfg", "*.toml")
+_TEXT = ("*.py", "*.md", "*.yaml", "*.sh", "*.cfg", "*.toml", "*.txt")
 # Paths written as placeholders in usage examples.
 _PLACEHOLDERS = {"configs/study/FILE.yaml", "configs/x.yaml"}
 
