@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from multimae_att.device_checks import check
-from multimae_att.model.packed import PackedPrediction
+from multimae_att.model.packed import PackedPrediction, unpatchify
 from multimae_att.model.pos_emb import Size2, build_2d_sincos_posemb, flatten_grid, pair, resize_pos_emb
 
 
@@ -235,10 +235,7 @@ class SpatialOutputAdapter(nn.Module):
         if query_keep is not None and (packed or kept_range is not None or not bool(query_keep.all())):
             rows = self._decode_subset(queries, context, query_keep, grid, kept_range)
             return rows if packed else rows.image()
-        out = self._decode(queries, context, None)
-        h, w = grid
-        out = out.reshape(out.shape[0], h, w, self.num_channels, self.P_H, self.P_W)
-        return out.permute(0, 3, 1, 4, 2, 5).reshape(out.shape[0], self.num_channels, h * self.P_H, w * self.P_W)
+        return unpatchify(self._decode(queries, context, None), grid, self.num_channels, (self.P_H, self.P_W))
 
     def _decode_subset(self, queries: torch.Tensor, context: torch.Tensor, keep: torch.Tensor,
                        grid: tuple[int, int], kept_range: tuple[int, int] | None = None) -> PackedPrediction:

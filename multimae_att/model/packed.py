@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedPrediction", "as_images"]
+__all__ = ["PackedPrediction", "as_images", "unpatchify"]
 
 
 @dataclass
@@ -45,9 +45,16 @@ class PackedPrediction:
         rows = self.rows if self.valid is None else self.rows * self.valid.unsqueeze(-1).to(self.rows.dtype)
         B, _, P = rows.shape
         full = rows.new_zeros(B, self.num_tokens, P).scatter(1, self.index.unsqueeze(-1).expand(-1, -1, P), rows)
-        (h, w), (ph, pw), C = self.grid, self.patch, self.channels
-        out = full.reshape(B, h, w, C, ph, pw).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(B, C, h * ph, w * pw)
+        return unpatchify(full, self.grid, self.channels, self.patch)
+
+
+def unpatchify(rows: torch.Tensor, grid: tuple[int, int], channels: int, patch: tuple[int, int]) -> torch.Tensor:
+    """``[B, h * w, C * ph * pw]`` (one row per token, row-major over ``grid``; each row
+    channel-major, then the patch's pixels row-major: ``out_proj``'s layout) -> the image
+    ``[B, C, h * ph, w * pw]``."""
+    (h, w), (ph, pw), B = grid, patch, rows.shape[0]
+    out = rows.reshape(B, h, w, channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(B, channels, h * ph, w * pw)
 
 
 def as_images(preds: Mapping[str, torch.Tensor | PackedPrediction]) -> dict[str, torch.Tensor]:

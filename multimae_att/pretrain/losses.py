@@ -108,6 +108,15 @@ def _gather_patches(x: torch.Tensor, grid: tuple[int, int], patch: torch.Tensor)
     return x.reshape(B, C, H * W).gather(2, pix[:, None].expand(B, C, -1)).reshape(B, C, P, ph * pw)
 
 
+def _scatter_to_patches(vals: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None,
+                        N: int) -> torch.Tensor:
+    """Per-slot values ``[B, P]`` at token positions ``index [B, P]`` -> ``[B, N]`` (0 elsewhere).
+    Padding slots (``valid`` False) go to a spare column N, so none collides with a real patch,
+    and are dropped."""
+    dest = index if valid is None else torch.where(valid, index, torch.full_like(index, N))
+    return vals.new_zeros(vals.shape[0], N + 1).scatter(1, dest, vals)[:, :N]
+
+
 def _patch_loss(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Loss per gathered patch ``[B, P]`` float32 = mean over the patch's pixels and channels.
 
@@ -184,7 +193,7 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     if gather_up_to is None:
         gather_up_to = GATHER_UP_TO["norm_pix" if spec.norm_pix else spec.kind]
     mask = mask.bool()
-    B, N = mask.shape
+    N = mask.shape[1]
     # Flavours never gathered skip the count: it is a host sync on a GPU (a given bound is not).
     if gather_up_to <= 0 or not mask.numel():
         P = N
@@ -198,9 +207,7 @@ def counted_patch_losses(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
         return torch.where(mask, per_patch, torch.zeros_like(per_patch))
     patch, valid = _counted_index(mask, P)
     vals = _patch_loss(_gather_patches(pred, grid, patch), _gather_patches(target, grid, patch), spec)
-    # Padding slots go to a spare column N (so no slot collides with a real patch), then dropped.
-    dest = torch.where(valid, patch, torch.full_like(patch, N))
-    return vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
+    return _scatter_to_patches(vals, patch, valid, N)
 
 
 def packed_patch_losses(pred: PackedPrediction, target: torch.Tensor, mask: torch.Tensor,
@@ -225,9 +232,7 @@ def packed_patch_losses(pred: PackedPrediction, target: torch.Tensor, mask: torc
         vals = _patch_loss(pred.rows.reshape(B * W, C, 1, -1), target.reshape(B * W, 1, -1), spec).reshape(B, W)
     else:
         vals = _patch_loss(pred.rows.reshape(B, W, C, -1).transpose(1, 2), target, spec)  # [B, W]
-    # Padding rows go to a spare column N (so none collides with a real patch), then dropped.
-    dest = pred.index if pred.valid is None else torch.where(pred.valid, pred.index, torch.full_like(pred.index, N))
-    per_patch = vals.new_zeros(B, N + 1).scatter(1, dest, vals)[:, :N]
+    per_patch = _scatter_to_patches(vals, pred.index, pred.valid, N)
     return torch.where(mask, per_patch, torch.zeros_like(per_patch))
 
 
