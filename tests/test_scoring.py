@@ -3,6 +3,7 @@
 losses through the planner (exact budgets, seeded), the cache path's training share."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,11 +175,37 @@ def test_cached_scores_train_the_head_on_a_drawn_share(tiny, share):
     ref = plan(0, 1, 0.0)
     assert all(torch.equal(full.hidden[m], ref.hidden[m]) for m in MODS)   # masks drawn first
     parts = [plan(r, 2, share) for r in range(2)]
-    assert sum(p.feature_rows.numel() for p in parts) == full.feature_rows.numel()
+    assert sorted(int(i) * 2 + r for r, p in enumerate(parts) for i in p.feature_rows) == full.feature_rows.tolist()
     assert all(float(p.lossp_pairs) == pytest.approx(float(full.lossp_pairs) / 2) for p in parts)
     if full.feature_rows.numel():
         direct = model.encoder_features({m: t[full.feature_rows] for m, t in tokens.items()})
         assert all(torch.allclose(full.features[m], direct[m], atol=1e-5) for m in MODS)
+
+
+def test_cached_training_rows_are_per_sample_and_process_count_invariant():
+    """The samples that train the head: the same global rows for 1, 2 and 4 processes (local row
+    i of rank r is global row i * W + r), a new choice per step seed, and the configured share."""
+    def planner(share, rank=0, world=1):
+        return MaskPlanner(MaskingPolicy("high"), 12, rank=rank, world_size=world, cached_train_share=share)
+
+    choices = []
+    for seed in range(10):
+        picked, local = planner(0.3).training_rows(gen(seed), 8)
+        assert local.tolist() == np.flatnonzero(picked).tolist()
+        choices.append(picked.tolist())
+        for world in (2, 4):
+            rows = []
+            for rank in range(world):
+                part, loc = planner(0.3, rank, world).training_rows(gen(seed), 8 // world)
+                assert np.array_equal(part, picked)
+                rows += [int(i) * world + rank for i in loc]
+            assert sorted(rows) == local.tolist()
+    assert len({tuple(c) for c in choices}) > 5
+    share, n = 0.0625, 400 * 64                     # 400 steps of 64 samples: sd of the count ~39
+    count = sum(int(planner(share).training_rows(gen(step), 64)[0].sum()) for step in range(400))
+    assert abs(count - share * n) < 5 * (n * share * (1 - share)) ** 0.5
+    assert planner(0.0).training_rows(gen(0), 64)[0].sum() == 0
+    assert planner(1.0).training_rows(gen(0), 64)[0].all()
 
 
 def test_budgets_of_the_planner_match_sample_budgets(tiny):

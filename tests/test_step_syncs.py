@@ -41,9 +41,8 @@ def bench(tmp_path_factory):
     return BenchCases(PRESETS["micro"], torch.device("cpu"), "fp32", str(tmp_path_factory.mktemp("cache")))
 
 
-# cached_hpm_step is left out: with the cache, the samples that train the loss predictor are
-# drawn on the device and gathered by a data-dependent nonzero (one read per step).
-@pytest.mark.parametrize("case", ["random_step", "attention_step", "cached_step", "amt_step", "hpm_step"])
+@pytest.mark.parametrize("case", ["random_step", "attention_step", "cached_step", "amt_step", "hpm_step",
+                                  "cached_hpm_step"])
 def test_training_step_reads_nothing_from_the_device(bench, case):
     step = bench.cases()[case]
     step()  # optimizer state exists from here on
@@ -52,6 +51,19 @@ def test_training_step_reads_nothing_from_the_device(bench, case):
         loss = step()
     assert torch.isfinite(loss)
     assert not spy.found, f"host reads in {case}: {dict(spy.found)}"
+
+
+def test_cached_step_training_the_loss_predictor_reads_nothing_from_the_device(bench):
+    """The bench's cached hpm step trains the head on no sample; here every sample gets its
+    no-mask pass (the rows are drawn on the host, then gathered on the device)."""
+    planner = bench.hpm_planner(True)
+    planner.cached_train_share = 1.0
+    bench.train_step(planner, bench.lossp_module, epoch=1.0)
+    spy = HostReads()
+    with spy:
+        loss = bench.train_step(planner, bench.lossp_module, epoch=1.0)
+    assert torch.isfinite(loss)
+    assert not spy.found, f"host reads: {dict(spy.found)}"
 
 
 def test_the_spy_sees_reads():

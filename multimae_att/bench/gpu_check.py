@@ -98,7 +98,7 @@ def sync_counts(device, preset: str) -> dict[str, int] | None:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         bench = BenchCases(PRESETS[preset], device, "bf16", d)
-        for name in ("random_step", "attention_step", "cached_step", "amt_step"):
+        for name in ("random_step", "attention_step", "cached_step", "amt_step", "hpm_step", "cached_hpm_step"):
             step = bench.cases()[name]
             step()
             torch.cuda.synchronize()

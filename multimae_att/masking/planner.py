@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from multimae_att.masking import MaskingPolicy
-from multimae_att.masking.strategies import draw
 from multimae_att.model import MultiMAE, Tokens
 from multimae_att.scoring.loss_prediction import count_pairs
 from multimae_att.scoring.sources import AttentionScores, PredictedLossScores, ScorePass
+from multimae_att.seeds import step_seed
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -77,7 +78,8 @@ class MaskPlanner:
     run's length, for curriculum strategies (progress = epoch / total_epochs; required by them).
     ``cached_train_share``: with a ``predicted_loss`` source and the cache, the probability
     that a sample's no-mask features are computed to train the loss predictor (drawn per sample
-    of the global micro-batch); with fresh passes every sample trains it.
+    of the global micro-batch, on the host: :meth:`training_rows`); with fresh passes every
+    sample trains it.
     """
 
     def __init__(self, policy: MaskingPolicy, num_encoded_tokens: int, score_layer: int = -1,
@@ -116,13 +118,10 @@ class MaskPlanner:
             return self.source(model, tokens, per_head=per_head)
         grids = token_grids(model, tokens)
         # The cache lives on the host: keep `valid` there, so finding the misses reads no device
-        # value; the scores go up from pinned memory (a pageable copy would wait for the GPU).
+        # value.
         cached, valid = self.cache.lookup(batch, grids, int(epoch))
         dev = next(iter(tokens.values())).device
-        if dev.type == "cuda":
-            cached = {m: s.pin_memory().to(dev, non_blocking=True) for m, s in cached.items()}
-        elif dev.type != "cpu":
-            cached = {m: s.to(dev) for m, s in cached.items()}
+        cached = {m: to_device(s, dev) for m, s in cached.items()}
 
         def score_fn(index: torch.Tensor) -> TensorDict:
             sub = Tokens({m: t[index.to(t.device)] for m, t in tokens.items()}, tokens.image_size)
@@ -165,26 +164,49 @@ class MaskPlanner:
             self._predictor_features(plan, model, tokens, scored, counted, rows, generator)
         return plan
 
+    def training_rows(self, generator: torch.Generator, local_batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which samples of a cached step get a no-mask pass to train the loss predictor.
+
+        Returns (bool ``[B * W]`` over the global micro-batch, int64 local rows of this process).
+        Each sample is picked with probability ``cached_train_share``, drawn on the host from a
+        generator seeded by the step generator's seed (the runner seeds one per (seed, step,
+        micro-batch)) for the whole global micro-batch, so the choice of a sample is the same
+        for 1 and N processes and reading it never waits for the device.
+        """
+        W = self.world_size
+        rng = np.random.default_rng(step_seed(generator.initial_seed(), "loss-predictor-rows"))
+        picked = rng.random(local_batch * W) < self.cached_train_share
+        local = np.flatnonzero(picked[np.arange(local_batch) * W + self.rank]).astype(np.int64)
+        return picked, local
+
     def _predictor_features(self, plan: MaskPlan, model: MultiMAE, tokens: Tokens,
                             scored: ScorePass | None, counted: TensorDict, rows: torch.Tensor,
                             generator: torch.Generator) -> None:
-        """Fill ``plan.features`` / ``feature_rows`` / ``lossp_pairs`` (drawn after the masks, so
-        the masks do not depend on it)."""
+        """Fill ``plan.features`` / ``feature_rows`` / ``lossp_pairs`` (the rows come from their
+        own host generator, so the masks do not depend on them)."""
         B, W = rows.shape[0], self.world_size
         dev = rows.device
         if scored is not None and scored.features is not None:   # a fresh pass over every sample
             pick = torch.ones(B * W, dtype=torch.bool, device=dev)
             plan.features, plan.feature_rows = scored.features, torch.arange(B, device=dev)
         else:
-            pick = draw("uniform", (B * W,), dev, generator) < self.cached_train_share
-            local = pick[rows].nonzero().squeeze(1)  # a host sync; the cached path has others
-            plan.feature_rows = local
+            picked, local = self.training_rows(generator, B)      # host arrays: no device read
+            pick = to_device(torch.from_numpy(picked), dev)
+            plan.feature_rows = local = to_device(torch.from_numpy(local), dev)
             if local.numel():
                 sub = Tokens({m: t[local] for m, t in tokens.items()}, tokens.image_size)
                 plan.features = self.source.features(model, sub)
             else:  # no sample this step: an empty batch keeps the head in the graph (DDP)
                 plan.features = {m: t.detach()[:0] for m, t in tokens.items()}
         plan.lossp_pairs = count_pairs({m: c & pick[:, None] for m, c in counted.items()}) / W
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: on a GPU the copy goes up from pinned
+    memory (a copy from pageable memory would wait for the GPU)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x if device.type == "cpu" else x.to(device)
 
 
 def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
