@@ -1,4 +1,4 @@
-"""Masking diagnostics: does the attention point at the objects, and what does the mask hide?
+"""Masking diagnostics: do the scores point at the objects, and what does the mask hide?
 
 Three small, batched functions (no Python loop over samples or tokens, no host sync):
 
@@ -90,13 +90,16 @@ def step_diagnostics(labels: torch.Tensor, grids: dict[str, tuple[int, int]], hi
                      ) -> dict[str, torch.Tensor]:
     """The per-step masking diagnostics of a training batch, as 0-d tensors on the batch's device
     (no host sync; call on log steps only): ``mask/hidden_fg_share`` over every modality's hidden
-    tokens and, when ``scores`` exist, ``attn/fg_auroc.<modality>`` (mean over the images that
-    have one; NaN when none does). ``labels``: semseg ``[B, h, w]``; ``grids``: modality -> token
-    grid; ``hidden``: modality -> bool ``[B, N_m]``; ``scores``: modality -> ``[B, N_m]`` or None."""
+    tokens and, when ``scores`` exist, ``scores/fg_auroc.<modality>`` (mean over the images that
+    have one; NaN when none does) of whatever the masking ranks by (attention or predicted losses:
+    ``masking.score_source`` in the run's ``config.yaml``; older runs wrote
+    ``attn/fg_auroc.<modality>`` for every source). ``labels``: semseg ``[B, h, w]``; ``grids``:
+    modality -> token grid; ``hidden``: modality -> bool ``[B, N_m]``; ``scores``: modality ->
+    ``[B, N_m]`` or None."""
     fg = {m: token_foreground(labels, grids[m], background_classes) for m in hidden}
     out = {"mask/hidden_fg_share": hidden_fg_share(torch.cat([hidden[m] for m in hidden], dim=1),
                                                    torch.cat([fg[m] for m in hidden], dim=1))}
     for m, s in (scores or {}).items():
         total, count = mean_fg_auroc(s, fg[m])
-        out[f"attn/fg_auroc.{m}"] = total / count        # 0 / 0 = NaN: no image with both classes
+        out[f"scores/fg_auroc.{m}"] = total / count        # 0 / 0 = NaN: no image with both classes
     return out

@@ -90,8 +90,8 @@ def test_step_diagnostics_combine_the_pieces():
         sum(h and f for h, f in pairs) / sum(h for h, _ in pairs))
     ok = [a for a in (_auroc_pairs(scores["rgb"][b].tolist(), fg["rgb"][b].tolist()) for b in range(5))
           if not math.isnan(a)]
-    assert out["attn/fg_auroc.rgb"].item() == pytest.approx(sum(ok) / len(ok))
-    assert set(out) == {"mask/hidden_fg_share", "attn/fg_auroc.rgb"}
+    assert out["scores/fg_auroc.rgb"].item() == pytest.approx(sum(ok) / len(ok))
+    assert set(out) == {"mask/hidden_fg_share", "scores/fg_auroc.rgb"}
 
 
 @pytest.mark.parametrize("strategy", ["random", "high"])
@@ -116,12 +116,12 @@ def test_pretraining_logs_masking_diagnostics_on_log_steps(tmp_path, data_root, 
     for r in recs:
         share = r["mask/hidden_fg_share"]
         assert share is None or 0.0 <= share <= 1.0
-        aurocs = {k: v for k, v in r.items() if k.startswith("attn/fg_auroc.")}
+        aurocs = {k: v for k, v in r.items() if k.startswith("scores/fg_auroc.")}
         if strategy == "random":
             assert not aurocs                  # no scoring pass, no scores to judge
         else:
-            assert set(aurocs) == {"attn/fg_auroc.rgb", "attn/fg_auroc.depth", "attn/fg_auroc.semseg"}
+            assert set(aurocs) == {f"scores/fg_auroc.{m}" for m in ("rgb", "depth", "semseg")}
             assert all(v is None or 0.0 <= v <= 1.0 for v in aurocs.values())
     assert any(r["mask/hidden_fg_share"] is not None for r in recs)
     if strategy == "high":
-        assert any(r[k] is not None for r in recs for k in r if k.startswith("attn/"))
+        assert any(r[k] is not None for r in recs for k in r if k.startswith("scores/"))

@@ -21,11 +21,14 @@ def _tiny_model():
 def test_hpm_on_predicted_losses_logs_saves_and_exports(tmp_path, data_root):
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 3, "save_every": 3})
     out, kept = tmp_path / "run", tmp_path / "kept"
-    run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=hpm", *LOSSP)
+    run_cli("--config", str(cfg), f"output_dir={out}", "masking.strategy=hpm", *LOSSP,
+            "data.background_classes=[0,1]")
     recs = MetricsLogger.read(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
         assert r["lossp/loss"] > 0 and -1 <= r["lossp/spearman_train"] <= 1
+        # the diagnostics of the predicted losses are named for the scores, not for attention
+        assert {k for k in r if "fg_auroc" in k} == {f"scores/fg_auroc.{m}" for m in ("rgb", "depth", "semseg")}
     state = TrainStateStore(out / "checkpoints").load_latest()
     assert set(state["loss_predictor"]) == {f"heads.{m}.{k}" for m in ("rgb", "depth", "semseg")
                                             for k in ("1.weight", "1.bias", "3.weight")}

@@ -220,7 +220,7 @@ class PretrainJob(Job):
     def log_values(self, step: int) -> dict[str, torch.Tensor]:
         """The loss predictor's held-out ``lossp/spearman`` (with ``log.heldout_split``,
         :mod:`multimae_att.pretrain.heldout`); ``mask/hidden_fg_share`` and, when this step's
-        masks came from scores, ``attn/fg_auroc.<modality>`` of the last micro-batch
+        masks came from scores, ``scores/fg_auroc.<modality>`` of the last micro-batch
         (:func:`multimae_att.diagnostics.step_diagnostics`; nothing without
         ``data.background_classes`` or semseg labels). Every process computes the same keys
         (scores drawn only for pictures on the main process are left out)."""

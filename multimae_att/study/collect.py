@@ -4,7 +4,8 @@ Per kind, the metric columns:
 
 - ``pretrain`` / ``warm_start`` (``metrics.jsonl``): ``loss`` (mean of the last quarter of the
   logged steps) and the means over the logged steps of ``mask/hidden_fg_share`` and
-  ``attn/fg_auroc.<modality>`` when the run logged them;
+  ``scores/fg_auroc.<modality>`` (column ``fg_auroc.<modality>``; older runs logged it as
+  ``attn/fg_auroc.<modality>``, read the same) when the run logged them;
 - ``diagnose`` (``diagnose.json``): ``fg_auroc.<modality>`` at the run's configured readout and
   ``fg_token_share.<modality>``;
 - ``eval`` (``metrics.json``): every scalar metric of the model (lists such as ``per_class_iou``
@@ -71,7 +72,8 @@ def pretrain_metrics(run_dir: Path) -> dict[str, Any]:
     tail = recs[-max(1, len(recs) // 4):]          # one batch's loss is noisy: the last quarter's mean
     out: dict[str, Any] = {"loss": sum(r["loss"] for r in tail) / len(tail), "step": recs[-1].get("step"),
                            "s_per_step": statistics.median(times) if times else None}
-    keys = sorted({k for r in recs for k in r if k.startswith(("mask/", "attn/"))})
+    # "attn/": the scores' diagnostics of runs written before they were named for every source
+    keys = sorted({k for r in recs for k in r if k.startswith(("mask/", "scores/", "attn/"))})
     for k in keys:
         out[k.split("/", 1)[1]] = _mean_of(recs, k)
     return out

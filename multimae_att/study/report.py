@@ -210,11 +210,13 @@ def _diagnostics_section(study: StudyConfig, rows, variants, head) -> list[str]:
     if not body:
         return []
     lines = ["", "## Masking diagnostics", "",
-             "AUROC of the attention scores for foreground vs background tokens (per image, averaged; "
-             "0.5 = no separation, above 0.5 the most-attended tokens lie on objects, so `high` masking "
-             "hides objects first). *Final weights*: `python -m multimae_att.diagnose` on each run's "
-             "`final.pth` at its configured readout (the full table per layer and query is in "
-             "`cells/diagnose/*/*/diagnose.json`); *during training*: mean over the logged steps."]
+             "AUROC of the scores for foreground vs background tokens (per image, averaged; "
+             "0.5 = no separation, above 0.5 the highest-scored tokens lie on objects, so `high` masking "
+             "hides objects first). *Final weights*: the attention scores, by `python -m multimae_att.diagnose` "
+             "on each run's `final.pth` at its configured readout (the full table per layer and query is in "
+             "`cells/diagnose/*/*/diagnose.json`); *during training*: the scores the masking ranked by "
+             "(the variant's `masking.score_source`: attention, or predicted losses), mean over the "
+             "logged steps (`scores/fg_auroc.<modality>`)."]
     if share:
         lines += [f"Share of foreground tokens in the data: {sum(share) / len(share):.3f} (what random "
                   "masking hides on average)."]
