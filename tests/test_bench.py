@@ -217,3 +217,36 @@ def test_efficiency_is_counted_work_over_the_matmul_peak(result):
     for case, eff in run["efficiency"].items():
         assert eff == pytest.approx(run["flops"][case] / run["cpu_median_s"][case] / run["matmul_peak_flops"])
     assert set(run["efficiency"]) >= {"random_step", "scoring_pass", "inference_forward"}
+
+
+def _hand_written_batch(p, seed):
+    """The synthetic batch as it was written by hand before it read the modality table (the
+    reference: the same draws in the same order, shapes spelled out)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = p.batch_size, p.image_size
+    src_h, src_w = p.source_size
+    scale = torch.empty(B).uniform_(0.3, 1.0, generator=g)
+    height, width = scale * src_h, scale * src_w * torch.empty(B).uniform_(0.75, 1.0, generator=g)
+    top = torch.rand(B, generator=g) * (src_h - height)
+    left = torch.rand(B, generator=g) * (src_w - width)
+    return {"rgb": torch.randn(B, 3, S, S, generator=g), "depth": torch.rand(B, 1, S, S, generator=g),
+            "semseg": torch.randint(0, p.semseg_classes, (B, S // 4, S // 4), generator=g),
+            "crop_box": torch.stack([top, left, height, width], 1), "flip": torch.rand(B, generator=g) < 0.5,
+            "source_size": torch.tensor([[src_h, src_w]] * B)}
+
+
+@pytest.mark.parametrize("preset,seed", [("micro", 0), ("micro", 5), ("tiny", 1)])
+def test_synthetic_batch_reads_the_modality_table_and_draws_as_before(preset, seed):
+    from multimae_att.bench.presets import MODALITIES, PRESETS, synthetic_batch
+    from multimae_att.modalities import get_modality
+
+    p = PRESETS[preset]
+    got, want = synthetic_batch(p, torch.device("cpu"), seed), _hand_written_batch(p, seed)
+    assert set(got) == set(want) | {"sample_id"} and len(got["sample_id"]) == p.batch_size
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    for m in MODALITIES:                      # the table's shapes: channels (or labels), stride level
+        mod = get_modality(m)
+        side = p.image_size // mod.stride
+        assert got[m].shape == ((p.batch_size, side, side) if mod.labels else (p.batch_size, mod.channels, side, side))
+    assert 0 <= got["depth"].min() and got["depth"].max() < 1 and got["semseg"].max() < p.semseg_classes

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from multimae_att.modalities import get_modality
 from multimae_att.model import MultiMAE, make_adapters
 
 MODALITIES = ("rgb", "depth", "semseg")
@@ -67,6 +68,22 @@ def build_model(p: Preset) -> MultiMAE:
     return MultiMAE(inputs, outputs, dim_tokens=p.dim_tokens, depth=p.depth, num_heads=p.num_heads)
 
 
+def random_input(modality: str, batch_size: int, image_size: int, classes: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Random data of a model modality, shaped and ranged as the data pipeline's tensors
+    (:func:`multimae_att.data.transforms.to_tensors`) by its table entry: ``image_size //
+    stride`` pixels a side; labels int64 ``[B, h, w]`` in ``[0, classes)``; ``rgb8`` images
+    ImageNet-normalised (standard normal here), other images in ``[0, 1)``, float ``[B, C, H, W]``."""
+    mod = get_modality(modality)
+    if not mod.model:
+        raise ValueError(f"random_input draws model modalities only, not {modality!r}")
+    side = image_size // mod.stride
+    if mod.labels:
+        return torch.randint(0, classes, (batch_size, side, side), generator=generator)
+    draw = torch.randn if mod.encoding == "rgb8" else torch.rand
+    return draw(batch_size, mod.channels, side, side, generator=generator)
+
+
 def synthetic_batch(p: Preset, device: torch.device, seed: int = 0) -> dict:
     """A batch with every key of docs/INTERFACES.md that a pretraining step reads."""
     g = torch.Generator().manual_seed(seed)
@@ -76,14 +93,10 @@ def synthetic_batch(p: Preset, device: torch.device, seed: int = 0) -> dict:
     height, width = scale * src_h, scale * src_w * torch.empty(B).uniform_(0.75, 1.0, generator=g)
     top = torch.rand(B, generator=g) * (src_h - height)
     left = torch.rand(B, generator=g) * (src_w - width)
-    batch = {
-        "rgb": torch.randn(B, 3, S, S, generator=g),
-        "depth": torch.rand(B, 1, S, S, generator=g),
-        "semseg": torch.randint(0, p.semseg_classes, (B, S // 4, S // 4), generator=g),
-        "crop_box": torch.stack([top, left, height, width], 1),
-        "flip": torch.rand(B, generator=g) < 0.5,
-        "source_size": torch.tensor([[src_h, src_w]] * B),
-    }
+    batch = {m: random_input(m, B, S, p.semseg_classes, g) for m in MODALITIES}
+    batch.update({"crop_box": torch.stack([top, left, height, width], 1),
+                  "flip": torch.rand(B, generator=g) < 0.5,
+                  "source_size": torch.tensor([[src_h, src_w]] * B)})
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["sample_id"] = [f"bench_{i:06d}" for i in range(B)]
     return batch
