@@ -156,7 +156,7 @@ def check_finetune(cfg) -> None:
                                                          cfg.data.layout) == "shards":
         raise ConfigError(f"data.max_eval_samples={cfg.data.max_eval_samples} needs the folder layout "
                           f"(sorted file stems); data.root={cfg.data.root!r} is read from shards")
-    if cfg.task.name == "cls" and cfg.task.randaug:
+    if cfg.task_facts().augments and cfg.task.randaug:
         from multimae_att.finetune.augment import RandAugmentRGB
 
         try:

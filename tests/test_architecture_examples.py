@@ -70,16 +70,19 @@ def test_modality_example_fits_the_table():
 
 
 def test_finetune_task_example_trains_a_head():
-    from multimae_att.finetune.config import FinetuneConfig
+    from multimae_att.finetune.config import TASK_FACTS, FinetuneConfig, TaskFacts
     from multimae_att.finetune.heads import LinearOutputAdapter
     from multimae_att.finetune.tasks import TASK_SPECS, ClassificationTask
 
     ns: dict = {"ClassificationTask": ClassificationTask, "LinearOutputAdapter": LinearOutputAdapter,
-                "TASK_SPECS": TASK_SPECS}
+                "TASK_SPECS": TASK_SPECS, "TASK_FACTS": TASK_FACTS, "TaskFacts": TaskFacts}
     exec(_block("A finetune task"), ns)
     try:
         cfg = FinetuneConfig()
         cfg.model.size, cfg.data.image_size, cfg.task.num_classes = "tiny", 32, 5
+        cfg.task.name = "cls_global"
+        cfg.__post_init__()                   # the config checks know the new task from its row
+        assert cfg.head_kind() == "linear" and "cls" in cfg.label_ranges()
         task = TASK_SPECS["cls_global"](cfg)
         model = task.build()
         batch = {"rgb": torch.randn(2, 3, 32, 32), "cls": torch.tensor([1, 2])}
@@ -88,3 +91,4 @@ def test_finetune_task_example_trains_a_head():
         assert torch.isfinite(loss) and model.output_adapters["cls"].use_mean_pooling is False
     finally:
         TASK_SPECS.pop("cls_global", None)
+        TASK_FACTS.pop("cls_global", None)

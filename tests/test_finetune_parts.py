@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from multimae_att.finetune.augment import RandAugmentRGB, with_sample_transform
-from multimae_att.finetune.config import load_finetune_config
+from multimae_att.finetune.config import ConfigError, load_finetune_config
 from multimae_att.finetune.engine import build_optimizer
 from multimae_att.finetune.tasks import make_task, masked_depth_loss
 
@@ -105,3 +105,41 @@ def test_mixup_is_a_function_of_step_micro_batch_and_process():
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
             assert not torch.equal(draws[a], draws[b]), (a, b)
+
+
+def test_the_task_table_drives_the_config_checks():
+    """One TASK_FACTS row per task (the names of task.name's Literal and of TASK_SPECS), and the
+    checks follow each row: auto head, heads that fit, rgb for image-level tasks, the predicted
+    modality not as an input, losses, MultiMAE's recipe, class-label ranges."""
+    import typing
+
+    from multimae_att.finetune.config import TASK_FACTS, TASKS, TaskConfig
+    from multimae_att.finetune.tasks import TASK_SPECS
+
+    assert set(typing.get_args(typing.get_type_hints(TaskConfig)["name"])) == set(TASKS) == set(TASK_SPECS)
+    for name, facts in TASK_FACTS.items():
+        def cfg(*extra, name=name, facts=facts):
+            return load_finetune_config(None, [f"task.name={name}", f"task.loss={(facts.losses or ('ce',))[0]}",
+                                               *extra])
+
+        c = cfg("model.in_modalities=[rgb]")
+        assert c.head_kind() == facts.heads[0] and ("cls" in c.label_ranges()) == (not facts.dense)
+        for kind in ("linear", "convnext", "dpt"):
+            if kind in facts.heads:
+                assert cfg(f"head.kind={kind}").head_kind() == kind
+            else:
+                with pytest.raises(ConfigError, match="does not fit"):
+                    cfg(f"head.kind={kind}")
+        if facts.dense:
+            with pytest.raises(ConfigError, match="cannot also be an input"):
+                cfg(f"model.in_modalities=[rgb,{facts.predicts}]")
+        else:
+            with pytest.raises(ConfigError, match="reads RGB"):
+                cfg("model.in_modalities=[depth]")
+        for loss in ("ce", "berhu", "l1"):
+            if facts.losses is not None and loss not in facts.losses:
+                with pytest.raises(ConfigError, match="does not fit"):
+                    cfg(f"task.loss={loss}")
+        if facts.multimae is not None:
+            m = cfg("data.protocol=multimae")
+            assert (m.aug(), m.eval_mode()) == facts.multimae

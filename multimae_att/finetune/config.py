@@ -15,10 +15,45 @@ from multimae_att.config import ConfigError, load_config, setting
 from multimae_att.modalities import MODEL_MODALITIES
 from multimae_att.model import ENCODER_SIZES
 
-__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "resume_config_changes"]
+__all__ = ["FinetuneConfig", "load_finetune_config", "ConfigError", "TASKS", "TASK_FACTS", "TaskFacts",
+           "resume_config_changes"]
 
-TASKS = ("cls", "semseg", "depth", "knn", "linear_probe")
 MODALITIES = MODEL_MODALITIES   # the modality table's model modalities (rgb, depth, semseg)
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What the config checks know about a task (its model side, inputs, head, loss and metrics,
+    is its ``TaskSpec`` in :mod:`multimae_att.finetune.tasks`).
+
+    ``heads``: the ``head.kind`` values that fit, the first is ``auto``'s. ``predicts``: the
+    modality a dense task predicts (it cannot also be an input); None: an image-level task, which
+    reads rgb and a class label per sample. ``losses``: the ``task.loss`` values that fit (None:
+    the task does not read it). ``augments``: RandAugment, Mixup / CutMix and label smoothing
+    apply (``task.randaug``, ``task.mixup``, ...). ``multimae``: ``(data.aug, data.eval_mode)``
+    of ``auto`` under ``data.protocol=multimae`` (dense tasks; None: the task has one recipe).
+    """
+
+    heads: tuple[str, ...]
+    predicts: str | None = None
+    losses: tuple[str, ...] | None = None
+    augments: bool = False
+    multimae: tuple[str, str] | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.predicts is not None
+
+
+TASK_FACTS: dict[str, TaskFacts] = {
+    "cls": TaskFacts(heads=("linear",), augments=True),
+    "semseg": TaskFacts(heads=("convnext", "dpt"), predicts="semseg", multimae=("lsj", "letterbox")),
+    "depth": TaskFacts(heads=("dpt", "convnext"), predicts="depth", losses=("berhu", "l1"),
+                       multimae=("nyu", "center_crop")),
+    "knn": TaskFacts(heads=("none",)),
+    "linear_probe": TaskFacts(heads=("linear",)),
+}
+TASKS = tuple(TASK_FACTS)   # the Literal of task.name lists the same names (a test checks)
 
 
 @dataclass
@@ -203,15 +238,16 @@ class FinetuneConfig:
         if bad:
             raise ValueError(f"head.main_modalities {bad} are not in model.in_modalities "
                              f"{self.model.in_modalities}")
-        if self.task.name in ("cls", "knn", "linear_probe") and "rgb" not in self.model.in_modalities:
-            raise ValueError(f"task.name={self.task.name!r} reads RGB: add 'rgb' to model.in_modalities")
-        if self.task.name == "depth" and self.task.loss == "ce":
-            raise ValueError("task.loss='ce' does not fit task.name='depth': use 'berhu' or 'l1'")
-        if self.task.name in ("semseg", "depth") and self.task.name in self.model.in_modalities:
-            raise ValueError(f"task.name={self.task.name!r} predicts {self.task.name}: it cannot also be "
+        facts, name = self.task_facts(), self.task.name
+        if not facts.dense and "rgb" not in self.model.in_modalities:
+            raise ValueError(f"task.name={name!r} reads RGB: add 'rgb' to model.in_modalities")
+        if facts.losses is not None and self.task.loss not in facts.losses:
+            raise ValueError(f"task.loss={self.task.loss!r} does not fit task.name={name!r}: use "
+                             + " or ".join(repr(x) for x in facts.losses))
+        if facts.dense and facts.predicts in self.model.in_modalities:
+            raise ValueError(f"task.name={name!r} predicts {facts.predicts}: it cannot also be "
                              f"an input (model.in_modalities={self.model.in_modalities})")
-        allowed = {"cls": ("linear",), "linear_probe": ("linear",), "semseg": ("convnext", "dpt"),
-                   "depth": ("dpt", "convnext"), "knn": ("none",)}[self.task.name]
+        allowed = facts.heads
         if self.head_kind() not in allowed:
             raise ValueError(f"head.kind={self.head.kind!r} does not fit task.name={self.task.name!r}; "
                              f"choose one of {['auto', *allowed]}")
@@ -226,14 +262,13 @@ class FinetuneConfig:
                                                or self.head.embed_dim % self.head.preds_per_patch):
             raise ValueError(f"head.preds_per_patch={self.head.preds_per_patch} must be a square "
                              f"number dividing head.embed_dim={self.head.embed_dim}")
-        if self.task.name == "cls" and (self.task.mixup > 0 or self.task.cutmix > 0) \
-                and self.data.batch_size % 2:
+        if facts.augments and (self.task.mixup > 0 or self.task.cutmix > 0) and self.data.batch_size % 2:
             raise ValueError(f"data.batch_size={self.data.batch_size} must be even for Mixup/CutMix")
         self._check_protocol()
 
     def _check_protocol(self) -> None:
         """``data.aug`` / ``data.eval_mode`` must be ones the task and ``data.protocol`` implement."""
-        dense = self.task.name in ("semseg", "depth")
+        dense = self.task_facts().dense
         if dense and self.data.protocol == "multimae":
             augs, evals = ("lsj", "nyu"), ("letterbox", "center_crop")
         elif dense:
@@ -248,23 +283,29 @@ class FinetuneConfig:
             raise ValueError(f"data.eval_mode={self.data.eval_mode!r} is not available for {where}; "
                              f"choose one of {['auto', *evals]}")
 
+    def task_facts(self) -> TaskFacts:
+        """The table entry of ``task.name`` (:data:`TASK_FACTS`)."""
+        return TASK_FACTS[self.task.name]
+
     def eval_mode(self) -> str:
         """The evaluation mode actually used (see ``data.eval_mode``)."""
         if self.data.eval_mode != "auto":
             return self.data.eval_mode
-        if self.task.name not in ("semseg", "depth"):
+        facts = self.task_facts()
+        if not facts.dense:
             return "center_crop"
-        if self.data.protocol == "ours":
+        if self.data.protocol == "ours" or facts.multimae is None:
             return "full"
-        return "letterbox" if self.task.name == "semseg" else "center_crop"
+        return facts.multimae[1]
 
     def aug(self) -> str:
         """The training augmentation actually used (see ``data.aug``)."""
         if self.data.aug != "auto":
             return self.data.aug
-        if self.data.protocol == "ours" or self.task.name not in ("semseg", "depth"):
+        facts = self.task_facts()
+        if self.data.protocol == "ours" or facts.multimae is None:
             return "rrc"
-        return "lsj" if self.task.name == "semseg" else "nyu"
+        return facts.multimae[0]
 
     def report(self) -> str:
         """'best' or 'last': which evaluation ``metrics.json`` reports (see ``train.report``)."""
@@ -277,21 +318,18 @@ class FinetuneConfig:
         semseg targets in ``[0, task.num_classes)`` or ``task.ignore_index``; semseg inputs in
         ``[0, model.semseg_num_classes)``; class labels in ``[0, task.num_classes)``."""
         ranges: dict[str, tuple[int, int | None]] = {}
+        facts = self.task_facts()
         if "semseg" in self.model.in_modalities:
             ranges["semseg"] = (self.model.semseg_num_classes, None)
-        elif self.task.name == "semseg":
+        elif facts.predicts == "semseg":
             ranges["semseg"] = (self.task.num_classes, self.task.ignore_index)
-        if self.task.name in ("cls", "linear_probe", "knn"):
+        if not facts.dense:
             ranges["cls"] = (self.task.num_classes, None)
         return ranges
 
     def head_kind(self) -> str:
         """The head actually built ('linear', 'convnext', 'dpt' or 'none' for knn)."""
-        if self.task.name == "knn":
-            return "none" if self.head.kind == "auto" else self.head.kind
-        if self.head.kind != "auto":
-            return self.head.kind
-        return {"cls": "linear", "linear_probe": "linear", "semseg": "convnext", "depth": "dpt"}[self.task.name]
+        return self.task_facts().heads[0] if self.head.kind == "auto" else self.head.kind
 
 
 # Keys a resumed run may change freely (a note is printed): where things are, how much data the

@@ -370,7 +370,7 @@ class MultiMAERecipe:
 def make_recipe(cfg, train: bool) -> MultiMAERecipe | None:
     """The recipe of ``cfg`` (a :class:`FinetuneConfig`) for the training or evaluation data, or
     None when the data package's own geometry is used (protocol ours, image-level tasks)."""
-    if cfg.data.protocol != "multimae" or cfg.task.name not in ("semseg", "depth"):
+    if cfg.data.protocol != "multimae" or not cfg.task_facts().dense:
         return None
     kind = cfg.aug() if train else cfg.eval_mode()
     semseg_scale = 4 if "semseg" in cfg.model.in_modalities else 1
