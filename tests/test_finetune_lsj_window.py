@@ -131,7 +131,7 @@ def test_bilinear_taps_are_torchs_weights():
         ours = torch.zeros(n_out, n_in)
         ours[torch.arange(n_out), i0] += w0
         ours[torch.arange(n_out), i1] += w1
-        torch.testing.assert_close(ours, kernel, rtol=0, atol=1e-6)
+        assert float((ours - kernel).abs().max()) <= 1e-6, (n_in, n_out)   # ~ a float32 bit
         start = int(rng.integers(0, n_out))
         assert all(torch.equal(a[start:], b) for a, b in
                    zip((i0, i1, w0, w1), P.bilinear_taps(n_in, n_out, start, n_out)))

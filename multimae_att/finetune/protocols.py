@@ -23,7 +23,8 @@ rescale resamples only the crop window (:func:`resized_crop`: the same source pi
 as resizing the whole image, then padding and cropping; labels, depth and validity bit-identical,
 RGB within 1 grey level on ~3 values in 10^5, see :func:`resize_window`). Brightness,
 contrast, saturation, hue and greyscale follow albumentations' 8-bit arithmetic (lookup tables,
-truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps). Randomness: one
+truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps), each evaluated
+once per table entry and looked up per pixel (bit-identical to evaluating it per pixel). Randomness: one
 generator per sample seeded by ``(seed, epoch, sample id)`` (:func:`multimae_att.data.transforms.sample_rng`), drawn in
 albumentations' order, so a sample gets the same augmentation in any worker and after a resume.
 
@@ -254,9 +255,14 @@ def center_crop(planes: Planes, target: int) -> Planes:
 
 # -------------------------------------------------------------------------------- colour
 
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 1-D ``table`` (index_select: several times faster than ``table[index]``)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
+
+
 def grey(rgb: torch.Tensor) -> torch.Tensor:
     """OpenCV ``RGB2GRAY`` of an 8-bit image ``[3, H, W]`` (integer weights): ``[1, H, W]``."""
-    r, g, b = rgb.long()
+    r, g, b = rgb.to(torch.int32)   # the weighted sums stay below 2^23
     wr, wg, wb = _GREY_WEIGHTS
     return ((wr * r + wg * g + wb * b + (1 << 14)) >> 15)[None].to(rgb.dtype)
 
@@ -268,7 +274,7 @@ def to_gray(rgb: torch.Tensor) -> torch.Tensor:
 
 def _lut(rgb: torch.Tensor, table: np.ndarray) -> torch.Tensor:
     """8-bit lookup (OpenCV ``LUT``); ``table`` float [256], clipped to [0, 255] and truncated."""
-    return torch.from_numpy(np.clip(table, 0, 255).astype(np.uint8)).to(rgb.dtype)[rgb.long()]
+    return _lookup(torch.from_numpy(np.clip(table, 0, 255).astype(np.uint8)).to(rgb.dtype), rgb.to(torch.int32))
 
 
 def adjust_brightness(rgb: torch.Tensor, factor: float) -> torch.Tensor:
@@ -289,38 +295,51 @@ def adjust_saturation(rgb: torch.Tensor, factor: float) -> torch.Tensor:
     """Blend with the grey image (OpenCV ``addWeighted``: rounded, saturated)."""
     if factor == 1:
         return rgb
-    return (rgb.double() * factor + grey(rgb).double() * (1 - factor)).round().clamp(0, 255).to(rgb.dtype)
+    # the same float64 arithmetic, once per (channel value, grey value) pair, then looked up
+    value, grey_value = torch.arange(256, dtype=torch.float64)[:, None], torch.arange(256, dtype=torch.float64)
+    table = (value * factor + grey_value * (1 - factor)).round().clamp(0, 255).to(rgb.dtype).reshape(-1)
+    return _lookup(table, rgb.to(torch.int32) * 256 + grey(rgb).to(torch.int32))
 
 
-def _rgb_to_hsv8(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """OpenCV ``RGB2HSV`` for 8 bit (integer tables): hue 0..179, saturation and value 0..255."""
-    r, g, b = rgb.long()
-    v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
+def _hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV's 8-bit HSV tables. ``sdiv``, ``hdiv`` [256] int32: the fixed-point divisors of
+    RGB2HSV. ``coef`` [3 (r, g, b), 256] float32: HSV2RGB gives each channel ``v (1 - s c)`` with
+    ``c`` = 0 (v), 1 (p), frac (q) or 1 - frac (t), chosen by the hue's sector; the same float32
+    products as OpenCV's sector table (x 0 and x 1 are exact), so no per-pixel selection is needed."""
     i = torch.arange(256, dtype=torch.float64)
-    sdiv = torch.where(i > 0, torch.round((255 << _HSV_SHIFT) / i.clamp(min=1)), 0.0).long()
-    hdiv = torch.where(i > 0, torch.round((180 << _HSV_SHIFT) / (6.0 * i.clamp(min=1))), 0.0).long()
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * sdiv[v] + half) >> _HSV_SHIFT
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * hdiv[diff] + half) >> _HSV_SHIFT
-    return torch.where(h < 0, h + 180, h), s, v
-
-
-def _hsv8_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """OpenCV ``HSV2RGB`` for 8 bit (float32 sectors, rounded): ``[3, H, W]`` float 0..255."""
-    hf = h.float() * (6.0 / 180.0)
-    sf, vf = s.float() * (1.0 / 255.0), v.float() * (1.0 / 255.0)
+    sdiv = torch.where(i > 0, torch.round((255 << _HSV_SHIFT) / i.clamp(min=1)), 0.0).int()
+    hdiv = torch.where(i > 0, torch.round((180 << _HSV_SHIFT) / (6.0 * i.clamp(min=1))), 0.0).int()
+    hf = torch.arange(256).float() * (6.0 / 180.0)
     hf = hf - 6.0 * torch.floor(hf / 6.0)
     sector = torch.floor(hf)
     frac = hf - sector
-    sector = sector.long().clamp(0, 5)
-    tab = torch.stack([vf, vf * (1.0 - sf), vf * (1.0 - sf * frac), vf * (1.0 - sf * (1.0 - frac))])
+    values = torch.stack([torch.zeros(256), torch.ones(256), frac, 1.0 - frac])       # v, p, q, t
     order = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])   # (b, g, r)
-    idx = order[sector].permute(2, 0, 1)                          # [3 (b, g, r), H, W]
-    bgr = tab.gather(0, idx)
-    rgb = torch.where(s[None] == 0, vf[None].expand(3, -1, -1), bgr.flip(0))
-    return (rgb * 255.0).floor().clamp(0, 255)
+    pick = order[sector.long().clamp(0, 5)].flip(-1).T                                 # [3 (r, g, b), 256]
+    return sdiv, hdiv, values.gather(0, pick)
+
+
+_SDIV, _HDIV, _HSV_COEF = _hsv_tables()
+
+
+def _rgb_to_hsv8(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV ``RGB2HSV`` for 8 bit (integer tables): hue 0..179, saturation and value 0..255
+    (int32; the fixed-point products stay below 2^28)."""
+    r, g, b = rgb.to(torch.int32)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _lookup(_SDIV, v) + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _lookup(_HDIV, diff) + half) >> _HSV_SHIFT
+    return torch.where(h < 0, h + 180, h), s, v
+
+
+def _hsv8_to_rgb(coef: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """OpenCV ``HSV2RGB`` for 8 bit (float32 sectors, rounded down): ``[3, H, W]`` float 0..255,
+    from each pixel's ``coef`` ``[3, H, W]`` (:func:`_hsv_tables`), saturation and value."""
+    sf, vf = s.float() * (1.0 / 255.0), v.float() * (1.0 / 255.0)
+    return (vf * (1.0 - sf * coef) * 255.0).floor().clamp(0, 255)
 
 
 def adjust_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
@@ -330,7 +349,9 @@ def adjust_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
         return rgb
     h, s, v = _rgb_to_hsv8(rgb)
     lut = torch.from_numpy(np.mod(np.arange(256, dtype=np.int16) + 180 * shift, 180).astype(np.uint8)).long()
-    return _hsv8_to_rgb(lut[h], s, v).to(rgb.dtype)
+    coef = _HSV_COEF[:, lut]                     # [3, 256]: old hue -> the new hue's coefficients
+    coef = torch.stack([_lookup(c, h) for c in coef])
+    return _hsv8_to_rgb(coef, s, v).to(rgb.dtype)
 
 
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, float], torch.Tensor], ...] = (
