@@ -390,7 +390,7 @@ def _lsj(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
     # int() as albumentations' scale(); at least 1 px (OpenCV would refuse an empty image)
     scaled = (max(int(h * s), 1), max(int(w * s), 1))
     # RandomCrop's offsets on the padded image (pad_to: at least `size`), then only the crop is
-    # resampled: the same pixels as resize -> pad -> crop (resized_crop), 2-3x less work at s > 1
+    # resampled: the same pixels as resize -> pad -> crop (resized_crop), about half the time at s > 1
     top = int((max(scaled[0], size) - size) * rng.random())
     left = int((max(scaled[1], size) - size) * rng.random())
     return resized_crop(planes, scaled, top, left, size)
