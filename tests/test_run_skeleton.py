@@ -93,6 +93,50 @@ def test_log_window_survives_a_resume(tmp_path, data_root):
         assert windowed[s] == pytest.approx((per_step[s - 1] + per_step[s]) / 2, rel=1e-6)
 
 
+class _Boom(RuntimeError):
+    pass
+
+
+def test_a_failure_at_an_evaluation_step_keeps_that_steps_state(synthetic_root, tmp_path, monkeypatch):
+    """The state of a step with an evaluation is written before the evaluation: an evaluation
+    that fails (or a later failure before the next state) loses no training, and the resumed run
+    evaluates that step once more, logs it once and ends as an uninterrupted run."""
+    from multimae_att.finetune.engine import FinetuneJob
+
+    # 3 steps per epoch: evaluations at steps 3 and 4 (the last), states at 3 and 4
+    args = ("train.max_steps=4", "train.eval_every=1", "train.save_every=3", "train.report=best",
+            "train.keep_last=3")
+    ref = tmp_path / "ref"
+    expected = finetune("cls", synthetic_root, ref, *args)
+    evaluate, micro_step = FinetuneJob.evaluate, FinetuneJob.micro_step
+
+    def failing_evaluate(self, step):
+        if step == 3:
+            raise _Boom("evaluation failed")
+        return evaluate(self, step)
+
+    def failing_step(self, batch, step, micro):
+        if step == 3:   # the 4th step (0-based): after the evaluation of step 3 was logged
+            raise _Boom("training failed")
+        return micro_step(self, batch, step, micro)
+
+    for hook, failing, logged in (("evaluate", failing_evaluate, []), ("micro_step", failing_step, [3])):
+        cut = tmp_path / hook
+        with monkeypatch.context() as m:
+            m.setattr(FinetuneJob, hook, failing)
+            with pytest.raises(_Boom):
+                finetune("cls", synthetic_root, cut, *args)
+        assert sorted(p.name for p in (cut / "checkpoints").glob("state_*.pth")) == ["state_00000003.pth"]
+        assert [r["step"] for r in MetricsLogger.read(cut / "metrics.jsonl") if "val/top1" in r] == logged
+        done = finetune("cls", synthetic_root, cut, *args)
+        assert {k: v for k, v in done.items() if k not in ("cost", "provenance")} == \
+               {k: v for k, v in expected.items() if k not in ("cost", "provenance")}
+        assert comparable_metrics(cut) == comparable_metrics(ref)      # each evaluation logged once
+        assert [r["step"] for r in comparable_metrics(cut) if "val/top1" in r] == [3, 4]
+        for name in ("checkpoint-best.pth", "checkpoint-last.pth"):
+            assert _identical(_weights(ref / name), _weights(cut / name))
+
+
 def _events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

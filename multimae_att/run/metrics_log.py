@@ -1,7 +1,8 @@
 """``metrics.jsonl``: one JSON object per line, appended and flushed per record (torch-free).
 
 On resume, lines past the resumed step (written after the last saved state) are dropped first,
-so the log reads as one uninterrupted run.
+so the log reads as one uninterrupted run; so is the evaluation line (``val/*`` keys) of the
+resumed step itself when that evaluation runs again (a state saved before it).
 """
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ from typing import Any
 
 from multimae_att.atomic import write_text_atomic
 
-__all__ = ["MetricsLogger"]
+__all__ = ["MetricsLogger", "is_evaluation"]
 
 
 class MetricsLogger:
     """Append-only ``metrics.jsonl`` writer (one JSON object per line, main process only).
 
     ``resume_step``: when resuming, lines whose ``step`` is greater are removed first (they were
-    logged after the state the run resumes from, and will be logged again).
+    logged after the state the run resumes from, and will be logged again); with
+    ``redo_evaluation`` also the evaluation lines (``val/*`` keys) of ``resume_step`` itself.
     """
 
     def __init__(self, path: str | os.PathLike, enabled: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, redo_evaluation: bool = False):
         self.path = Path(path)
         self.enabled = enabled
         if not enabled:
@@ -35,16 +37,17 @@ class MetricsLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, redo_evaluation)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, redo_evaluation: bool = False) -> None:
         kept = []
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if rec.get("step", -1) <= step:
+            at = rec.get("step", -1)
+            if at < step or (at == step and not (redo_evaluation and is_evaluation(rec))):
                 kept.append(line)
         write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
@@ -57,6 +60,11 @@ class MetricsLogger:
     @staticmethod
     def read(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def is_evaluation(record: Mapping[str, Any]) -> bool:
+    """An evaluation's line (``val/<name>`` keys, :meth:`multimae_att.run.trainer.Run.log_evaluation`)."""
+    return any(str(k).startswith("val/") for k in record)
 
 
 def _jsonable(v: Any) -> Any:

@@ -92,16 +92,18 @@ class RunLogger:
     """One run's log: ``metrics.jsonl`` + trackers + console (see the module docstring).
 
     ``resume_step``: the step a resumed run continues from (later lines of ``metrics.jsonl``
-    are dropped, they will be logged again), None for a fresh start (a fresh log).
+    are dropped, they will be logged again), None for a fresh start (a fresh log);
+    ``redo_evaluation``: the evaluation of ``resume_step`` runs again, its ``val/*`` line too.
     """
 
     def __init__(self, accelerator: Any, output_dir: str | os.PathLike, *, name: str, total_steps: int,
                  start_step: int, resume_step: int | None, progress: bool, trackers: Sequence[str],
-                 config: Mapping[str, Any]) -> None:
+                 config: Mapping[str, Any], redo_evaluation: bool = False) -> None:
         self.acc, self.name, self.total = accelerator, name, total_steps
         self.main = accelerator.is_main_process
         self.out = Path(output_dir)
-        self.jsonl = MetricsLogger(self.out / LOG_FILE, enabled=self.main, resume_step=resume_step)
+        self.jsonl = MetricsLogger(self.out / LOG_FILE, enabled=self.main, resume_step=resume_step,
+                                   redo_evaluation=redo_evaluation)
         self.trackers = list(trackers)
         if self.trackers:
             kwargs = _offline_defaults(self.trackers, self.out)

@@ -18,6 +18,12 @@ and hands it to :class:`Run`, which owns everything the two runners have in comm
   a resumed run logs exactly what an uninterrupted one does);
 - the final outputs: ``metrics.json`` (results, ``step``, ``outputs``, ``provenance``).
 
+At a step with both a training state and an evaluation, the state is written first (marked
+``evaluation_due``), so an evaluation that fails costs no training: a run resuming from such a
+state evaluates its step before training on, after dropping any ``val/*`` line of that step a
+killed invocation had logged, so ``metrics.jsonl`` holds each evaluation once and the job's best
+and last records (its state) include it.
+
 Exact resume without replay: the data order and augmentation are functions of (seed, epoch,
 sample) (:mod:`multimae_att.data`), the data position is ``step * accum_steps`` micro-batches
 (:class:`DataStream`), the global RNG is re-seeded per step, and a job seeds its own draws by
@@ -47,7 +53,10 @@ from multimae_att.run.trackers import RunLogger, check_trackers
 from multimae_att.seeds import step_seed
 
 __all__ = ["Run", "Job", "DataStream", "LogWindow", "make_accelerator", "run_length", "end_distributed",
-           "log_trackers"]
+           "log_trackers", "EVALUATION_DUE"]
+
+# Training-state key: the state was written before the evaluation of its step (see Run.save).
+EVALUATION_DUE = "evaluation_due"
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -278,6 +287,7 @@ class Run:
         self.logger: RunLogger | None = None
         self.last_record: dict[str, Any] | None = None
         self.timing: tuple[float, int] | None = None   # (seconds per step, steps) of this invocation
+        self.evaluation_due = False   # the restored state precedes its step's evaluation
 
     # lifecycle -----------------------------------------------------------------------
     @property
@@ -301,8 +311,10 @@ class Run:
         self.total_steps = total_steps
         loaded = self.folder.state
         self.step = loaded.step if loaded is not None else 0
+        redo = loaded is not None and bool(loaded.state.get(EVALUATION_DUE, False))
         self.logger = RunLogger(self.acc, self.out, name=self.name, total_steps=total_steps,
                                 start_step=self.step, resume_step=self.step if loaded is not None else None,
+                                redo_evaluation=redo,
                                 progress=self.cfg.log.progress, trackers=self.trackers,
                                 config=config_to_dict(self.cfg))
         return True
@@ -325,10 +337,15 @@ class Run:
         job.load_extra_state(state)
         self.window.load_state_dict(state.get("log_window", {}), self.acc.device)
         self.step = int(state["step"])
+        self.evaluation_due = bool(state.get(EVALUATION_DUE, False))
         return self.step
 
-    def save(self, step: int, job: Job) -> None:
-        """Write the training state of ``step`` (main process; all processes meet afterwards)."""
+    def save(self, step: int, job: Job, evaluation_due: bool = False) -> None:
+        """Write the training state of ``step`` (main process; all processes meet afterwards).
+
+        ``evaluation_due``: the state is written before this step's evaluation (so an error in
+        the evaluation loses no training); the job's state then holds no result of it, and a run
+        resuming from the state evaluates first (:attr:`evaluation_due`)."""
         window = self.window.state_dict(self.acc)      # a collective: every process takes part
         if self.acc.is_main_process:
             state = {
@@ -343,6 +360,7 @@ class Run:
                 "world_size": self.acc.num_processes,
                 "config": config_to_dict(self.cfg),
                 "init_checkpoint": self.folder.init,
+                EVALUATION_DUE: evaluation_due,
                 **job.extra_state(),
             }
             self.folder.store.save(state, step)
@@ -358,6 +376,8 @@ class Run:
         stream = DataStream(job.loader, job.batches_per_epoch, self.step * accum)
         job.train_mode()
         step = self.step
+        if self.evaluation_due:   # the state was saved before its step's evaluation: do it now
+            self._evaluate(job, step)
         started, first = time.perf_counter(), step
         while step < job.total_steps:
             job.before_step(step, lambda step=step: self.save(step, job))
@@ -384,13 +404,18 @@ class Run:
             self.logger.advance()
             if step % cfg.log.every == 0 or step == job.total_steps:
                 self._log_window(job, step, lr, job.loader)
-            if job.evaluate_now(step):
-                self.log_evaluation(job, step, job.evaluate(step))
-                job.train_mode()
-            if self._save_now(step, job):
-                self.save(step, job)
+            evaluate = job.evaluate_now(step)
+            if self._save_now(step, job):   # first: a failing evaluation costs no training
+                self.save(step, job, evaluation_due=evaluate)
+            if evaluate:
+                self._evaluate(job, step)
         if step > first:
             self.timing = ((time.perf_counter() - started) / (step - first), step - first)
+
+    def _evaluate(self, job: Job, step: int) -> None:
+        self.log_evaluation(job, step, job.evaluate(step))
+        self.evaluation_due = False
+        job.train_mode()
 
     def _save_now(self, step: int, job: Job) -> bool:
         every = self.cfg.train.save_every
