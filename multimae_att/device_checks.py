@@ -22,12 +22,17 @@ __all__ = ["check", "to_device"]
 def check(cond: torch.Tensor, message: str, error: type[Exception] = ValueError,
           detail: Callable[[], str] | None = None) -> None:
     """Raise ``error(message)`` unless every element of the boolean tensor ``cond`` is True;
-    on a non-CPU device without a host sync (a device-side assertion).
+    on a non-CPU device, or inside a compiled graph, without a host sync (an asynchronous
+    assertion: ``RuntimeError(message)``).
 
     ``detail``: called only when the check fails on a CPU, for a message that reads tensor
     values (which on a GPU would be the very sync this function avoids).
     """
-    if cond.device.type == "cpu":
+    if torch.compiler.is_compiling():
+        # Inside a compiled graph (``train.compile``) a host read is a graph break; the assertion
+        # is traced as an op instead and fails with ``RuntimeError(message)`` on any device.
+        torch._assert_async(cond.all(), message)
+    elif cond.device.type == "cpu":
         if not bool(cond.all()):
             raise error(message + (f": {detail()}" if detail is not None else ""))
     else:

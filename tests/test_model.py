@@ -134,6 +134,34 @@ def test_every_trainable_parameter_gets_a_gradient():
         f"output_adapters.{m}.pos_emb" for m in ("rgb", "depth", "semseg", "norm_rgb")}
 
 
+def test_task_queries_equal_the_canonical_sequence_sliced_with_the_same_gradients():
+    """A decoder's queries are its modality's slice of the canonical sequence (mask token +
+    embeddings everywhere, visible tokens scattered in): built for the slice only, they must
+    equal the full sequence sliced (MultiMAE's construction), values and gradients."""
+    torch.manual_seed(0)
+    model = tiny()
+    tokens = model.embed(inputs(3))
+    info = model.input_info(tokens)
+    ids_keep = model._visible_ids(tokens, random_hidden(3, [N] * 3, K=9), None)
+    for name, adapter in model.output_adapters.items():
+        ctx = torch.randn(3, 9 + 1, adapter.dim_tokens, requires_grad=True)
+        queries, _ = adapter._queries_and_context(ctx, info, ids_keep, (4, 4))
+        # Reference: the whole canonical sequence [B, 3N, D], then this modality's slice.
+        pos = adapter.pos_emb.flatten(2).transpose(1, 2)[0]
+        emb = adapter._context_embeddings(info, pos)
+        visible = ctx[:, :9] + emb[ids_keep]
+        full = (adapter.mask_token[0] + emb).expand(3, -1, -1).scatter(
+            1, ids_keep.unsqueeze(-1).expand(-1, -1, ctx.shape[-1]), visible)
+        task = info["tasks"][adapter.task]
+        ref = full[:, task["start_idx"]:task["end_idx"]]
+        torch.testing.assert_close(queries, ref, rtol=0, atol=0, msg=name)
+        w = torch.randn_like(ref)
+        grads = torch.autograd.grad((queries * w).sum(), [ctx, adapter.mask_token])
+        ref_grads = torch.autograd.grad((ref * w).sum(), [ctx, adapter.mask_token])
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, msg=name)
+
+
 def test_decoder_without_context_tasks_and_task_queries_works():
     model = MultiMAE({"rgb": PatchedInputAdapter(3, 1, P, image_size=S)},
                      {"rgb": SpatialOutputAdapter(3, 1, P, dim_tokens=32, depth=1, num_heads=2, image_size=S,

@@ -33,8 +33,9 @@ def test_heldout_spearman_at_records_without_changing_training(tmp_path, data_ro
     on = _run(tmp_path, data_root, "on", *LOSSP, "log.heldout_split=val")
     assert [r["step"] for r in on] == [2, 3]                        # each log.every-th step and the last
     assert all(-1 <= r["lossp/spearman"] <= 1 and "lossp/spearman_train" in r for r in on)
+    assert all(r["time/heldout_s"] >= 0 for r in on)                # its own time, not in step_time
     off = _run(tmp_path, data_root, "off", *LOSSP)                  # log.heldout_split: null (default)
-    assert all("lossp/spearman" not in r for r in off)
+    assert all("lossp/spearman" not in r and "time/heldout_s" not in r for r in off)
     assert _training(on) == _training(off)                          # bit-identical training
     attention = _run(tmp_path, data_root, "att", "masking.strategy=hpm", "log.heldout_split=val")
     assert all("lossp/spearman" not in r and "lossp/loss" not in r for r in attention)

@@ -240,3 +240,69 @@ def test_init_checkpoint_identity_of_a_url_is_its_cached_copy(tmp_path, monkeypa
     resolve_checkpoint(url, progress=False)                                          # the runner's load
     assert checkpoint_identity(url) == {"path": url, "file": str(cached_path(url).resolve()),
                                         "sha256": file_sha256(source)}
+
+
+def test_checkpoint_hash_is_read_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    import multimae_att.hub as hub
+    from multimae_att.run.provenance import checkpoint_identity
+
+    reads, real = [], hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
+    f = tmp_path / "init.pth"
+    f.write_bytes(b"one")
+    first = checkpoint_identity(str(f))
+    assert checkpoint_identity(str(f)) == first and len(reads) == 1
+    assert first["sha256"] == hashlib.sha256(b"one").hexdigest()
+    f.write_bytes(b"other")                                   # another file behind the same path
+    assert checkpoint_identity(str(f))["sha256"] == hashlib.sha256(b"other").hexdigest() and len(reads) == 2
+
+
+_IDENTITY_SCRIPT = '''
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+import multimae_att.hub as hub
+from multimae_att.run import provenance
+
+acc = Accelerator(cpu=True)
+reads, real = [], hub.sha256_file
+hub.sha256_file = lambda p, *a: reads.append(str(p)) or real(p, *a)
+out = {"identity": provenance.checkpoint_identity(sys.argv[1], acc), "reads": len(reads)}
+provenance._DIGESTS.clear()
+
+def unreadable(p, *a):
+    raise PermissionError(f"cannot read {p}")
+
+hub.sha256_file = unreadable if acc.is_main_process else real   # only the main process fails
+try:
+    provenance.checkpoint_identity(sys.argv[1], acc)
+    out["error"] = None
+except PermissionError as e:
+    out["error"] = str(e)
+Path(sys.argv[2], f"{acc.process_index}.json").write_text(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_several_processes_hash_the_init_checkpoint_once(tmp_path):
+    """The main process reads and hashes ``init.checkpoint``, the others receive its identity; an
+    error there is raised in every process with its message."""
+    import subprocess
+    import sys
+
+    from multimae_att.run.provenance import checkpoint_identity
+
+    ckpt, script = tmp_path / "init.pth", tmp_path / "identity.py"
+    ckpt.write_bytes(os.urandom(1 << 16))
+    script.write_text(_IDENTITY_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "multimae_att.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--main_process_port", "29531", str(script), str(ckpt), str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    main, other = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert main["identity"] == other["identity"] == checkpoint_identity(str(ckpt))
+    assert (main["reads"], other["reads"]) == (1, 0)
+    assert main["error"] == other["error"] == f"cannot read {ckpt.resolve()}"

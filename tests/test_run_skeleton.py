@@ -137,6 +137,52 @@ def test_a_failure_at_an_evaluation_step_keeps_that_steps_state(synthetic_root, 
             assert _identical(_weights(ref / name), _weights(cut / name))
 
 
+def test_log_checks_run_once_on_the_main_process_outside_step_time(monkeypatch):
+    """``Job.log_checks`` (the held-out check of pretraining): called on the main process only,
+    after the record's ``step_time`` is taken; the next window starts after it."""
+    from multimae_att.run import trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+
+    class Checked(trainer.Job):
+        total_steps, steps_per_epoch = 10, 10.0
+
+        def __init__(self):
+            self.calls = 0
+
+        def log_checks(self, step):
+            self.calls += 1
+            clock[0] += 100.0                        # a slow check
+            return {"check": 0.5, "time/check_s": 100.0}
+
+    class Acc:
+        device, num_processes = torch.device("cpu"), 1
+
+        def __init__(self, main):
+            self.is_main_process = main
+
+    class Logger:
+        def __init__(self):
+            self.records = []
+
+        def log(self, record, line=None, always=False):
+            self.records.append(record)
+
+    for main in (True, False):
+        run = trainer.Run.__new__(trainer.Run)      # only what logging a window reads
+        run.acc, run.window, run.name, run.logger, run.last_record = Acc(main), trainer.LogWindow(), "t", Logger(), None
+        job = Checked()
+        for step in (2, 4):                          # two steps of 1 s per record
+            for _ in range(2):
+                clock[0] += 1.0
+                run.window.add({"loss": torch.tensor(1.0)})
+            run._log_window(job, step, 0.1, None)
+        assert [r["step_time"] for r in run.logger.records] == [1.0, 1.0]
+        assert job.calls == (2 if main else 0)
+        assert all(("check" in r) == main and ("time/check_s" in r) == main for r in run.logger.records)
+
+
 def _events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

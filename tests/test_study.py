@@ -339,3 +339,103 @@ def test_shipped_studies_resolve(name, cells, monkeypatch):
         assert (runs["hpm"].masking.strategy, runs["hpm"].masking.score_source) == ("hpm", "predicted_loss")
         assert runs["hpm_attention"].masking.score_source == "attention"
         assert runs["attg_tokencut"].loss.attg.source == "data"
+
+
+# ------------------------------------------------------------------- stopping a study
+
+_FAKE_CELL = '''
+"""A stand-in runner: burns CPU, writing its own CPU seconds to FOLDER/cpu, until stopped
+("spin"; then FOLDER/stopped from its finally) or until it SIGKILLs its own process ("die")."""
+import os, signal, time
+from pathlib import Path
+
+
+def main(argv):
+    mode, folder = argv[0], Path(argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.process_time()
+    try:
+        while True:
+            sum(i * i for i in range(100_000))
+            used = time.process_time() - start
+            (folder / "cpu.tmp").write_text(repr(used))
+            os.replace(folder / "cpu.tmp", folder / "cpu")
+            if mode == "die" and used > 0.3:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        (folder / "stopped").write_text("")
+'''
+
+_LAUNCHER = '''
+import sys
+from multimae_att.study.local import record_path, run_local
+from multimae_att.study.plan import Cell
+from multimae_att.study.records import append_record
+
+if __name__ == "__main__":
+    study = sys.argv[1]
+    cells = [Cell(id=f"fake/{m}", kind="pretrain", entry="fake_cell", argv=(m, f"{study}/{m}"),
+                  out_dir=f"{study}/{m}") for m in ("die", "spin")]
+    try:
+        run_local(cells, cells, study, 2, 1, lambda c, a: append_record(record_path(study, c), c.id, a))
+    except KeyboardInterrupt as e:
+        print("interrupted", e.args, flush=True)
+        sys.exit(143)
+'''
+
+
+def test_sigterm_stops_a_study_cleanly_and_every_attempt_keeps_its_cost(tmp_path):
+    """``kill <pid>`` of a local study (here started with SIGINT ignored, as ``&`` does): the running
+    cell unwinds and its attempt is recorded with CPU and wall seconds; a cell whose worker died is
+    recorded too, measured by the launcher. CPU seconds: at least what each cell measured itself."""
+    (tmp_path / "fake_cell.py").write_text(_FAKE_CELL)
+    (tmp_path / "launch.py").write_text(_LAUNCHER)
+    study = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "launch.py"), str(study)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    died = study / "records" / "fake" / "die.json"
+    _wait_for(died, proc)
+    _wait_for(study / "spin" / "cpu", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted ('SIGTERM',)" in out, out
+
+    (die,) = json.loads(died.read_text())["attempts"]
+    assert die["ok"] is False and die["interrupted"] == "died" and die["measured_by"] == "launcher"
+    assert die["cpu_s"] >= float((study / "die" / "cpu").read_text()) - 0.05 and die["wall_s"] > 0
+    (spin,) = json.loads((study / "records" / "fake" / "spin.json").read_text())["attempts"]
+    assert spin["ok"] is False and spin["interrupted"] == "stopped" and "CellStopped" in spin["error"]
+    assert spin["cpu_s"] >= float((study / "spin" / "cpu").read_text()) and spin["wall_s"] > 0
+    assert (study / "spin" / "stopped").is_file()                       # the cell's own clean-up ran
+    assert not (study / "die" / "stopped").exists()
+    for _ in range(50):                                                 # no worker outlives the launcher
+        if not Path(f"/proc/{spin['pid']}").exists():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the stopped cell's worker is still running")
+
+    from multimae_att.study.records import read_record
+    total = read_record(study / "records" / "fake" / "spin.json")
+    assert (total["interrupted_attempts"], total["unmeasured_attempts"], total["cpu_s"]) == (1, 0, spin["cpu_s"])
+
+
+def test_cost_rows_count_interrupted_attempts_and_say_so(tmp_path):
+    from multimae_att.study.records import append_record, read_record
+    from multimae_att.study.report import _attempts_note
+
+    rec = tmp_path / "a.json"
+    for attempt in ({"ok": False, "interrupted": "stopped", "cpu_s": 2.0, "wall_s": 3.0},
+                    {"ok": True, "cpu_s": 5.0, "wall_s": 6.0}):
+        append_record(rec, "pretrain/high/seed0", attempt)
+    total = read_record(rec)
+    assert (total["cpu_s"], total["wall_s"], total["attempts"]) == (7.0, 9.0, 2)
+    assert (total["interrupted_attempts"], total["unmeasured_attempts"]) == (1, 0)
+    append_record(rec, "pretrain/high/seed0", {"ok": False, "interrupted": "killed", "cpu_s": None, "wall_s": 1.0})
+    rows = [{"cell": "pretrain/high/seed0", "kind": "pretrain", **read_record(rec)},
+            {"cell": "eval/knn/high/seed0", "kind": "eval", "interrupted_attempts": 5}]
+    note = "\n".join(_attempts_note(rows))
+    assert "2 of them interrupted" in note and "lower bounds: pretrain/high/seed0" in note
+    assert _attempts_note([{"cell": "x", "kind": "pretrain", "interrupted_attempts": 0}]) == []

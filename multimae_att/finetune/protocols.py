@@ -18,9 +18,13 @@ This module redoes those recipes with torch ops on one sample's planes (``[C, H,
 
 Resampling follows OpenCV's: RGB bilinear with half-pixel centres and *no* antialiasing (OpenCV's
 ``INTER_LINEAR``), rounded to 8 bit; depth, labels and validity by OpenCV's ``INTER_NEAREST``
-(source index ``floor(i * in / out)``), so depth values are never mixed across edges. Brightness,
+(source index ``floor(i * in / out)``), so depth values are never mixed across edges. LSJ's
+rescale resamples only the crop window (:func:`resized_crop`: the same source pixels and weights
+as resizing the whole image, then padding and cropping; labels, depth and validity bit-identical,
+RGB within 1 grey level on ~3 values in 10^5, see :func:`resize_window`). Brightness,
 contrast, saturation, hue and greyscale follow albumentations' 8-bit arithmetic (lookup tables,
-truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps). Randomness: one
+truncation, OpenCV's integer grey weights and 8-bit HSV with hue in 2-degree steps), each evaluated
+once per table entry and looked up per pixel (bit-identical to evaluating it per pixel). Randomness: one
 generator per sample seeded by ``(seed, epoch, sample id)`` (:func:`multimae_att.data.transforms.sample_rng`), drawn in
 albumentations' order, so a sample gets the same augmentation in any worker and after a resume.
 
@@ -53,6 +57,7 @@ __all__ = [
     "SEMSEG_JITTER",
     "Jitter",
     "MultiMAERecipe",
+    "bilinear_taps",
     "color_jitter",
     "eval_sample_indices",
     "make_recipe",
@@ -61,6 +66,8 @@ __all__ = [
     "plane_size",
     "resize",
     "resize_planes",
+    "resize_window",
+    "resized_crop",
     "select_eval_samples",
     "side_resize_size",
     "to_gray",
@@ -71,6 +78,7 @@ __all__ = [
 PAD_RGB = 128.0                # MultiMAE's PadIfNeeded value for images
 LSJ_SCALE = (0.1, 2.0)         # RandomScale(scale_limit=(0.1 - 1, 2.0 - 1))
 NYU_GREY_P = 0.3
+WINDOW_AREA = 0.8              # resized_crop resamples RGB in the window below this share of the image
 EVAL_SAMPLE_SEED = 0           # MultiMAE: np.random.seed(0); np.random.permutation(n)[:max_images]
 _GREY_WEIGHTS = (9798, 19235, 3735)   # OpenCV RGB2GRAY for 8 bit: (w . rgb + 2^14) >> 15
 _HSV_SHIFT = 12                        # OpenCV RGB2HSV for 8 bit: fixed-point tables, hue 0..179
@@ -124,6 +132,86 @@ def resize_planes(planes: Planes, size: tuple[int, int]) -> Planes:
     return {m: resize(x, size, bilinear=m == "rgb") for m, x in planes.items()}
 
 
+def bilinear_taps(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    """The two source taps of output pixels ``start .. stop - 1`` of a bilinear resize of one axis
+    from ``n_in`` to ``n_out`` (half-pixel centres, no antialiasing), on torch's CPU kernel's grid:
+    float32 position ``max(scale (i + 1/2) - 1/2, 0)``, ``scale = in / out`` (float32), evaluated
+    as one fused multiply-add as the kernel is compiled (exact in float64, then rounded once);
+    ``i0 = floor``, ``i1 = i0 + 1`` (``i0`` at the last pixel), ``w1 = position - i0``, ``w0 = 1 - w1``.
+    Same size: the identity (the kernel's shortcut). Returns ``i0, i1`` int64 and ``w0, w1`` float32."""
+    i = np.arange(start, stop)
+    if n_in == n_out:
+        return (torch.from_numpy(i), torch.from_numpy(i),
+                torch.ones(len(i), dtype=torch.float32), torch.zeros(len(i), dtype=torch.float32))
+    scale = np.float32(n_in) / np.float32(n_out)
+    pos = (np.float64(scale) * (i.astype(np.float32) + np.float32(0.5)) - 0.5).astype(np.float32)
+    pos = np.maximum(pos, np.float32(0))
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    w1 = np.clip(pos - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = i0 + (i0 < n_in - 1)
+    return tuple(torch.from_numpy(a) for a in (i0, i1, np.float32(1) - w1, w1))
+
+
+def resize_window(x: torch.Tensor, size: tuple[int, int], top: int, left: int, height: int, width: int,
+                  bilinear: bool) -> torch.Tensor:
+    """Rows ``top .. top + height - 1`` and columns ``left .. left + width - 1`` of
+    ``resize(x, size, bilinear)``, computed from the source pixels they use only (the window must
+    lie inside ``size``). Nearest: the same source indices, so the same values, bit for bit.
+    Bilinear: the same taps and weights (:func:`bilinear_taps`), each output pixel
+    ``(x00 w0 + x01 w1) v0 + (x10 w0 + x11 w1) v1`` (columns blended first, as torch's kernel) in
+    float32, rounded and clipped; the kernel fuses some of these multiply-adds (which ones depends on
+    its code path), so a float result can differ in the last bit, and the rounding of a value within
+    that bit of a half flips: at most 1 grey level, on ~1 value in 10^4 (measured over random
+    windows; tests/test_finetune_lsj_window.py)."""
+    h_in, w_in = x.shape[-2:]
+    if not bilinear:
+        rows = nearest_index(h_in, size[0])[top:top + height]
+        cols = nearest_index(w_in, size[1])[left:left + width]
+        return x[:, rows[:, None], cols[None, :]]
+    if (h_in, w_in) == tuple(size):   # resize() returns x itself
+        return x[:, top:top + height, left:left + width]
+    r0, r1, v0, v1 = bilinear_taps(h_in, size[0], top, top + height)
+    c0, c1, w0, w1 = bilinear_taps(w_in, size[1], left, left + width)
+    top_in, left_in = int(r0[0]), int(c0[0])           # the source window the taps read
+    src = x[:, top_in:int(r1[-1]) + 1, left_in:int(c1[-1]) + 1].float()
+    # columns first; every gather along a contiguous dim (hence the transposes): several times
+    # faster in torch than index_select along the last dim
+    cols = src.transpose(1, 2).contiguous()                                   # [C, W read, H read]
+    cols = _blend(cols, c0 - left_in, c1 - left_in, w0, w1)                   # [C, width, H read]
+    rows = _blend(cols.transpose(1, 2).contiguous(), r0 - top_in, r1 - top_in, v0, v1)
+    return rows.round_().clamp_(0, 255)                                       # [C, height, width]
+
+
+def _blend(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, w0: torch.Tensor,
+           w1: torch.Tensor) -> torch.Tensor:
+    """``x[:, i0] w0 + x[:, i1] w1`` along dim 1 of ``x`` ``[C, N, M]``: ``[C, len(i0), M]``."""
+    return x.index_select(1, i0).mul_(w0[:, None]).add_(x.index_select(1, i1).mul_(w1[:, None]))
+
+
+def resized_crop(planes: Planes, size: tuple[int, int], top: int, left: int, target: int) -> Planes:
+    """``random_crop``'s ``target`` x ``target`` window at (top, left) of ``pad_to(resize_planes(
+    planes, size), target)``, resampling only the pixels the window shows (:func:`resize_window`);
+    the part past the resized image is filled as :func:`pad_to` fills it."""
+    height, width = min(target, size[0] - top), min(target, size[1] - left)
+    if height < 1 or width < 1 or (height < target and top) or (width < target and left):
+        raise ValueError(f"crop ({top}, {left}) of {target} px does not start inside the resized "
+                         f"{size} image (pad_to pads at the bottom/right only)")
+    value = {"rgb": PAD_RGB, "padding": True}
+    out = {}
+    for m, x in planes.items():
+        if m == "rgb" and height * width > WINDOW_AREA * size[0] * size[1]:
+            # nearly all of it is shown: torch's one-pass kernel on the whole image is cheaper
+            window = resize(x, size, bilinear=True)[:, top:top + height, left:left + width]
+        else:
+            window = resize_window(x, size, top, left, height, width, bilinear=m == "rgb")
+        if (height, width) == (target, target):
+            out[m] = window
+        else:
+            out[m] = torch.full((x.shape[0], target, target), value.get(m, 0), dtype=x.dtype)
+            out[m][:, :height, :width] = window
+    return out
+
+
 def side_resize_size(size: tuple[int, int], target: int, longest: bool) -> tuple[int, int]:
     """albumentations ``LongestMaxSize`` / ``SmallestMaxSize``: that side to ``target``, the other
     scaled alike and rounded (half to even)."""
@@ -167,9 +255,14 @@ def center_crop(planes: Planes, target: int) -> Planes:
 
 # -------------------------------------------------------------------------------- colour
 
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 1-D ``table`` (index_select: several times faster than ``table[index]``)."""
+    return table.index_select(0, index.reshape(-1)).reshape(index.shape)
+
+
 def grey(rgb: torch.Tensor) -> torch.Tensor:
     """OpenCV ``RGB2GRAY`` of an 8-bit image ``[3, H, W]`` (integer weights): ``[1, H, W]``."""
-    r, g, b = rgb.long()
+    r, g, b = rgb.to(torch.int32)   # the weighted sums stay below 2^23
     wr, wg, wb = _GREY_WEIGHTS
     return ((wr * r + wg * g + wb * b + (1 << 14)) >> 15)[None].to(rgb.dtype)
 
@@ -181,7 +274,7 @@ def to_gray(rgb: torch.Tensor) -> torch.Tensor:
 
 def _lut(rgb: torch.Tensor, table: np.ndarray) -> torch.Tensor:
     """8-bit lookup (OpenCV ``LUT``); ``table`` float [256], clipped to [0, 255] and truncated."""
-    return torch.from_numpy(np.clip(table, 0, 255).astype(np.uint8)).to(rgb.dtype)[rgb.long()]
+    return _lookup(torch.from_numpy(np.clip(table, 0, 255).astype(np.uint8)).to(rgb.dtype), rgb.to(torch.int32))
 
 
 def adjust_brightness(rgb: torch.Tensor, factor: float) -> torch.Tensor:
@@ -202,38 +295,51 @@ def adjust_saturation(rgb: torch.Tensor, factor: float) -> torch.Tensor:
     """Blend with the grey image (OpenCV ``addWeighted``: rounded, saturated)."""
     if factor == 1:
         return rgb
-    return (rgb.double() * factor + grey(rgb).double() * (1 - factor)).round().clamp(0, 255).to(rgb.dtype)
+    # the same float64 arithmetic, once per (channel value, grey value) pair, then looked up
+    value, grey_value = torch.arange(256, dtype=torch.float64)[:, None], torch.arange(256, dtype=torch.float64)
+    table = (value * factor + grey_value * (1 - factor)).round().clamp(0, 255).to(rgb.dtype).reshape(-1)
+    return _lookup(table, rgb.to(torch.int32) * 256 + grey(rgb).to(torch.int32))
 
 
-def _rgb_to_hsv8(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """OpenCV ``RGB2HSV`` for 8 bit (integer tables): hue 0..179, saturation and value 0..255."""
-    r, g, b = rgb.long()
-    v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
+def _hsv_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV's 8-bit HSV tables. ``sdiv``, ``hdiv`` [256] int32: the fixed-point divisors of
+    RGB2HSV. ``coef`` [3 (r, g, b), 256] float32: HSV2RGB gives each channel ``v (1 - s c)`` with
+    ``c`` = 0 (v), 1 (p), frac (q) or 1 - frac (t), chosen by the hue's sector; the same float32
+    products as OpenCV's sector table (x 0 and x 1 are exact), so no per-pixel selection is needed."""
     i = torch.arange(256, dtype=torch.float64)
-    sdiv = torch.where(i > 0, torch.round((255 << _HSV_SHIFT) / i.clamp(min=1)), 0.0).long()
-    hdiv = torch.where(i > 0, torch.round((180 << _HSV_SHIFT) / (6.0 * i.clamp(min=1))), 0.0).long()
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * sdiv[v] + half) >> _HSV_SHIFT
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * hdiv[diff] + half) >> _HSV_SHIFT
-    return torch.where(h < 0, h + 180, h), s, v
-
-
-def _hsv8_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """OpenCV ``HSV2RGB`` for 8 bit (float32 sectors, rounded): ``[3, H, W]`` float 0..255."""
-    hf = h.float() * (6.0 / 180.0)
-    sf, vf = s.float() * (1.0 / 255.0), v.float() * (1.0 / 255.0)
+    sdiv = torch.where(i > 0, torch.round((255 << _HSV_SHIFT) / i.clamp(min=1)), 0.0).int()
+    hdiv = torch.where(i > 0, torch.round((180 << _HSV_SHIFT) / (6.0 * i.clamp(min=1))), 0.0).int()
+    hf = torch.arange(256).float() * (6.0 / 180.0)
     hf = hf - 6.0 * torch.floor(hf / 6.0)
     sector = torch.floor(hf)
     frac = hf - sector
-    sector = sector.long().clamp(0, 5)
-    tab = torch.stack([vf, vf * (1.0 - sf), vf * (1.0 - sf * frac), vf * (1.0 - sf * (1.0 - frac))])
+    values = torch.stack([torch.zeros(256), torch.ones(256), frac, 1.0 - frac])       # v, p, q, t
     order = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])   # (b, g, r)
-    idx = order[sector].permute(2, 0, 1)                          # [3 (b, g, r), H, W]
-    bgr = tab.gather(0, idx)
-    rgb = torch.where(s[None] == 0, vf[None].expand(3, -1, -1), bgr.flip(0))
-    return (rgb * 255.0).floor().clamp(0, 255)
+    pick = order[sector.long().clamp(0, 5)].flip(-1).T                                 # [3 (r, g, b), 256]
+    return sdiv, hdiv, values.gather(0, pick)
+
+
+_SDIV, _HDIV, _HSV_COEF = _hsv_tables()
+
+
+def _rgb_to_hsv8(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OpenCV ``RGB2HSV`` for 8 bit (integer tables): hue 0..179, saturation and value 0..255
+    (int32; the fixed-point products stay below 2^28)."""
+    r, g, b = rgb.to(torch.int32)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _lookup(_SDIV, v) + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _lookup(_HDIV, diff) + half) >> _HSV_SHIFT
+    return torch.where(h < 0, h + 180, h), s, v
+
+
+def _hsv8_to_rgb(coef: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """OpenCV ``HSV2RGB`` for 8 bit (float32 sectors, rounded down): ``[3, H, W]`` float 0..255,
+    from each pixel's ``coef`` ``[3, H, W]`` (:func:`_hsv_tables`), saturation and value."""
+    sf, vf = s.float() * (1.0 / 255.0), v.float() * (1.0 / 255.0)
+    return (vf * (1.0 - sf * coef) * 255.0).floor().clamp(0, 255)
 
 
 def adjust_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
@@ -243,7 +349,9 @@ def adjust_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
         return rgb
     h, s, v = _rgb_to_hsv8(rgb)
     lut = torch.from_numpy(np.mod(np.arange(256, dtype=np.int16) + 180 * shift, 180).astype(np.uint8)).long()
-    return _hsv8_to_rgb(lut[h], s, v).to(rgb.dtype)
+    coef = _HSV_COEF[:, lut]                     # [3, 256]: old hue -> the new hue's coefficients
+    coef = torch.stack([_lookup(c, h) for c in coef])
+    return _hsv8_to_rgb(coef, s, v).to(rgb.dtype)
 
 
 _COLOUR_OPS: tuple[Callable[[torch.Tensor, float], torch.Tensor], ...] = (
@@ -280,8 +388,12 @@ def _lsj(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
     s = rng.uniform(*LSJ_SCALE)
     h, w = plane_size(planes)
     # int() as albumentations' scale(); at least 1 px (OpenCV would refuse an empty image)
-    planes = resize_planes(planes, (max(int(h * s), 1), max(int(w * s), 1)))
-    return random_crop(pad_to(planes, size), size, rng)
+    scaled = (max(int(h * s), 1), max(int(w * s), 1))
+    # RandomCrop's offsets on the padded image (pad_to: at least `size`), then only the crop is
+    # resampled: the same pixels as resize -> pad -> crop (resized_crop), about half the time at s > 1
+    top = int((max(scaled[0], size) - size) * rng.random())
+    left = int((max(scaled[1], size) - size) * rng.random())
+    return resized_crop(planes, scaled, top, left, size)
 
 
 def _letterbox(planes: Planes, size: int, rng: np.random.Generator | None) -> Planes:

@@ -184,11 +184,18 @@ class SpatialOutputAdapter(nn.Module):
         context = torch.cat([visible, ctx[:, K:]], dim=1)
         tasks = input_info["tasks"]
         if self.use_task_queries and self.task in tasks:
-            # Canonical sequence: mask token everywhere, visible tokens scattered into their slots.
-            full = (self.mask_token[0] + emb).to(visible.dtype).expand(B, -1, -1)
-            full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), visible)
+            # This modality's slice of the canonical sequence: the mask token everywhere, its own
+            # visible tokens scattered into their slots. Visible tokens of the other modalities go
+            # to one spare row that is dropped, so no [B, N_all, D] sequence is built per decoder
+            # (MultiMAE builds it and slices; the values are the same).
             info = tasks[self.task]
-            return full[:, info["start_idx"]:info["end_idx"]], context
+            start, n = info["start_idx"], info["end_idx"] - info["start_idx"]
+            base = (self.mask_token[0] + emb[start:start + n]).to(visible.dtype)  # [n, D]
+            base = torch.cat([base, base.new_zeros(1, D)]).expand(B, -1, -1)  # + the spare row
+            slot = ids_keep - start
+            slot = torch.where((slot >= 0) & (slot < n), slot, n)  # [B, K]
+            queries = base.scatter(1, slot.unsqueeze(-1).expand(-1, -1, D), visible)
+            return queries[:, :n], context
         queries = self.mask_token[0] + pos
         task_emb = self._task_emb(self.task)
         if task_emb is not None:

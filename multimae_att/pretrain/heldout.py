@@ -17,10 +17,12 @@ kept on the device. At each record, with the model in eval mode and no grad:
    (mean over images and modalities).
 
 It changes nothing in training: its own generator (no global RNG draw), its own loader (the
-training loader's order is untouched), train mode restored, and the value stays on the device
-until the record's one transfer. Every process measures the same images, so the mean over
-processes equals each one's value. The figure of the training batch (predicted before the head
-trained on it, but on images seen in earlier epochs) is ``lossp/spearman_train``.
+training loader's order is untouched), train mode restored. It runs once per record, on the main
+process only (:meth:`multimae_att.pretrain.loop.PretrainJob.log_checks`; every process would
+measure the same images and weights, so the value is the one-process value), after the record's
+``step_time`` is taken: its own seconds are logged as ``time/heldout_s``. The figure of the
+training batch (predicted before the head trained on it, but on images seen in earlier epochs)
+is ``lossp/spearman_train``.
 """
 from __future__ import annotations
 

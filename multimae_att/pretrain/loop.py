@@ -14,6 +14,7 @@ later losses and final weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def train(cfg: PretrainConfig) -> Path:
             _export(model, cfg, plan.total_steps, out / "final.pth", run.provenance(plan.total_steps),
                     predictor if cfg.train.export_loss_predictor else None)
         outputs.append("final.pth")
-    last = {k: v for k, v in (run.last_logged() or {}).items() if k not in ("step", "step_time")}
+    last = {k: v for k, v in (run.last_logged() or {}).items()      # results, not timings
+            if k not in ("step", "step_time") and not k.startswith("time/")}
     run.finish(plan.total_steps, {"task": "pretrain", **last}, outputs)
     return out
 
@@ -127,8 +129,8 @@ class PretrainJob(Job):
     itself: ``alphas`` (adaptive budgets) and the masking diagnostics (:meth:`log_values`). Any
     other scalar a step returns under a ``group/name`` key is logged under that key as is: the
     loss predictor's ``lossp/loss`` and ``lossp/spearman_train`` (``masking.score_source=predicted_loss``);
-    with ``log.heldout_split`` also ``lossp/spearman`` at the logging step
-    (:mod:`multimae_att.pretrain.heldout`).
+    with ``log.heldout_split`` also ``lossp/spearman`` at the logging step and its seconds
+    ``time/heldout_s`` (:meth:`log_checks`, :mod:`multimae_att.pretrain.heldout`).
     """
 
     def __init__(self, cfg: PretrainConfig, run: Run, plan: RunPlan, module, optimizer, model, loader,
@@ -218,21 +220,31 @@ class PretrainJob(Job):
                 self.run.log_image(f"pictures/{m}", image, step)
 
     def log_values(self, step: int) -> dict[str, torch.Tensor]:
-        """The loss predictor's held-out ``lossp/spearman`` (with ``log.heldout_split``,
-        :mod:`multimae_att.pretrain.heldout`); ``mask/hidden_fg_share`` and, when this step's
-        masks came from scores, ``scores/fg_auroc.<modality>`` of the last micro-batch
+        """``mask/hidden_fg_share`` and, when this step's masks came from scores,
+        ``scores/fg_auroc.<modality>`` of the last micro-batch
         (:func:`multimae_att.diagnostics.step_diagnostics`; nothing without
         ``data.background_classes`` or semseg labels). Every process computes the same keys
         (scores drawn only for pictures on the main process are left out)."""
-        out = {} if self.heldout is None else {"lossp/spearman": self.heldout(self.weights)}
         res, bg = self.last_res, self.cfg.data.background_classes
         if res is None or not bg or "semseg" not in res.inputs:
-            return out
+            return {}
         from multimae_att.diagnostics import step_diagnostics
 
         scores = res.plan.scores if (self.policy.needs_scores(self.epoch) or self.attg == "scores") else None
-        return {**out, **step_diagnostics(res.inputs["semseg"], input_grids(self.weights, res.inputs),
-                                          res.plan.hidden, scores, bg)}
+        return step_diagnostics(res.inputs["semseg"], input_grids(self.weights, res.inputs),
+                                res.plan.hidden, scores, bg)
+
+    def log_checks(self, step: int) -> dict[str, Any]:
+        """The loss predictor's held-out ``lossp/spearman`` (with ``log.heldout_split``,
+        :mod:`multimae_att.pretrain.heldout`), measured on the main process only (every process
+        would measure the same images and weights) and outside ``step_time``; its seconds
+        (device work included) as ``time/heldout_s``."""
+        if self.heldout is None:
+            return {}
+        started = time.perf_counter()
+        value = float(self.heldout(self.weights))   # the transfer waits for the device
+        return {"lossp/spearman": value if value == value else None,   # NaN: nothing to rank -> null
+                "time/heldout_s": round(time.perf_counter() - started, 4)}
 
     def saved(self, step: int) -> None:
         if self.refresher is not None:

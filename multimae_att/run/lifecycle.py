@@ -19,6 +19,7 @@ comes before any work and nothing is written before the decision:
 
    ``init.checkpoint`` is identified by its file (absolute path) and SHA-256, recorded in every
    training state and in ``metrics.json``: a different file behind the same path is a changed key.
+   The main process hashes it and shares the result (one read, not one per process).
 
 2. ``begin(total_steps)`` (once the runner knows how many steps this config asks for and has
    loaded the init checkpoint, so a fresh start hashes the file it used): a finished
@@ -136,7 +137,7 @@ class RunFolder:
                 f"contents move to {self.out / (PREVIOUS_PREFIX + '<time>')}/ and nothing is deleted. "
                 "Or drop init.resume=false to keep the run, or choose another output_dir.")
         self.fresh = False
-        self.init = checkpoint_identity(cfg.init.checkpoint)   # compared with the run's below
+        self.init = checkpoint_identity(cfg.init.checkpoint, self.acc)   # compared with the run's below
         if st.finished:
             self._check_finished()
         else:
@@ -263,7 +264,7 @@ class RunFolder:
                 "(train.max_steps / train.epochs). Ask for at least as many steps, use another "
                 "output_dir, or --overwrite to start over (the old run moves to previous-<time>/).")
         if self.fresh:   # hashed now: the runner has loaded (and perhaps downloaded) it by now
-            self.init = checkpoint_identity(self.cfg.init.checkpoint)
+            self.init = checkpoint_identity(self.cfg.init.checkpoint, self.acc)
         self.acc.wait_for_everyone()      # every process has read the folder
         if self.acc.is_main_process:
             for p in remove_temp_files(self.out):

@@ -18,10 +18,19 @@ __all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_has
            "describe_identity"]
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; ~1 s per GB)."""
+    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; ~1 s per GB), read once per process
+    while the file keeps its size and modification time."""
     from multimae_att.hub import sha256_file
 
-    return sha256_file(Path(path))
+    p = Path(path).resolve()
+    stat = p.stat()
+    key = (str(p), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(p)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def local_checkpoint(spec: str) -> Path | None:
@@ -34,10 +43,31 @@ def local_checkpoint(spec: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def checkpoint_identity(spec: str | None) -> dict[str, Any] | None:
+def checkpoint_identity(spec: str | None, accelerator: Any = None) -> dict[str, Any] | None:
     """``init.checkpoint`` as ``{'path': as given, 'file': absolute path, 'sha256': hex}``;
     None without one. When the file is not on disk (yet) ``file``/``sha256`` are None (the
-    runner's own loading reports a missing file where it needs it)."""
+    runner's own loading reports a missing file where it needs it).
+
+    With an ``accelerator`` of several processes only the main process reads and hashes the
+    file (one read of a possibly large file, not one per process) and the others receive its
+    identity; an error there is raised in every process."""
+    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+        return _identity(spec)
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None, None]   # (identity, error) of the main process
+    if accelerator.is_main_process:
+        try:
+            box[0] = _identity(spec)
+        except Exception as e:  # noqa: BLE001 -- re-raised below, in every process
+            box[1] = e
+    broadcast_object_list(box, from_process=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def _identity(spec: str | None) -> dict[str, Any] | None:
     if not spec:
         return None
     p = local_checkpoint(spec)

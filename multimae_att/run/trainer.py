@@ -236,6 +236,12 @@ class Job:
         logged as they are rather than averaged over the window; every process the same keys."""
         return {}
 
+    def log_checks(self, step: int) -> dict[str, Any]:
+        """Fields of a logging step's record measured once, on the main process only, after the
+        window's ``step_time`` is taken (so their time is not in it; report it under a
+        ``time/<name>_s`` key). No collective may run here: the other processes do not call it."""
+        return {}
+
     def record(self, step: int, means: Mapping[str, float]) -> dict[str, Any]:
         """Fields of the ``metrics.jsonl`` line beyond step, epoch, lr, loss (from ``means``)."""
         return {}
@@ -443,6 +449,8 @@ class Run:
         record["step_time"] = round(self.window.seconds_per_step(), 4)
         if self.acc.device.type == "cuda":
             record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(self.acc.device) / 2**20, 1)
+        if self.acc.is_main_process:   # once, outside step_time; the next window starts after it
+            record.update(job.log_checks(step))
         self.window.reset()
         self.last_record = record
         self.logger.log(record, f"{self.name} step {step}/{job.total_steps}: loss {means['loss']:.4f}, "

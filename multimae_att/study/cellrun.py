@@ -11,7 +11,8 @@ after another one in the same worker gives bit-identical weights to a fresh ``py
 
 Measurement per cell: wall and CPU seconds (this process and its reaped children), peak resident
 memory (``VmHWM``, reset before the cell through ``/proc/self/clear_refs`` on Linux) and peak CUDA
-memory when a GPU is used.
+memory when a GPU is used. A cell the launcher stops (:class:`CellStopped`, raised in the worker by
+its SIGTERM) is measured up to that moment and its attempt marked ``interrupted: stopped``.
 """
 from __future__ import annotations
 
@@ -24,22 +25,31 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from multimae_att.study.plan import DIAGNOSE, FINETUNE, PRETRAIN, Cell, entry_path
 
-__all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload", "cpu_seconds"]
+__all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload", "cpu_seconds",
+           "CellStopped", "STOP_GRACE_S"]
 
 _MAINS: dict[str, Callable] = {}
+STOP_GRACE_S = 30.0   # seconds a stopped cell's own child processes get to end before SIGKILL
+
+
+class CellStopped(BaseException):
+    """The launcher stopped the cell running here (SIGTERM to its worker): the cell unwinds and
+    its attempt is recorded, measured up to this moment (not an ``Exception``: runners that catch
+    errors must not swallow it)."""
 
 
 def entry_main(entry: str) -> Callable:
-    """``main(argv)`` of a runner script (loaded from the repository root) or of a module."""
+    """``main(argv)`` of a runner script (``*.py``, loaded from the repository root) or of a
+    module (``multimae_att.diagnose``)."""
     if entry not in _MAINS:
-        if entry == DIAGNOSE:
+        if not entry.endswith(".py"):
             module = importlib.import_module(entry)
         else:
             spec = importlib.util.spec_from_file_location(f"_study_{Path(entry).stem}", entry_path(entry))
@@ -49,14 +59,17 @@ def entry_main(entry: str) -> Callable:
     return _MAINS[entry]
 
 
-def preload() -> None:
-    """Import what every cell needs (torch, timm, Accelerate, both runners, the diagnostics)."""
+def preload(entries: Iterable[str] = (PRETRAIN, FINETUNE, DIAGNOSE)) -> None:
+    """Import what the cells of these entry points need (torch, timm, Accelerate, the runners,
+    the diagnostics), so no cell's measurement holds the imports."""
     import accelerate  # noqa: F401
 
-    for entry in (PRETRAIN, FINETUNE, DIAGNOSE):
+    for entry in entries:
         entry_main(entry)
-    importlib.import_module("multimae_att.pretrain.loop")
-    importlib.import_module("multimae_att.finetune.engine")
+    if PRETRAIN in entries:
+        importlib.import_module("multimae_att.pretrain.loop")
+    if FINETUNE in entries:
+        importlib.import_module("multimae_att.finetune.engine")
 
 
 def fresh_state(threads: int) -> None:
@@ -123,7 +136,9 @@ def _redirected(log_path: Path) -> Iterator[None]:
 def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict[str, Any]:
     """Run ``cell`` in this process with its output appended to ``log_path``; returns the
     attempt's record: ``ok``, ``error``, ``wall_s``, ``cpu_s``, ``peak_rss_mb``, ``peak_cuda_mb``,
-    ``threads``, ``host``, ``started``, ``load_before``/``load_after`` (1-minute load average)."""
+    ``threads``, ``host``, ``started``, ``load_before``/``load_after`` (1-minute load average), and
+    ``interrupted: 'stopped'`` for a cell ended by :class:`CellStopped` (a ``KeyboardInterrupt`` is
+    re-raised once the attempt is measured)."""
     import torch
 
     env, cwd, argv = dict(os.environ), os.getcwd(), list(sys.argv)
@@ -136,6 +151,7 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "load_before": os.getloadavg()[0], "pid": os.getpid()}
     t0, c0 = time.perf_counter(), cpu_seconds()
+    interrupt: KeyboardInterrupt | None = None
     with _redirected(Path(log_path)):
         print(f"=== {cell.id}: {' '.join(cell.command())}", flush=True)
         try:
@@ -147,11 +163,13 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
             if not record["ok"]:
                 record["error"] = str(e.code)
                 print(e.code, file=sys.stderr)
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 -- recorded; KeyboardInterrupt re-raised below
             record["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+            if isinstance(e, (CellStopped, KeyboardInterrupt)):
+                record["interrupted"] = "stopped"
             if isinstance(e, KeyboardInterrupt):
-                raise
+                interrupt = e
         finally:
             sys.argv = argv
             os.chdir(cwd)
@@ -164,6 +182,8 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
     record["peak_cuda_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                               if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     record["load_after"] = os.getloadavg()[0]
+    if interrupt is not None:
+        raise interrupt
     return record
 
 
@@ -171,22 +191,40 @@ def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
                 cwd: str | None = None) -> dict[str, Any]:
     """Run a cell as a child process (an Accelerate launch of its runner), output appended to
     ``log_path``; the attempt's record as :func:`run_cell_here`'s (CPU seconds and peak memory of
-    the reaped children: the launcher and every process it started)."""
+    the reaped children: the launcher and every process it started). Stopped here
+    (:class:`CellStopped`, ``KeyboardInterrupt``), the child gets SIGTERM (an Accelerate launch
+    passes it on to its processes), SIGKILL after :data:`STOP_GRACE_S`, and is reaped before the
+    attempt is measured."""
     import subprocess
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     record: dict[str, Any] = {"host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                               "load_before": os.getloadavg()[0], "job_id": os.environ.get("SLURM_JOB_ID")}
     t0 = time.perf_counter()
+    interrupt: BaseException | None = None
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"=== {cell_id}: {' '.join(command)}\n")
         log.flush()
-        code = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait()
+        except (CellStopped, KeyboardInterrupt) as e:
+            interrupt = e
+            child.terminate()
+            try:
+                code = child.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                code = child.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    record.update(ok=code == 0, error=None if code == 0 else f"exit code {code}",
+    record.update(ok=code == 0 and interrupt is None, error=None if code == 0 else f"exit code {code}",
                   wall_s=round(time.perf_counter() - t0, 3),
                   cpu_s=round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3),
                   peak_rss_mb=round(after.ru_maxrss / 1024, 1), peak_cuda_mb=None,
                   load_after=os.getloadavg()[0])
+    if interrupt is not None:
+        record.update(error=f"{type(interrupt).__name__}: {interrupt} (exit code {code})", interrupted="stopped")
+        if isinstance(interrupt, KeyboardInterrupt):
+            raise interrupt
     return record

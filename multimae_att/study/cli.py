@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(*a, **k, flush=True)
 
     outcome: dict[str, str] = {}
-    interrupted = False
+    interrupted: str | None = None   # the signal that stopped this invocation
     try:
         if study.launcher == "local":
             run_local(cells, todo, study.study_dir, study.jobs, threads, on_record, log,
@@ -120,18 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             report_cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "run_study.py"),
                           "--config", args.config, *extra, "--report-only"]
             outcome = run_submitit(study, todo, report_cmd, log)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under the local launcher
+        interrupted = "SIGTERM" if e.args == ("SIGTERM",) else "SIGINT"
     finally:
         update_invocation(study.study_dir, run_index, {
             "ended": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1),
             "cpu_s": round(cpu_seconds() - c0, 1),
             "load_after": os.getloadavg()[0], "cells_run": len(outcome),
-            "failed": sum(1 for v in outcome.values() if v == "failed")})
+            "failed": sum(1 for v in outcome.values() if v == "failed"), "stopped_by": interrupted})
     if interrupted:
-        print("interrupted; run the same command again to continue (finished cells are kept, "
-              "interrupted ones resume)", file=sys.stderr)
-        return 130
+        print(f"stopped ({interrupted}); run the same command again to continue (finished cells are "
+              "kept, interrupted ones resume)", file=sys.stderr)
+        return 143 if interrupted == "SIGTERM" else 130
     if any(v == "submitted" for v in outcome.values()):
         print(f"submitted; the report job writes {study.study_dir}/REPORT.md when every cell has ended")
         return 0

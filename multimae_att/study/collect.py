@@ -43,8 +43,9 @@ FIXED_COLUMNS = ["cell", "kind", "variant", "seed", "eval", "status"]
 BOOKKEEPING_KEYS = frozenset({"task", "step", "epoch", "outputs", "cost", "provenance", "report", "report_epoch",
                               "report_step", "skipped_eval_samples", "skipped_samples"})
 BOOKKEEPING_COLUMNS = ["step", "report_epoch", "report_step", "skipped_eval_samples"]
-COST_COLUMNS = ["s_per_step", "cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb", "pretrain_s_per_step",
-                "pretrain_peak_rss_mb", "pretrain_cpu_s"]
+COST_COLUMNS = ["s_per_step", "cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb", "interrupted_attempts",
+                "unmeasured_attempts", "pretrain_s_per_step", "pretrain_peak_rss_mb", "pretrain_cpu_s"]
+_RECORD_KEYS = ("cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb", "interrupted_attempts", "unmeasured_attempts")
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -112,7 +113,7 @@ def collect_rows(cells: list[Cell], states: dict[str, str], study_dir: str) -> l
         row: dict[str, Any] = {"cell": cell.id, "kind": cell.kind, "variant": cell.variant,
                                "seed": cell.seed, "eval": cell.eval, "status": states[cell.id]}
         rec = read_record(record_path(study_dir, cell))
-        row.update({k: rec.get(k) for k in ("cpu_s", "wall_s", "peak_rss_mb", "peak_cuda_mb")})
+        row.update({k: rec.get(k) for k in _RECORD_KEYS})
         if states[cell.id] == "finished":
             if cell.kind in ("pretrain", "warm_start"):
                 row.update(pretrain_metrics(Path(cell.out_dir)))

@@ -1,6 +1,8 @@
 """The study's own bookkeeping, kept apart from the run folders: one JSON file per cell under
 ``<study_dir>/records/`` listing every attempt (wall and CPU seconds, peak memory, threads, host,
-load average, error), and ``<study_dir>/invocations.jsonl`` with one line per ``run_study.py`` run.
+load average, error; ``interrupted``: ``stopped`` / ``killed`` / ``died`` for an attempt that ended
+before its run did, measured up to then), and ``<study_dir>/invocations.jsonl`` with one line per
+``run_study.py`` run.
 They feed the cost rows of the report; whether a cell is finished is read from its run folder
 (:mod:`multimae_att.study.status`), never from here.
 """
@@ -26,7 +28,9 @@ def append_record(path: str | os.PathLike, cell_id: str, attempt: dict[str, Any]
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """Totals over the attempts: ``cpu_s``, ``wall_s`` (sums), ``peak_rss_mb``, ``peak_cuda_mb``
-    (maxima), ``attempts``; empty when the cell has no record (e.g. it was run by hand)."""
+    (maxima), ``attempts``, ``interrupted_attempts`` (stopped, killed or died before their run
+    ended: their time up to then is in the sums), ``unmeasured_attempts`` (no CPU seconds: the sum
+    is a lower bound); empty when the cell has no record (e.g. it was run by hand)."""
     p = Path(path)
     if not p.is_file():
         return {}
@@ -42,6 +46,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
 
     return {"cpu_s": total("cpu_s"), "wall_s": total("wall_s"), "peak_rss_mb": peak("peak_rss_mb"),
             "peak_cuda_mb": peak("peak_cuda_mb"), "attempts": len(attempts),
+            "interrupted_attempts": sum(1 for a in attempts if a.get("interrupted")),
+            "unmeasured_attempts": sum(1 for a in attempts if a.get("cpu_s") is None),
             "threads": attempts[-1].get("threads") if attempts else None}
 
 

@@ -244,7 +244,23 @@ def _cost_section(rows, variants, head, baseline) -> list[str]:
             "what else ran on the machine, CPU time much less. The final loss (mean of the last quarter "
             "of the logged steps) sums the outputs' losses on the hidden tokens; it is not comparable "
             "across masking strategies, which hide different tokens.", ""] \
-        + _table(["cost"] + head, body)
+        + _table(["cost"] + head, body) + _attempts_note(rows)
+
+
+def _attempts_note(rows) -> list[str]:
+    """Say when the CPU seconds include interrupted attempts or miss some (records/<cell>.json)."""
+    runs = [r for r in rows if r["kind"] == "pretrain"]
+    interrupted = sum(r.get("interrupted_attempts") or 0 for r in runs)
+    unmeasured = [r["cell"] for r in runs if r.get("unmeasured_attempts")]
+    lines = []
+    if interrupted:
+        lines.append(f"CPU seconds per run are the sum over each run's attempts, {interrupted} of them "
+                     "interrupted (stopped, killed or died; measured up to then, `interrupted` in "
+                     "`records/<cell>.json`) and then resumed.")
+    if unmeasured:
+        lines.append(f"{len(unmeasured)} run(s) have an attempt without a CPU measurement, so their CPU "
+                     f"seconds are lower bounds: {', '.join(unmeasured)}.")
+    return ["", *lines] if lines else []
 
 
 def _invocations_section(study_dir: str) -> list[str]:
@@ -258,13 +274,14 @@ def _invocations_section(study_dir: str) -> list[str]:
             body.append([r.get("started", "?"), "killed", "?", where, f"{r.get('load_before', math.nan):.1f} → ?",
                          f"? of {r.get('cells_to_run', '?')}"])
             continue
+        stopped = f"; stopped by {r['stopped_by']}" if r.get("stopped_by") else ""
         body.append([r["started"], f"{r['wall_s'] / 60:.1f}", f"{r['cpu_s'] / 60:.1f}", where,
                      f"{r['load_before']:.1f} → {r['load_after']:.1f}",
-                     f"{r['cells_run']} of {r['cells_to_run']} ({r['failed']} failed)"])
+                     f"{r['cells_run']} of {r['cells_to_run']} ({r['failed']} failed{stopped})"])
     return ["", "## Runs of this study", "",
             "Each `run_study.py` invocation: wall and CPU minutes (this process and its workers, "
             f"start-up included, the `prepare` steps not) on {runs[-1].get('cores', '?')} cores, and "
-            "the machine's 1-minute load average at start and end (other users' work included). A "
-            "killed invocation's time is unknown; its finished cells are kept, its interrupted cell "
-            "resumed.", ""] + _table(
+            "the machine's 1-minute load average at start and end (other users' work included). One "
+            "stopped by Ctrl-C or SIGTERM records its time and that of its running cells; one killed "
+            "with SIGKILL only its start. Finished cells are kept, interrupted ones resumed.", ""] + _table(
         ["started", "wall min", "CPU min", "launcher", "load", "cells run"], body)
