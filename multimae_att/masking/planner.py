@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from multimae_att.device_checks import to_device
 from multimae_att.masking import MaskingPolicy
 from multimae_att.model import MultiMAE, Tokens
 from multimae_att.scoring.loss_prediction import count_pairs
@@ -199,14 +200,6 @@ class MaskPlanner:
             else:  # no sample this step: an empty batch keeps the head in the graph (DDP)
                 plan.features = {m: t.detach()[:0] for m, t in tokens.items()}
         plan.lossp_pairs = count_pairs({m: c & pick[:, None] for m, c in counted.items()}) / W
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for it: on a GPU the copy goes up from pinned
-    memory (a copy from pageable memory would wait for the GPU)."""
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x if device.type == "cpu" else x.to(device)
 
 
 def token_grids(model: MultiMAE, tokens: Tokens) -> dict[str, tuple[int, int]]:
