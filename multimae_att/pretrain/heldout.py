@@ -9,7 +9,8 @@ kept on the device. At each record, with the model in eval mode and no grad:
 
 1. the score source's no-mask pass -> the predictor's scores (its order),
 2. masks from a generator seeded by a fixed seed (the same masks at every record, so records
-   compare): MultiMAE's random strategy with the run's budgets (``masking.num_encoded_tokens``,
+   compare): MultiMAE's random strategy (:meth:`~multimae_att.model.MultiMAE.random_masks`) with
+   the run's budgets (``masking.num_encoded_tokens``,
    the configured ``masking.alphas``, not adaptive ones, ``masking.sample_tasks_uniformly``),
 3. the masked pass -> per-patch losses of the hidden tokens, summed as the head's training
    targets (:func:`multimae_att.scoring.loss_prediction.loss_targets`),
@@ -33,8 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from multimae_att.masking.budgets import sample_budgets
-from multimae_att.masking.strategies import make_masks
 from multimae_att.pretrain.losses import LossSpec, multimodal_loss
 from multimae_att.scoring.loss_prediction import loss_targets, spearman
 from multimae_att.seeds import step_seed
@@ -86,14 +85,10 @@ class HeldoutRanking:
         """(scores, per-patch loss targets, hidden) of one held-out batch, modality -> ``[B, N_m]``."""
         tokens = model.embed(x)
         scores = self.source(model, tokens).scores
-        first = next(iter(tokens.values()))
-        B, dev = first.shape[0], first.device
         sizes = {m: t.shape[1] for m, t in tokens.items()}
-        gen = torch.Generator(device=dev).manual_seed(step_seed(self.seed, index, "heldout-masks"))
-        visible = sample_budgets(list(sizes.values()), self.K, B, self.alphas, gen,
-                                 sample_tasks_uniformly=self.sample_tasks_uniformly, device=dev)
-        hidden = make_masks("random", {m: torch.zeros(B, n, device=dev) for m, n in sizes.items()},
-                            visible, gen).hidden
+        gen = torch.Generator(device=next(iter(tokens.values())).device)
+        gen.manual_seed(step_seed(self.seed, index, "heldout-masks"))
+        hidden = model.random_masks(tokens, self.K, self.alphas, self.sample_tasks_uniformly, gen)
         preds = model.forward_masked(tokens, hidden, None, num_visible=self.K,
                                      kept_range={m: (n, n) for m, n in sizes.items()},
                                      fp32_output_adapters=self.fp32_output_adapters)
