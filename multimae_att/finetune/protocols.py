@@ -76,6 +76,8 @@ __all__ = [
 ]
 
 PAD_RGB = 128.0                # MultiMAE's PadIfNeeded value for images
+# pad_to's fill per plane (rgb grey, padding marked); every other plane 0
+_PAD_VALUES = {"rgb": PAD_RGB, "padding": True}
 LSJ_SCALE = (0.1, 2.0)         # RandomScale(scale_limit=(0.1 - 1, 2.0 - 1))
 NYU_GREY_P = 0.3
 WINDOW_AREA = 0.8              # resized_crop resamples RGB in the window below this share of the image
@@ -196,7 +198,6 @@ def resized_crop(planes: Planes, size: tuple[int, int], top: int, left: int, tar
     if height < 1 or width < 1 or (height < target and top) or (width < target and left):
         raise ValueError(f"crop ({top}, {left}) of {target} px does not start inside the resized "
                          f"{size} image (pad_to pads at the bottom/right only)")
-    value = {"rgb": PAD_RGB, "padding": True}
     out = {}
     for m, x in planes.items():
         if m == "rgb" and height * width > WINDOW_AREA * size[0] * size[1]:
@@ -207,7 +208,7 @@ def resized_crop(planes: Planes, size: tuple[int, int], top: int, left: int, tar
         if (height, width) == (target, target):
             out[m] = window
         else:
-            out[m] = torch.full((x.shape[0], target, target), value.get(m, 0), dtype=x.dtype)
+            out[m] = torch.full((x.shape[0], target, target), _PAD_VALUES.get(m, 0), dtype=x.dtype)
             out[m][:, :height, :width] = window
     return out
 
@@ -233,19 +234,22 @@ def pad_to(planes: Planes, target: int) -> Planes:
     bottom, right = max(target - h, 0), max(target - w, 0)
     if not (bottom or right):
         return planes
-    value = {"rgb": PAD_RGB, "padding": True}
-    return {m: F.pad(x, (0, right, 0, bottom), value=value.get(m, 0)) for m, x in planes.items()}
+    return {m: F.pad(x, (0, right, 0, bottom), value=_PAD_VALUES.get(m, 0)) for m, x in planes.items()}
 
 
 def crop(planes: Planes, top: int, left: int, height: int, width: int) -> Planes:
     return {m: x[:, top:top + height, left:left + width] for m, x in planes.items()}
 
 
+def crop_offsets(size: tuple[int, int], target: int, rng: np.random.Generator) -> tuple[int, int]:
+    """albumentations ``RandomCrop``'s (top, left) on an image of ``size`` (each side at least
+    ``target``): int((H - target) * u), then the same for W, u ~ U[0, 1)."""
+    return int((size[0] - target) * rng.random()), int((size[1] - target) * rng.random())
+
+
 def random_crop(planes: Planes, target: int, rng: np.random.Generator) -> Planes:
-    """albumentations ``RandomCrop``: offsets int((H - target) * u), u ~ U[0, 1)."""
-    h, w = plane_size(planes)
-    top, left = int((h - target) * rng.random()), int((w - target) * rng.random())
-    return crop(planes, top, left, target, target)
+    """albumentations ``RandomCrop`` (offsets: :func:`crop_offsets`)."""
+    return crop(planes, *crop_offsets(plane_size(planes), target, rng), target, target)
 
 
 def center_crop(planes: Planes, target: int) -> Planes:
@@ -391,8 +395,7 @@ def _lsj(planes: Planes, size: int, rng: np.random.Generator) -> Planes:
     scaled = (max(int(h * s), 1), max(int(w * s), 1))
     # RandomCrop's offsets on the padded image (pad_to: at least `size`), then only the crop is
     # resampled: the same pixels as resize -> pad -> crop (resized_crop), about half the time at s > 1
-    top = int((max(scaled[0], size) - size) * rng.random())
-    left = int((max(scaled[1], size) - size) * rng.random())
+    top, left = crop_offsets((max(scaled[0], size), max(scaled[1], size)), size, rng)
     return resized_crop(planes, scaled, top, left, size)
 
 
