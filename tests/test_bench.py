@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from multimae_att.bench import CASES, RATIOS
+from multimae_att.bench import AB_RATIOS, CASES, RATIOS
 from multimae_att.bench.__main__ import main
 
 KEYS = {"random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
         "ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib", "data_pipeline_samples_per_s",
         "mask_generation_samples_per_s", "machine", "preset", "runs", "dtype", "amt_split", "cache_hit_rate_by_epoch",
-        "flops", "efficiency", "matmul_peak_flops"}
+        "flops", "efficiency", "matmul_peak_flops", "ab_ratios", "ab_quartiles", "ab_clock"}
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,41 @@ def test_json_has_every_key(result, capsys):
         (med["cached_hpm_step"] + (0.0625 + 1 / 40) * med["inference_forward"]) / med["random_step"])
     for name in ("hpm_step/random_step", "hpm_step/attention_step", "cached_hpm_step/random_step"):
         assert result["ratios"][name] > 0
+
+
+def test_targeted_ratios_are_also_timed_back_to_back(result):
+    run = result["runs"]["fp32"]
+    keys = [f"{a}/{b}" for a, b in AB_RATIOS]
+    assert list(result["ab_ratios"]) == keys and result["ab_clock"] == "cpu_time"
+    for key in keys:
+        pairs = run["ab_pair_ratios"][key]
+        assert len(pairs["cpu"]) == len(pairs["wall"]) == result["repeats"]
+        assert pairs["cpu"][0] > 0 and result["ab_ratios"][key] == pytest.approx(pairs["cpu"][0])  # one pair
+        assert result["ab_quartiles"][key] == [pytest.approx(pairs["cpu"][0])] * 2
+
+
+def test_measure_ab_alternates_the_order_and_divides_each_pair(monkeypatch):
+    """A fake clock that only the cases advance: case ``a`` costs 3 s, ``b`` 2 s, ``c`` 1 s."""
+    from multimae_att.bench import timing
+
+    clock = [0.0]
+    calls = []
+
+    def case(name, cost):
+        def fn():
+            calls.append(name)
+            clock[0] += cost
+        return fn
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "process_time", lambda: 2 * clock[0])
+    cases = {"a": case("a", 3.0), "b": case("b", 2.0), "c": case("c", 1.0)}
+    out = timing.measure_ab(cases, [("a", "b"), ("c", "a")], torch.device("cpu"), repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "c", "a", "a", "c", "c", "a"]
+    assert out["a/b"] == {"wall": [1.5] * 3, "cpu": [1.5] * 3}
+    assert out["c/a"]["cpu"] == pytest.approx([1 / 3] * 3)
+    assert timing.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 4.0]
+    assert timing.quartiles([0.7]) == [0.7, 0.7]
 
 
 def test_amt_split_and_cache_hits(result):
@@ -164,6 +199,9 @@ def test_vs_upstream_times_their_step_and_reports_ours_over_theirs(standin, tmp_
     for case in ("random_step", "attention_step", "cached_step", "amt_step"):
         assert up["by_dtype"]["fp32"][case] == pytest.approx(cpu[case] / cpu["upstream_random_step"])
         assert run["cpu_time_ratios"][f"{case}/upstream_random_step"] == pytest.approx(up["by_dtype"]["fp32"][case])
+    for case in ("random_step", "cached_step"):  # and back to back, per pair
+        pairs = run["ab_pair_ratios"][f"{case}/upstream_random_step"]["cpu"]
+        assert len(pairs) == 2 and up["ab_by_dtype"]["fp32"][case] == pytest.approx((pairs[0] + pairs[1]) / 2)
     assert "utils" not in sys.modules and "multimae" not in sys.modules  # nothing of theirs left behind
 
 

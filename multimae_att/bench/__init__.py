@@ -15,6 +15,12 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   (the runner's default ``refresh=full``: cached steps plus one scoring pass per batch per 40)
   and ``cached_hpm_step+training+refresh/random_step`` (cached ``hpm`` steps plus the expected
   no-mask passes that train the loss predictor and refresh its maps);
+* ``ab_ratios``: the ratios with targets (``AB_RATIOS``, and with ``--vs-upstream``
+  ``AB_UPSTREAM_RATIOS``) measured again back to back (:func:`~multimae_att.bench.timing.measure_ab`:
+  ``repeats`` pairs, order alternating), the median of the per-pair ratios of ``ab_clock``
+  (process CPU time on a CPU, wall time on a GPU), with ``ab_quartiles`` (first and third
+  quartile); every run also holds the per-pair ratios of both clocks (``ab_pair_ratios``). The
+  steadiest figure on a shared machine: read these against the targets;
 * ``flops`` per case (one call, :func:`multimae_att.bench.flops.count_flops`) and ``efficiency``
   per case (achieved FLOP/s over ``matmul_peak_flops``, a large matrix product in the same dtype;
   timed by process CPU time on a CPU, wall time on a GPU);
@@ -22,7 +28,8 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   and ``vs_upstream``: ``{path, commit, clock, by_dtype: {dtype: {case: ours / upstream}}}`` for
   ``random_step``, ``attention_step``, ``cached_step`` and ``amt_step`` against their random
   step (``clock``: the CPU-time medians on a CPU, the wall medians on a GPU); the same ratios
-  are in every ratio block as ``<case>/upstream_random_step``;
+  are in every ratio block as ``<case>/upstream_random_step``; ``ab_by_dtype``: the A/B figures
+  of ``random_step`` and ``cached_step`` against it;
 * ``runs``: the same block for every dtype measured (``--dtype both`` gives fp32 and bf16),
   with every timing; ``preset``, ``machine`` (with the load average at the start and the end).
 """
@@ -36,10 +43,20 @@ import torch
 from multimae_att.bench.cases import BenchCases, cache_hit_rates, data_throughput, mask_throughput
 from multimae_att.bench.flops import count_flops, matmul_peak
 from multimae_att.bench.presets import PRESETS, Preset
-from multimae_att.bench.timing import PeakMemory, bf16_supported, machine_info, measure, median, paired_ratio
+from multimae_att.bench.timing import (
+    PeakMemory,
+    bf16_supported,
+    machine_info,
+    measure,
+    measure_ab,
+    median,
+    paired_ratio,
+    quartiles,
+)
 from multimae_att.pretrain.config import LossPredictorConfig
 
-__all__ = ["PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench", "run_dtype"]
+__all__ = ["AB_RATIOS", "AB_UPSTREAM_RATIOS", "PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench",
+           "run_dtype"]
 
 CASES = ("random_step", "attention_step", "scoring_pass", "inference_forward", "cached_step", "amt_step",
          "cache_lookup", "hpm_step", "cached_hpm_step")
@@ -48,6 +65,10 @@ RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"),
           ("cached_hpm_step", "random_step"))
 UPSTREAM = "upstream_random_step"
 UPSTREAM_RATIOS = tuple((case, UPSTREAM) for case in ("random_step", "attention_step", "cached_step", "amt_step"))
+# The ratios with targets (docs/BENCHMARKS.md), timed again back to back (measure_ab).
+AB_RATIOS = (("scoring_pass", "inference_forward"), ("cached_step", "random_step"), ("amt_step", "random_step"),
+             ("cached_hpm_step", "random_step"))
+AB_UPSTREAM_RATIOS = (("random_step", UPSTREAM), ("cached_step", UPSTREAM))
 REFRESH_EVERY = 40  # epochs per full-image cache refresh (masking.cache.refresh_every default)
 # masking.loss_predictor.cached_train_share default: expected share of a no-mask pass per cached step
 CACHED_TRAIN_SHARE = LossPredictorConfig().cached_train_share
@@ -66,6 +87,7 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
             # Same batch and the same initial weights as ours.
             cases[UPSTREAM] = UpstreamStep(upstream, p, device, dtype, bench.batch, bench.model.state_dict())
         times, cpu_times = measure(cases, device, warmup, repeats)
+        ab = measure_ab(cases, AB_RATIOS + (AB_UPSTREAM_RATIOS if upstream is not None else ()), device, repeats)
         peak = {}
         for name, fn in cases.items():  # after timing: one call each, memory only
             with PeakMemory(device) as mem:
@@ -76,7 +98,7 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
                  "min_s": {n: min(t) for n, t in times.items()}, "times_s": times,
                  "cpu_median_s": {n: median(t) for n, t in cpu_times.items()}, "cpu_times_s": cpu_times,
                  "peak_memory_mib": peak, "amt_split": bench.amt_split(), "cache_stats": dict(bench.cache.stats),
-                 "flops": flops}
+                 "flops": flops, "ab_pair_ratios": ab}
     ratios = RATIOS + (UPSTREAM_RATIOS if upstream is not None else ())
     med = block["median_s"]
     block["ratios"] = {f"{a}/{b}": med[a] / med[b] for a, b in ratios}
@@ -94,8 +116,13 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
                                              else p.matmul_size)
     block["efficiency"] = {n: f / max(clock[n], 1e-12) / block["matmul_peak_flops"]
                            for n, f in flops.items() if f > 0}
+    ab_clock = "cpu" if device.type == "cpu" else "wall"
+    block["ab_clock"] = "cpu_time" if device.type == "cpu" else "wall"
+    block["ab_ratios"] = {key: median(r[ab_clock]) for key, r in ab.items()}
+    block["ab_quartiles"] = {key: quartiles(r[ab_clock]) for key, r in ab.items()}
     if upstream is not None:
         block["vs_upstream"] = {a: clock[a] / max(clock[b], 1e-12) for a, b in UPSTREAM_RATIOS}
+        block["vs_upstream_ab"] = {a: block["ab_ratios"][f"{a}/{b}"] for a, b in AB_UPSTREAM_RATIOS}
     return block
 
 
@@ -162,12 +189,14 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
     runs = {d: run_dtype(p, device, d, warmup, repeats, attn, upstream, compile) for d in dtypes}
     primary = runs[dtypes[0]]
     out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
-    out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "peak_memory_mib",
-                                          "amt_split", "flops", "efficiency", "matmul_peak_flops")})
+    out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "ab_ratios",
+                                          "ab_quartiles", "ab_clock", "peak_memory_mib", "amt_split", "flops",
+                                          "efficiency", "matmul_peak_flops")})
     if upstream is not None:
         out["vs_upstream"] = {"path": upstream.path, "commit": upstream.commit,
                               "clock": "cpu_time" if device.type == "cpu" else "wall",
-                              "by_dtype": {d: r["vs_upstream"] for d, r in runs.items()}}
+                              "by_dtype": {d: r["vs_upstream"] for d, r in runs.items()},
+                              "ab_by_dtype": {d: r["vs_upstream_ab"] for d, r in runs.items()}}
     out["mask_generation_samples_per_s"] = mask_throughput(p, device)
     out["data_pipeline_samples_per_s"] = data_throughput(p)
     out["cache_hit_rate_by_epoch"] = cache_hit_rates(p, epochs=10, samples=min(256, p.mask_batch))
@@ -205,11 +234,19 @@ def format_table(result: dict) -> str:
     for key in result["ratios"]:
         lines.append(f"{key:<40}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
                                             for d in dtypes for kind, _ in kinds))
+    pairs = result["repeats"]
+    lines.append(f"A/B ratios (back to back, {result['ab_clock'].replace('_', ' ')}; median [quartiles] of "
+                 f"{pairs} pairs):")
+    for key in result["ab_ratios"]:
+        lines.append(f"  {key:<38}" + "".join(
+            f"  {d} {result['runs'][d]['ab_ratios'][key]:.3f} [{result['runs'][d]['ab_quartiles'][key][0]:.3f}"
+            f"-{result['runs'][d]['ab_quartiles'][key][1]:.3f}]" for d in dtypes))
     if "vs_upstream" in result:
         up = result["vs_upstream"]
         lines.append(f"ours / upstream ({up['clock']} medians; {up['path']} @ {up['commit']}):")
         for d, block in up["by_dtype"].items():
             lines.append(f"  {d}: " + ", ".join(f"{case} {r:.3f}" for case, r in block.items()))
+            lines.append(f"  {d} A/B: " + ", ".join(f"{case} {r:.3f}" for case, r in up["ab_by_dtype"][d].items()))
     masks = ", ".join(f"{k} {v:,.0f}" for k, v in result["mask_generation_samples_per_s"].items())
     lines.append(f"mask generation samples/s: {masks}")
     lines.append(f"data pipeline samples/s (1 process): {result['data_pipeline_samples_per_s']:.1f}")

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = run_bench(preset, dtype=dtype, device=device, vs_upstream=args.vs_upstream, **bench_kw)
     (args.out / "bench.json").write_text(json.dumps(bench, indent=1))
     print(format_table(bench), flush=True)
-    summary["bench"] = {k: bench[k] for k in ("ratios", "efficiency", "peak_memory_mib", "matmul_peak_flops")}
+    summary["bench"] = {k: bench[k] for k in ("ratios", "ab_ratios", "efficiency", "peak_memory_mib",
+                                              "matmul_peak_flops")}
     summary["bench"]["median_s"] = {c: bench["runs"][bench["dtype"]]["median_s"][c]
                                     for c in bench["runs"][bench["dtype"]]["median_s"]}
     summary["bench"]["vs_upstream"] = bench.get("vs_upstream")

@@ -2,8 +2,11 @@
 
 Timings interleave the cases (one call of each case per round, rounds repeated) so that a
 change in background load on a shared machine hits every case alike; the ratios are then
-reported twice: as ratios of medians and as medians of the per-round ratios (the latter
-cancels slow drifts in load).
+reported as ratios of medians and as medians of the per-round ratios (the latter cancels slow
+drifts in load). The ratios that have targets are also measured back to back
+(:func:`measure_ab`): on a shared CPU a call's CPU time still moves by 10-30 % with what the
+machine's other cores (or SMT siblings) do, and two calls a second apart share that far more than
+two calls ten cases apart.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -55,6 +58,39 @@ def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, war
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     return wall, cpu
+
+
+def measure_ab(cases: Mapping[str, Callable[[], object]], pairs: Sequence[tuple[str, str]],
+               device: torch.device, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """A/B timing of each ``(a, b)`` in ``pairs``: ``repeats`` back-to-back calls of the two
+    cases, the order alternating (a b, b a, a b, ...) so that neither always runs second.
+
+    Returns ``{"a/b": {"wall": [...], "cpu": [...]}}``: the ratio ``a / b`` of each pair's wall
+    and process-CPU seconds. The caller has warmed the cases up (:func:`measure` runs first).
+    """
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for a, b in pairs:
+        wall: dict[str, list[float]] = {a: [], b: []}
+        cpu: dict[str, list[float]] = {a: [], b: []}
+        for i in range(repeats):
+            for name in ((a, b) if i % 2 == 0 else (b, a)):
+                synchronize(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                cases[name]()
+                synchronize(device)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        ratios[f"{a}/{b}"] = {"wall": [x / max(y, 1e-12) for x, y in zip(wall[a], wall[b])],
+                              "cpu": [x / max(y, 1e-12) for x, y in zip(cpu[a], cpu[b])]}
+    return ratios
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """First and third quartile (both the value itself for one value): the spread to quote."""
+    if len(values) < 2:
+        return [float(values[0])] * 2
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [float(q[0]), float(q[2])]
 
 
 def median(values: list[float]) -> float:
