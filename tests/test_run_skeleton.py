@@ -84,6 +84,14 @@ def test_log_window_survives_a_resume(tmp_path, data_root):
     run_cli("--config", str(cfg), f"output_dir={cut}")
     assert [r["step"] for r in comparable_metrics(ref)] == [2, 4, 6]
     assert comparable_metrics(cut) == comparable_metrics(ref)
+    # TensorBoard (the default tracker) read as a whole folder, as its UI reads it: steps 4 and 6
+    # of the killed run were purged, each step shows once, with the resumed run's values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((cut / "tb").glob("events.out.tfevents.*"))) == 2   # one file per run
+    events = EventAccumulator(str(cut / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == \
+        [(r["step"], r["loss"]) for r in comparable_metrics(cut)]
     # a record is the mean of its window: step 4 = mean of steps 3 and 4 (brute force from log.every=1)
     single = tmp_path / "single"
     run_cli("--config", str(cfg), f"output_dir={single}", "log.every=1")

@@ -107,6 +107,11 @@ class RunLogger:
         self.trackers = list(trackers)
         if self.trackers:
             kwargs = _offline_defaults(self.trackers, self.out)
+            if "tensorboard" in self.trackers and resume_step is not None:
+                # The killed run may have logged steps after resume_step; they are logged again.
+                # purge_step makes TensorBoard drop the old files' events from that step on (as
+                # metrics.jsonl drops its lines), so no curve shows a step twice.
+                kwargs["tensorboard"] = {"purge_step": resume_step + 1}
             accelerator.init_trackers(PROJECT, config=_hparams(config), init_kwargs=kwargs)
         self.bar = None
         if progress and self.main and total_steps > 0:
