@@ -173,10 +173,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import multimae_att  # noqa: F401  (torchvision guard before timm)
+    from multimae_att.atomic import write_text_atomic
     from multimae_att.checkpoint import load_checkpoint
     from multimae_att.config import ConfigError
     from multimae_att.hub import CheckpointHashError, resolve_checkpoint
-    from multimae_att.runstate import write_text_atomic
 
     args = _parse(argv)
     try:

@@ -2,8 +2,8 @@
 import torch
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
+from multimae_att.run.metrics_log import MetricsLogger
 from multimae_att.run.trainer import LogWindow
-from multimae_att.runstate import MetricsLogger
 
 
 def test_pretraining_uses_fused_adamw_and_reads_on_log_steps(tmp_path, data_root, monkeypatch):

@@ -8,7 +8,8 @@ import json
 import torch
 from test_pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
-from multimae_att.runstate import MetricsLogger, TrainStateStore
+from multimae_att.run.metrics_log import MetricsLogger
+from multimae_att.run.states import TrainStateStore
 
 LOSSP = ["masking.score_source=predicted_loss", "data.image_size=48", "masking.num_encoded_tokens=9"]
 

@@ -23,7 +23,7 @@ from multimae_att.finetune.native import NATIVE_SUFFIX, upsample_to_native
 from multimae_att.finetune.protocols import multimae_depth_input
 from multimae_att.model import ENCODER_SIZES, MultiViT, make_adapters
 from multimae_att.model.compile import apply_speed_options
-from multimae_att.runstate import step_seed
+from multimae_att.seeds import step_seed
 
 __all__ = ["FinetuneViT", "TaskSpec", "make_task", "masked_depth_loss", "depth_loss_map", "build_model"]
 
