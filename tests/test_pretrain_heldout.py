@@ -84,3 +84,34 @@ def test_check_restores_train_mode_and_draws_no_global_randomness():
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert torch.equal(first, check(model))                        # the same masks every time
     assert check.samples == 4 and -1 <= first.item() <= 1
+
+
+def test_only_the_main_process_reads_the_heldout_images(tmp_path, data_root, monkeypatch):
+    """Every other process checks the split (a missing one fails everywhere) but reads no image."""
+    from multimae_att.config import ConfigError
+    from multimae_att.pretrain import setup
+    from multimae_att.pretrain.config import load_pretrain_config
+    from multimae_att.pretrain.heldout import HeldoutRanking, build_heldout_ranking
+
+    cfg = load_pretrain_config(str(tiny_config(tmp_path / "c.yaml", data_root)), [*LOSSP, "log.heldout_split=val"])
+    read = []
+    real = setup.build_whole_image_loader
+
+    def counting(*args, **kwargs):
+        loader = real(*args, **kwargs)
+
+        class Counted:
+            def __iter__(self):
+                for batch in loader:
+                    read.append(len(batch["rgb"]))
+                    yield batch
+        return Counted()
+
+    monkeypatch.setattr(setup, "build_whole_image_loader", counting)
+    main = build_heldout_ranking(cfg, None, None, torch.device("cpu"))
+    assert isinstance(main, HeldoutRanking) and sum(read) > 0
+    read.clear()
+    assert build_heldout_ranking(cfg, None, None, torch.device("cpu"), load=False) is None and read == []
+    missing = load_pretrain_config(str(tmp_path / "c.yaml"), [*LOSSP, "log.heldout_split=test"])
+    with pytest.raises(ConfigError, match="log.heldout_split"):
+        build_heldout_ranking(missing, None, None, torch.device("cpu"), load=False)

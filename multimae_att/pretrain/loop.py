@@ -105,7 +105,9 @@ def train(cfg: PretrainConfig) -> Path:
     if not run.begin(plan.total_steps):   # finished: nothing is touched
         return out
     job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy, source, predictor)
-    job.heldout = build_heldout_ranking(cfg, source, job.specs, acc.device, acc.autocast)
+    # Only the main process runs the check (log_checks), so only it reads the held-out images.
+    job.heldout = build_heldout_ranking(cfg, source, job.specs, acc.device, acc.autocast,
+                                        load=acc.is_main_process)
     run.restore(job)
     job.start_cache()
     run.fit(job)
