@@ -86,32 +86,44 @@ def test_check_restores_train_mode_and_draws_no_global_randomness():
     assert check.samples == 4 and -1 <= first.item() <= 1
 
 
-def test_only_the_main_process_reads_the_heldout_images(tmp_path, data_root, monkeypatch):
-    """Every other process checks the split (a missing one fails everywhere) but reads no image."""
-    from multimae_att.config import ConfigError
-    from multimae_att.pretrain import setup
-    from multimae_att.pretrain.config import load_pretrain_config
-    from multimae_att.pretrain.heldout import HeldoutRanking, build_heldout_ranking
 
-    cfg = load_pretrain_config(str(tiny_config(tmp_path / "c.yaml", data_root)), [*LOSSP, "log.heldout_split=val"])
-    read = []
-    real = setup.build_whole_image_loader
+def test_only_the_main_process_builds_the_check_and_its_error_stops_every_process(monkeypatch):
+    """run_on_main as the runner calls it for the held-out check, two processes simulated: the
+    broadcast hands the main process's box to the other one."""
+    import accelerate.utils
 
-    def counting(*args, **kwargs):
-        loader = real(*args, **kwargs)
+    from multimae_att.run.on_main import run_on_main
 
-        class Counted:
-            def __iter__(self):
-                for batch in loader:
-                    read.append(len(batch["rgb"]))
-                    yield batch
-        return Counted()
+    class Acc:
+        num_processes = 2
 
-    monkeypatch.setattr(setup, "build_whole_image_loader", counting)
-    main = build_heldout_ranking(cfg, None, None, torch.device("cpu"))
-    assert isinstance(main, HeldoutRanking) and sum(read) > 0
-    read.clear()
-    assert build_heldout_ranking(cfg, None, None, torch.device("cpu"), load=False) is None and read == []
-    missing = load_pretrain_config(str(tmp_path / "c.yaml"), [*LOSSP, "log.heldout_split=test"])
-    with pytest.raises(ConfigError, match="log.heldout_split"):
-        build_heldout_ranking(missing, None, None, torch.device("cpu"), load=False)
+        def __init__(self, main):
+            self.is_main_process = main
+
+    sent = {}
+
+    def broadcast(box, from_process=0):
+        if "box" in sent:
+            box[:] = sent.pop("box")            # the other process receives
+        else:
+            sent["box"] = list(box)             # the main process sends (it runs first here)
+        return box
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return "check"
+
+    assert run_on_main(Acc(True), build) == "check" and run_on_main(Acc(False), build) is None
+    assert calls == [1]                                            # built once, on the main process
+    assert run_on_main(Acc(True), build, share=True) == "check" == run_on_main(Acc(False), build, share=True)
+
+    def missing():
+        raise ValueError("log.heldout_split='test' has no images")
+
+    for main in (True, False):                                     # the main's error, in both
+        with pytest.raises(ValueError, match="log.heldout_split='test'"):
+            run_on_main(Acc(main), missing)
+    assert run_on_main(None, build) == "check"                     # one process: just the call

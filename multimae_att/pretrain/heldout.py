@@ -99,14 +99,12 @@ class HeldoutRanking:
 
 
 def build_heldout_ranking(cfg: Any, source: Any, specs: Mapping[str, LossSpec] | None,
-                          device: torch.device, autocast: Callable[[], Any] = nullcontext,
-                          load: bool = True) -> HeldoutRanking | None:
+                          device: torch.device, autocast: Callable[[], Any] = nullcontext
+                          ) -> HeldoutRanking | None:
     """The check of a run (``cfg``: a :class:`~multimae_att.pretrain.config.PretrainConfig`), or
     None when it is off (``log.heldout_split`` null or ``masking.score_source`` not
     ``predicted_loss``). Loads the first ``log.heldout_samples`` images of ``log.heldout_split``
-    onto ``device``. ``load=False`` (every process but the main one, which alone runs the check):
-    the split is still checked (a missing one fails in every process alike) but no image is read,
-    and None is returned."""
+    (the same ones in every process) onto ``device``."""
     from multimae_att.config import ConfigError
     from multimae_att.pretrain.setup import build_whole_image_loader
     from multimae_att.pretrain.step import model_inputs
@@ -116,8 +114,6 @@ def build_heldout_ranking(cfg: Any, source: Any, specs: Mapping[str, LossSpec] |
         return None
     loader = build_whole_image_loader(cfg, split, what="loss predictor's held-out check",
                                       key="log.heldout_split")
-    if not load:
-        return None
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(0)
     mods, inputs, n = list(cfg.model.in_modalities), [], 0

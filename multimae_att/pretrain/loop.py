@@ -39,6 +39,7 @@ from multimae_att.pretrain.setup import (
     param_groups,
 )
 from multimae_att.pretrain.step import PretrainModule, forward_loss, input_grids
+from multimae_att.run.on_main import run_on_main
 from multimae_att.run.trainer import DataStream, Job, Run, run_length
 from multimae_att.schedules import LRSchedule, scaled_lr, tau_schedule
 from multimae_att.scoring.refresh import CacheRefresher, build_cache
@@ -105,9 +106,9 @@ def train(cfg: PretrainConfig) -> Path:
     if not run.begin(plan.total_steps):   # finished: nothing is touched
         return out
     job = PretrainJob(cfg, run, plan, module, optimizer, model, loader, policy, source, predictor)
-    # Only the main process runs the check (log_checks), so only it reads the held-out images.
-    job.heldout = build_heldout_ranking(cfg, source, job.specs, acc.device, acc.autocast,
-                                        load=acc.is_main_process)
+    # Only the main process runs the check (log_checks), so only it reads the held-out images;
+    # a split that is missing or yields nothing stops every process.
+    job.heldout = run_on_main(acc, lambda: build_heldout_ranking(cfg, source, job.specs, acc.device, acc.autocast))
     run.restore(job)
     job.start_cache()
     run.fit(job)

@@ -51,20 +51,9 @@ def checkpoint_identity(spec: str | None, accelerator: Any = None) -> dict[str, 
     With an ``accelerator`` of several processes only the main process reads and hashes the
     file (one read of a possibly large file, not one per process) and the others receive its
     identity; an error there is raised in every process."""
-    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
-        return _identity(spec)
-    from accelerate.utils import broadcast_object_list
+    from multimae_att.run.on_main import run_on_main
 
-    box: list[Any] = [None, None]   # (identity, error) of the main process
-    if accelerator.is_main_process:
-        try:
-            box[0] = _identity(spec)
-        except Exception as e:  # noqa: BLE001 -- re-raised below, in every process
-            box[1] = e
-    broadcast_object_list(box, from_process=0)
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
+    return run_on_main(accelerator, lambda: _identity(spec), share=True)
 
 
 def _identity(spec: str | None) -> dict[str, Any] | None:
