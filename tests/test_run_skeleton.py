@@ -71,6 +71,15 @@ def test_killed_finetune_resumes_bit_exact_mid_epoch_with_shards(shard_root, tmp
            {k: v for k, v in b.items() if k not in ("cost", "provenance")}
 
 
+def _tensorboard(run, tag):
+    """``(step, value)`` of a scalar as TensorBoard shows it: the run's folder read as a whole
+    (its loader applies the purges of a resumed run)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, pytest.approx(e.value)) for e in events.Scalars(tag)]
+
+
 def test_log_window_survives_a_resume(tmp_path, data_root):
     # Logged every 2 steps, saved every 3: the state of step 3 holds half a window.
     cfg = tiny_config(tmp_path / "c.yaml", data_root, model={"drop_path_rate": 0.1},
@@ -84,14 +93,10 @@ def test_log_window_survives_a_resume(tmp_path, data_root):
     run_cli("--config", str(cfg), f"output_dir={cut}")
     assert [r["step"] for r in comparable_metrics(ref)] == [2, 4, 6]
     assert comparable_metrics(cut) == comparable_metrics(ref)
-    # TensorBoard (the default tracker) read as a whole folder, as its UI reads it: steps 4 and 6
-    # of the killed run were purged, each step shows once, with the resumed run's values.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    # TensorBoard (the default tracker): steps 4 and 6 of the killed run were purged, each step
+    # shows once, with the resumed run's values.
     assert len(list((cut / "tb").glob("events.out.tfevents.*"))) == 2   # one file per run
-    events = EventAccumulator(str(cut / "tb"), size_guidance={"scalars": 0}).Reload()
-    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == \
-        [(r["step"], r["loss"]) for r in comparable_metrics(cut)]
+    assert _tensorboard(cut, "loss") == [(r["step"], r["loss"]) for r in comparable_metrics(cut)]
     # a record is the mean of its window: step 4 = mean of steps 3 and 4 (brute force from log.every=1)
     single = tmp_path / "single"
     run_cli("--config", str(cfg), f"output_dir={single}", "log.every=1")
@@ -141,6 +146,8 @@ def test_a_failure_at_an_evaluation_step_keeps_that_steps_state(synthetic_root, 
                {k: v for k, v in expected.items() if k not in ("cost", "provenance")}
         assert comparable_metrics(cut) == comparable_metrics(ref)      # each evaluation logged once
         assert [r["step"] for r in comparable_metrics(cut) if "val/top1" in r] == [3, 4]
+        for tag in ("val/top1", "loss"):                               # and once in TensorBoard
+            assert _tensorboard(cut, tag) == [(r["step"], r[tag]) for r in comparable_metrics(cut) if tag in r]
         for name in ("checkpoint-best.pth", "checkpoint-last.pth"):
             assert _identical(_weights(ref / name), _weights(cut / name))
 

@@ -110,13 +110,29 @@ class RunLogger:
             if "tensorboard" in self.trackers and resume_step is not None:
                 # The killed run may have logged steps after resume_step; they are logged again.
                 # purge_step makes TensorBoard drop the old files' events from that step on (as
-                # metrics.jsonl drops its lines), so no curve shows a step twice.
-                kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+                # metrics.jsonl drops its lines), so no curve shows a step twice. An evaluation of
+                # resume_step that runs again is logged again too: purge that step as well.
+                purge = resume_step if redo_evaluation else resume_step + 1
+                kwargs["tensorboard"] = {"purge_step": purge}
             accelerator.init_trackers(PROJECT, config=_hparams(config), init_kwargs=kwargs)
+            if "tensorboard" in self.trackers and resume_step is not None and redo_evaluation:
+                self._resend_to_tensorboard(resume_step)
         self.bar = None
         if progress and self.main and total_steps > 0:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
+
+    def _resend_to_tensorboard(self, step: int) -> None:
+        """The kept (non-evaluation) lines of ``step``, purged from TensorBoard with the
+        evaluation that runs again, sent to it once more from ``metrics.jsonl``."""
+        if not (self.main and self.jsonl.path.exists()):
+            return
+        for record in MetricsLogger.read(self.jsonl.path):
+            if record.get("step") == step:
+                scalars = {k: v for k, v in flat_scalars(record).items() if k != "step"}
+                for tracker in self.acc.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.log(scalars, step=step)
 
     def advance(self) -> None:
         """One optimizer step done (progress bar only; no device access)."""
