@@ -19,7 +19,8 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   ``AB_UPSTREAM_RATIOS``) measured again back to back (:func:`~multimae_att.bench.timing.measure_ab`:
   ``repeats`` pairs, order alternating), the median of the per-pair ratios of ``ab_clock``
   (process CPU time on a CPU, wall time on a GPU), with ``ab_quartiles`` (first and third
-  quartile); every run also holds the per-pair ratios of both clocks (``ab_pair_ratios``). The
+  quartile); every run also holds the per-pair ratios of both clocks (``ab_pair_ratios``:
+  ``{"a/b": {"cpu": [...], "wall": [...]}}``). The
   steadiest figure on a shared machine: read these against the targets;
 * ``flops`` per case (one call, :func:`multimae_att.bench.flops.count_flops`) and ``efficiency``
   per case (achieved FLOP/s over ``matmul_peak_flops``, a large matrix product in the same dtype;
@@ -122,7 +123,6 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
     block["ab_quartiles"] = {key: quartiles(r[ab_clock]) for key, r in ab.items()}
     if upstream is not None:
         block["vs_upstream"] = {a: clock[a] / max(clock[b], 1e-12) for a, b in UPSTREAM_RATIOS}
-        block["vs_upstream_ab"] = {a: block["ab_ratios"][f"{a}/{b}"] for a, b in AB_UPSTREAM_RATIOS}
     return block
 
 
@@ -196,7 +196,8 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
         out["vs_upstream"] = {"path": upstream.path, "commit": upstream.commit,
                               "clock": "cpu_time" if device.type == "cpu" else "wall",
                               "by_dtype": {d: r["vs_upstream"] for d, r in runs.items()},
-                              "ab_by_dtype": {d: r["vs_upstream_ab"] for d, r in runs.items()}}
+                              "ab_by_dtype": {d: {a: r["ab_ratios"][f"{a}/{b}"] for a, b in AB_UPSTREAM_RATIOS}
+                                              for d, r in runs.items()}}
     out["mask_generation_samples_per_s"] = mask_throughput(p, device)
     out["data_pipeline_samples_per_s"] = data_throughput(p)
     out["cache_hit_rate_by_epoch"] = cache_hit_rates(p, epochs=10, samples=min(256, p.mask_batch))
