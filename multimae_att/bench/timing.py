@@ -50,14 +50,19 @@ def measure(cases: Mapping[str, Callable[[], object]], device: torch.device, war
     for _ in range(repeats):
         shuffle(order)
         for name in order:
-            fn = cases[name]
-            synchronize(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            synchronize(device)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            _timed_call(cases[name], device, wall[name], cpu[name])
     return wall, cpu
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device, wall: list[float], cpu: list[float]) -> None:
+    """One call of ``fn``, its wall and process-CPU seconds appended to ``wall`` and ``cpu``
+    (the device synchronised before and after, so a GPU's queued work is counted)."""
+    synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
 
 
 def measure_ab(cases: Mapping[str, Callable[[], object]], pairs: Sequence[tuple[str, str]],
@@ -74,12 +79,7 @@ def measure_ab(cases: Mapping[str, Callable[[], object]], pairs: Sequence[tuple[
         cpu: dict[str, list[float]] = {a: [], b: []}
         for i in range(repeats):
             for name in ((a, b) if i % 2 == 0 else (b, a)):
-                synchronize(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                cases[name]()
-                synchronize(device)
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+                _timed_call(cases[name], device, wall[name], cpu[name])
         ratios[f"{a}/{b}"] = {"wall": [x / max(y, 1e-12) for x, y in zip(wall[a], wall[b])],
                               "cpu": [x / max(y, 1e-12) for x, y in zip(cpu[a], cpu[b])]}
     return ratios

@@ -107,7 +107,8 @@ class RunLogger:
         self.trackers = list(trackers)
         if self.trackers:
             kwargs = _offline_defaults(self.trackers, self.out)
-            if "tensorboard" in self.trackers and resume_step is not None:
+            resumed_tensorboard = "tensorboard" in self.trackers and resume_step is not None
+            if resumed_tensorboard:
                 # The killed run may have logged steps after resume_step; they are logged again.
                 # purge_step makes TensorBoard drop the old files' events from that step on (as
                 # metrics.jsonl drops its lines), so no curve shows a step twice. An evaluation of
@@ -115,7 +116,7 @@ class RunLogger:
                 purge = resume_step if redo_evaluation else resume_step + 1
                 kwargs["tensorboard"] = {"purge_step": purge}
             accelerator.init_trackers(PROJECT, config=_hparams(config), init_kwargs=kwargs)
-            if "tensorboard" in self.trackers and resume_step is not None and redo_evaluation:
+            if resumed_tensorboard and redo_evaluation:
                 self._resend_to_tensorboard(resume_step)
         self.bar = None
         if progress and self.main and total_steps > 0:
