@@ -439,3 +439,43 @@ def test_cost_rows_count_interrupted_attempts_and_say_so(tmp_path):
     note = "\n".join(_attempts_note(rows))
     assert "2 of them interrupted" in note and "lower bounds: pretrain/high/seed0" in note
     assert _attempts_note([{"cell": "x", "kind": "pretrain", "interrupted_attempts": 0}]) == []
+
+
+_CHILD = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp'); "
+          "t.write_text(str(os.getpid())); t.rename(p); time.sleep(300)")
+_COMMAND_WORKER = '''
+import sys
+from multimae_att.study.cellrun import run_command
+run_command("cell", [sys.executable, "-c", sys.argv[1], sys.argv[2]], sys.argv[3])
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+def test_a_killed_worker_takes_its_cells_launch_with_it(tmp_path):
+    """A worker that runs a cell as a child process (an Accelerate launch on a multi-GPU cell) and
+    is SIGKILLed (the launcher's last resort) must not leave the child training on."""
+    (tmp_path / "worker.py").write_text(_COMMAND_WORKER)
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), _CHILD, str(pid_file),
+                               str(tmp_path / "cell.log")], env=env)
+    _wait_for(pid_file, worker, timeout=120)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    worker.kill()
+    worker.wait(timeout=60)
+    for _ in range(300):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the cell's child process outlived its killed worker")

@@ -16,11 +16,13 @@ its SIGTERM) is measured up to that moment and its attempt marked ``interrupted:
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
 import random
 import resource
+import signal
 import socket
 import sys
 import time
@@ -33,7 +35,7 @@ from typing import Any
 from multimae_att.study.plan import DIAGNOSE, FINETUNE, PRETRAIN, Cell, entry_path
 
 __all__ = ["run_cell_here", "run_command", "entry_main", "fresh_state", "preload", "cpu_seconds",
-           "CellStopped", "STOP_GRACE_S"]
+           "CellStopped", "STOP_GRACE_S", "die_with_parent"]
 
 _MAINS: dict[str, Callable] = {}
 STOP_GRACE_S = 30.0   # seconds a stopped cell's own child processes get to end before SIGKILL
@@ -187,6 +189,20 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
     return record
 
 
+def die_with_parent(sig: int, parent: int) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent (pid ``parent``) dies
+    (prctl ``PR_SET_PDEATHSIG``); exit at once if the parent is already gone. Elsewhere nothing
+    is armed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, sig)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the signal was armed
+        os._exit(1)
+
+
 def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
                 cwd: str | None = None) -> dict[str, Any]:
     """Run a cell as a child process (an Accelerate launch of its runner), output appended to
@@ -194,7 +210,9 @@ def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
     the reaped children: the launcher and every process it started). Stopped here
     (:class:`CellStopped`, ``KeyboardInterrupt``), the child gets SIGTERM (an Accelerate launch
     passes it on to its processes), SIGKILL after :data:`STOP_GRACE_S`, and is reaped before the
-    attempt is measured."""
+    attempt is measured. Should this process die first (killed by the launcher), the child gets
+    SIGTERM from the kernel (:func:`die_with_parent`; SIGTERM, not SIGKILL, so an Accelerate
+    launch passes it on to the processes it started)."""
     import subprocess
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -206,7 +224,8 @@ def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
     with open(log_path, "a") as log:
         log.write(f"=== {cell_id}: {' '.join(command)}\n")
         log.flush()
-        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=functools.partial(die_with_parent, signal.SIGTERM, os.getpid()))
         try:
             code = child.wait()
         except (CellStopped, KeyboardInterrupt) as e:

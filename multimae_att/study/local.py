@@ -15,8 +15,9 @@ ignores SIGINT) stops the running cells cleanly: each worker gets SIGTERM, its c
 seconds up to then (``interrupted: stopped``); a worker still running after
 :data:`multimae_att.study.cellrun.STOP_GRACE_S` + 10 s is killed and its attempt measured from here
 (``interrupted: killed``), as is the attempt of a worker that died on its own (``died``). A worker
-also dies with the launcher (Linux parent-death signal), so a study killed with SIGKILL leaves no
-stray writer (but no record of its running cells). The same command continues: finished cells
+also dies with the launcher (Linux parent-death signal), and a cell's Accelerate launch gets SIGTERM
+when its worker dies, so neither a killed worker nor a study killed with SIGKILL leaves a stray
+writer (but the latter leaves no record of its running cells). The same command continues: finished cells
 are skipped, interrupted ones resume from their training states through the runners' own resume.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from multimae_att.study.cellrun import STOP_GRACE_S, CellStopped
+from multimae_att.study.cellrun import STOP_GRACE_S, CellStopped, die_with_parent
 from multimae_att.study.plan import Cell
 
 __all__ = ["run_local", "default_threads", "log_path", "record_path", "process_cpu_seconds"]
@@ -70,24 +71,12 @@ def _stop_cell(signum, frame) -> None:
     raise CellStopped(f"stopped by the study launcher ({signal.Signals(signum).name})")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the launcher dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker_main(conn, threads: int, devices: str | None, launch: tuple[int, int] | None,
                  entries: tuple[str, ...], parent: int) -> None:
     """``devices``: CUDA_VISIBLE_DEVICES of this worker; ``launch``: (GPUs, rendezvous port) to
     run each cell as an Accelerate launch, None to run it in this process; ``entries``: the entry
     points of the cells to come (imported first)."""
-    _die_with_parent()
-    if os.getppid() != parent:      # the launcher died before the signal was armed
-        os._exit(1)
+    die_with_parent(signal.SIGKILL, parent)   # no stray writer after the launcher
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
