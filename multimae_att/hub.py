@@ -53,7 +53,7 @@ import torch.hub
 
 __all__ = ["PublishedCheckpoint", "PUBLISHED", "RELEASE_URL", "CheckpointUnavailableError",
            "CheckpointHashError", "resolve_checkpoint", "local_path", "cache_dir", "cached_path", "hash_prefix_of",
-           "is_offline", "main"]
+           "file_sha256", "is_offline", "main"]
 
 RELEASE_URL = "https://github.com/EPFL-VILAB/MultiMAE/releases/download/pretrained-weights/"
 URL_SCHEMES = ("http", "https", "file")
@@ -204,11 +204,27 @@ def is_offline() -> bool:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read now (4 MiB chunks; ~1 s per GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_file`, read once per process while the file keeps its path, size and
+    modification time: the cache check of :func:`resolve_checkpoint` and the run's record of
+    ``init.checkpoint`` (:func:`multimae_att.run.provenance.checkpoint_identity`) share one read."""
+    p = Path(path).resolve()
+    stat = p.stat()
+    key = (str(p), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(p)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -299,22 +315,14 @@ def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool, labe
 
 
 def _check_cached(path: Path, hash_prefix: str, label: str) -> None:
-    """Hash a cached file once per process (and again if it changes): a file put there by hand
-    gets the check a download gets."""
-    stat = path.stat()
-    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, hash_prefix)
-    if key in _VERIFIED:
-        return
-    digest = sha256_file(path)
+    """Hash a cached file (once per process, again if it changes: :func:`file_sha256`): a file
+    put there by hand gets the check a download gets."""
+    digest = file_sha256(path)
     if not digest.startswith(hash_prefix):
         raise CheckpointHashError(
             f"{label}: the cached file {path} has sha256 {digest}, not the published prefix "
             f"{hash_prefix}. Delete it (it is not the published file) and resolve the name again, "
             "or put the right file there.")
-    _VERIFIED.add(key)
-
-
-_VERIFIED: set[tuple] = set()
 
 
 @contextlib.contextmanager
@@ -361,7 +369,7 @@ def _inspect(spec: str) -> str:
 
     path = resolve_checkpoint(spec)
     obj = load_checkpoint(path)
-    lines = [f"{path} (sha256 {sha256_file(path)})"]
+    lines = [f"{path} (sha256 {file_sha256(path)})"]
     if isinstance(obj, dict):
         lines.append("top-level entries: " + ", ".join(f"{k} ({type(v).__name__})" for k, v in obj.items()))
     state = model_state(obj, source=os.fspath(path))

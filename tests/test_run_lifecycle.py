@@ -270,7 +270,7 @@ acc = Accelerator(cpu=True)
 reads, real = [], hub.sha256_file
 hub.sha256_file = lambda p, *a: reads.append(str(p)) or real(p, *a)
 out = {"identity": provenance.checkpoint_identity(sys.argv[1], acc), "reads": len(reads)}
-provenance._DIGESTS.clear()
+hub._DIGESTS.clear()
 
 def unreadable(p, *a):
     raise PermissionError(f"cannot read {p}")
@@ -306,3 +306,24 @@ def test_several_processes_hash_the_init_checkpoint_once(tmp_path):
     assert main["identity"] == other["identity"] == checkpoint_identity(str(ckpt))
     assert (main["reads"], other["reads"]) == (1, 0)
     assert main["error"] == other["error"] == f"cannot read {ckpt.resolve()}"
+
+
+def test_resolving_and_recording_a_hub_checkpoint_read_it_once(tmp_path, monkeypatch):
+    """The hub's check of a cached file (its sha256 against the prefix its name promises) and the
+    run's record of ``init.checkpoint`` share one read of the file per process."""
+    import multimae_att.hub as hub
+    from multimae_att.run.provenance import checkpoint_identity
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    plain = tmp_path / "weights.pth"
+    _export_tiny(plain, 1)
+    url = plain.rename(tmp_path / f"weights-{hub.sha256_file(plain)[:8]}.pth").as_uri()
+    hub.resolve_checkpoint(url, progress=False)            # downloaded and checked by torch.hub
+    reads, real = [], hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
+    hub._DIGESTS.clear()
+    cached = hub.resolve_checkpoint(url, progress=False)   # a later load: the cached copy is checked
+    ident = checkpoint_identity(url)
+    hub.resolve_checkpoint(url, progress=False)
+    assert ident["file"] == str(cached.resolve()) and ident["sha256"] == real(cached)
+    assert reads == [cached.resolve()]

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from multimae_att.hub import file_sha256  # re-exported: the record's hash is the hub's
+
 __all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version", "provenance",
            "describe_identity"]
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks; ~1 s per GB), read once per process
-    while the file keeps its size and modification time."""
-    from multimae_att.hub import sha256_file
-
-    p = Path(path).resolve()
-    stat = p.stat()
-    key = (str(p), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(p)
-    return _DIGESTS[key]
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def local_checkpoint(spec: str) -> Path | None:
