@@ -317,10 +317,11 @@ class Run:
         self.total_steps = total_steps
         loaded = self.folder.state
         self.step = loaded.step if loaded is not None else 0
-        redo = loaded is not None and bool(loaded.state.get(EVALUATION_DUE, False))
+        # read once, here: the log needs it now (what to purge) and the loop at the first step
+        self.evaluation_due = loaded is not None and bool(loaded.state.get(EVALUATION_DUE, False))
         self.logger = RunLogger(self.acc, self.out, name=self.name, total_steps=total_steps,
                                 start_step=self.step, resume_step=self.step if loaded is not None else None,
-                                redo_evaluation=redo,
+                                redo_evaluation=self.evaluation_due,
                                 progress=self.cfg.log.progress, trackers=self.trackers,
                                 config=config_to_dict(self.cfg))
         return True
@@ -343,7 +344,6 @@ class Run:
         job.load_extra_state(state)
         self.window.load_state_dict(state.get("log_window", {}), self.acc.device)
         self.step = int(state["step"])
-        self.evaluation_due = bool(state.get(EVALUATION_DUE, False))
         return self.step
 
     def save(self, step: int, job: Job, evaluation_due: bool = False) -> None:
