@@ -17,11 +17,11 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   no-mask passes that train the loss predictor and refresh its maps);
 * ``ab_ratios``: the ratios with targets (``AB_RATIOS``, and with ``--vs-upstream``
   ``AB_UPSTREAM_RATIOS``) measured again back to back (:func:`~multimae_att.bench.timing.measure_ab`:
-  ``repeats`` pairs, order alternating), the median of the per-pair ratios of ``ab_clock``
-  (process CPU time on a CPU, wall time on a GPU), with ``ab_quartiles`` (first and third
-  quartile); every run also holds the per-pair ratios of both clocks (``ab_pair_ratios``:
-  ``{"a/b": {"cpu": [...], "wall": [...]}}``). The
-  steadiest figure on a shared machine: read these against the targets;
+  ``ab_repeats`` pairs, default ``repeats``, order alternating), the median of the per-pair
+  ratios of ``ab_clock`` (process CPU time on a CPU, wall time on a GPU), with ``ab_quartiles``
+  (first and third quartile); every run also holds the per-pair ratios of both clocks
+  (``ab_pair_ratios``: ``{"a/b": {"cpu": [...], "wall": [...]}}``). The steadiest figure on a
+  shared machine: read these against the targets;
 * ``flops`` per case (one call, :func:`multimae_att.bench.flops.count_flops`) and ``efficiency``
   per case (achieved FLOP/s over ``matmul_peak_flops``, a large matrix product in the same dtype;
   timed by process CPU time on a CPU, wall time on a GPU);
@@ -32,7 +32,10 @@ docs/BENCHMARKS.md). :func:`run_bench` returns the same dict that is written as 
   are in every ratio block as ``<case>/upstream_random_step``; ``ab_by_dtype``: the A/B figures
   of ``random_step`` and ``cached_step`` against it;
 * ``runs``: the same block for every dtype measured (``--dtype both`` gives fp32 and bf16),
-  with every timing; ``preset``, ``machine`` (with the load average at the start and the end).
+  with every timing; ``preset``, ``machine`` (with the load average at the start and the end),
+  ``warmup``, ``repeats``, ``ab_repeats``, ``attn``, ``compile``, and ``malloc``: ``{mode, set}``
+  (``--malloc``; ``set``: the glibc thresholds fixed, None for ``default`` or where the C library
+  is not glibc).
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from multimae_att.bench.timing import (
     quartiles,
 )
 from multimae_att.pretrain.config import LossPredictorConfig
+from multimae_att.run.cpu_malloc import CPU_MALLOC_CHOICES, keep_freed_memory
 
 __all__ = ["AB_RATIOS", "AB_UPSTREAM_RATIOS", "PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench",
            "run_dtype"]
@@ -76,9 +80,10 @@ CACHED_TRAIN_SHARE = LossPredictorConfig().cached_train_share
 
 
 def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats: int,
-              attn: str = "auto", upstream=None, compile: bool = False) -> dict:
+              attn: str = "auto", upstream=None, compile: bool = False, ab_repeats: int | None = None) -> dict:
     """Every timed case at one dtype: medians, all timings, ratios, peak memory, FLOPs and
-    efficiency. ``upstream``: a :class:`multimae_att.bench.upstream.Upstream` (adds its step)."""
+    efficiency. ``upstream``: a :class:`multimae_att.bench.upstream.Upstream` (adds its step);
+    ``ab_repeats``: back-to-back pairs per A/B ratio (default ``repeats``)."""
     with tempfile.TemporaryDirectory(prefix="mm_bench_cache_") as cache_dir:
         bench = BenchCases(p, device, dtype, cache_dir, attn=attn, compile=compile)
         cases = bench.cases()
@@ -88,7 +93,8 @@ def run_dtype(p: Preset, device: torch.device, dtype: str, warmup: int, repeats:
             # Same batch and the same initial weights as ours.
             cases[UPSTREAM] = UpstreamStep(upstream, p, device, dtype, bench.batch, bench.model.state_dict())
         times, cpu_times = measure(cases, device, warmup, repeats)
-        ab = measure_ab(cases, AB_RATIOS + (AB_UPSTREAM_RATIOS if upstream is not None else ()), device, repeats)
+        ab = measure_ab(cases, AB_RATIOS + (AB_UPSTREAM_RATIOS if upstream is not None else ()), device,
+                        repeats if ab_repeats is None else ab_repeats)
         peak = {}
         for name, fn in cases.items():  # after timing: one call each, memory only
             with PeakMemory(device) as mem:
@@ -158,13 +164,18 @@ def _amortized_lossp(block: dict, times: dict) -> None:
 
 def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.device | None = None,
               warmup: int | None = None, repeats: int | None = None, attn: str = "auto",
-              vs_upstream: str | None = None, compile: bool = False) -> dict:
+              vs_upstream: str | None = None, compile: bool = False, ab_repeats: int | None = None,
+              malloc: str = "keep") -> dict:
     """Run the benchmark; ``dtype`` is ``fp32``, ``bf16``, ``both`` or ``auto`` (bf16 where the
     device supports it, else fp32); ``attn`` is the attention path of the training steps and
     the scoring pass (``MultiMAE.set_attention``: ``auto``, ``fused`` or ``explicit``);
     ``vs_upstream``: path of an original MultiMAE checkout to time its step too; ``compile``:
-    ``torch.compile`` the blocks as ``train.compile`` does. Returns the JSON-ready dict of the
-    module doc."""
+    ``torch.compile`` the blocks as ``train.compile`` does; ``ab_repeats``: back-to-back pairs per
+    A/B ratio (default ``repeats``: more pairs narrow the A/B figures without lengthening the
+    shuffled rounds); ``malloc``: ``keep`` fixes glibc's thresholds for the whole process, ours
+    and upstream's steps alike, as ``train.cpu_malloc`` does on a CPU
+    (:func:`multimae_att.run.cpu_malloc.keep_freed_memory`), ``default`` leaves glibc's. Returns
+    the JSON-ready dict of the module doc."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
@@ -177,16 +188,22 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
         raise ValueError(f"bench dtype must be fp32, bf16, both or auto, got {dtype!r}")
     warmup = p.warmup if warmup is None else warmup
     repeats = p.repeats if repeats is None else repeats
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"bench needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    ab_repeats = repeats if ab_repeats is None else ab_repeats
+    if malloc not in CPU_MALLOC_CHOICES:
+        raise ValueError(f"bench malloc must be one of {CPU_MALLOC_CHOICES}, got {malloc!r}")
+    if repeats < 1 or warmup < 0 or ab_repeats < 1:
+        raise ValueError(f"bench needs repeats >= 1, ab_repeats >= 1 and warmup >= 0, got {repeats}, {ab_repeats}, "
+                         f"{warmup}")
     upstream = None
     if vs_upstream is not None:
         from multimae_att.bench.upstream import load_upstream
 
         upstream = load_upstream(vs_upstream)  # fails before any timing when the path is wrong
     out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats,
+                 "ab_repeats": ab_repeats,
+                 "malloc": {"mode": malloc, "set": keep_freed_memory() if malloc == "keep" else None},
                  "attn": attn, "compile": compile}
-    runs = {d: run_dtype(p, device, d, warmup, repeats, attn, upstream, compile) for d in dtypes}
+    runs = {d: run_dtype(p, device, d, warmup, repeats, attn, upstream, compile, ab_repeats) for d in dtypes}
     primary = runs[dtypes[0]]
     out.update({"dtype": dtypes[0], **{c: primary["median_s"][c] for c in CASES}})
     out.update({k: primary[k] for k in ("ratios", "paired_ratios", "min_ratios", "cpu_time_ratios", "ab_ratios",
@@ -212,7 +229,8 @@ def format_table(result: dict) -> str:
     m = result["machine"]
     lines = [f"preset {result['preset']['name']}  device {m['device']}  threads {m['torch_threads']}  "
              f"torch {m['torch']}  warmup {result['warmup']}  repeats {result['repeats']}  attn {result['attn']}  "
-             f"compile {result.get('compile', False)}  load {m.get('load_average')} -> {m.get('load_average_end')}"]
+             f"compile {result.get('compile', False)}  malloc {result.get('malloc', {}).get('mode')}  "
+             f"load {m.get('load_average')} -> {m.get('load_average_end')}"]
     dtypes = list(result["runs"])
     cols = (("median s", "median_s", ".4f"), ("cpu s", "cpu_median_s", ".4f"), ("peak MiB", "peak_memory_mib", ".1f"))
     lines.append(f"{'case':<22}" + "".join(f"{d + ' ' + c:>14}" for d in dtypes for c, _, _ in cols)
@@ -235,7 +253,7 @@ def format_table(result: dict) -> str:
     for key in result["ratios"]:
         lines.append(f"{key:<40}" + "".join(f"{result['runs'][d][kind][key]:>16.3f}"
                                             for d in dtypes for kind, _ in kinds))
-    pairs = result["repeats"]
+    pairs = result.get("ab_repeats", result["repeats"])
     lines.append(f"A/B ratios (back to back, {result['ab_clock'].replace('_', ' ')}; median [quartiles] of "
                  f"{pairs} pairs):")
     for key in result["ab_ratios"]:

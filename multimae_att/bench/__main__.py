@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    parser.add_argument("--ab-repeats", type=int, default=None,
+                        help="back-to-back pairs per A/B ratio (default: --repeats)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="glibc malloc thresholds for the whole process, as train.cpu_malloc (keep: no page "
+                             "faults per step; default: glibc's own)")
     args = parser.parse_args(argv)
     import torch
 
@@ -39,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = run_bench(args.preset, args.dtype, args.device, args.warmup, args.repeats, args.attn,
-                           vs_upstream=args.vs_upstream, compile=args.compile)
+                           vs_upstream=args.vs_upstream, compile=args.compile,
+                           ab_repeats=args.ab_repeats, malloc=args.malloc)
     except FileNotFoundError as e:  # --vs-upstream PATH is not a MultiMAE checkout
         parser.error(str(e))
     print(format_table(result))

@@ -191,6 +191,9 @@ class TrainConfig:
     # bf16/fp16 training on a CPU, where the flash-attention backward is slow (docs/BENCHMARKS.md)
     attention: Literal["auto", "fused", "explicit"] = "auto"
     compile: bool = False                     # torch.compile the encoder blocks and decoders
+    # on a CPU: keep the memory a step frees for the next one (glibc malloc; no page faults per
+    # step, 5-17 % faster small-preset steps, the process keeps its peak heap) or glibc's default
+    cpu_malloc: Literal["keep", "default"] = "keep"
     # metrics.json holds the best evaluation (task metric; depth under protocol multimae: lowest
     # validation loss) or the last one; auto: best for protocol multimae, else last
     report: Literal["auto", "best", "last"] = "auto"
@@ -340,7 +343,8 @@ class FinetuneConfig:
 # train.max_eval_batches) changes the results and blocks the resume.
 RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers", "data.eval_batch_size",
                     "train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                    "train.find_unused_parameters", "train.attention", "train.compile", "init.*", "log.*")
+                    "train.find_unused_parameters", "train.attention", "train.compile", "train.cpu_malloc", "init.*",
+                    "log.*")
 
 
 def resume_config_changes(saved: dict, cfg: FinetuneConfig) -> tuple[list[str], list[str]]:

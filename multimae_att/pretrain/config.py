@@ -254,6 +254,9 @@ class TrainConfig:
     # bf16/fp16 training on a CPU, where the flash-attention backward is slow (docs/BENCHMARKS.md)
     attention: Literal["auto", "fused", "explicit"] = "auto"
     compile: bool = False                    # torch.compile the encoder blocks and decoders
+    # on a CPU: keep the memory a step frees for the next one (glibc malloc; no page faults per
+    # step, 5-17 % faster small-preset steps, the process keeps its peak heap) or glibc's default
+    cpu_malloc: Literal["keep", "default"] = "keep"
 
 
 @dataclass
@@ -336,7 +339,7 @@ RESUME_FREE_KEYS = ("output_dir", "data.root", "data.layout", "data.num_workers"
                     "masking.cache.path",
                     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last",
                     "train.final_export", "train.export_loss_predictor", "train.find_unused_parameters",
-                    "train.attention", "train.compile")
+                    "train.attention", "train.compile", "train.cpu_malloc")
 RESUME_FREE_SECTIONS = ("init.", "log.")
 # The run length sets AttG's tau schedule (a half cosine over the run's steps) and the share of a
 # curriculum strategy (hpm).

@@ -46,6 +46,7 @@ from torch import nn
 from multimae_att.atomic import write_text_atomic
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.optim import load_optimizer_state
+from multimae_att.run.cpu_malloc import keep_freed_memory
 from multimae_att.run.folder import RESULTS_FILE, read_results
 from multimae_att.run.lifecycle import RunFolder
 from multimae_att.run.provenance import provenance
@@ -285,6 +286,8 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.trackers = log_trackers(cfg)
         self.acc = make_accelerator(cfg, find_unused_parameters, self.trackers)
+        if self.acc.device.type == "cpu" and cfg.train.cpu_malloc == "keep":
+            keep_freed_memory()   # before the first step's allocations
         self.folder = RunFolder(cfg, changes, self.acc, trains=trains)
         self.folder.check()   # refusals and result-changing config changes stop here, before any work
         self.step = 0
