@@ -35,7 +35,14 @@ def result(tmp_path_factory):
 
 
 def test_json_has_every_key(result, capsys):
+    import platform
+
+    from multimae_att.run.cpu_malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+
     assert KEYS <= set(result)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert result["malloc"] == {"mode": "keep", "set": {"mmap_threshold": MMAP_THRESHOLD,
+                                                        "trim_threshold": TRIM_THRESHOLD} if glibc else None}
     for name in ("scoring_pass/inference_forward", "cached_step/random_step", "amt_step/random_step"):
         assert result["ratios"][name] > 0
     for case in CASES:
@@ -189,9 +196,9 @@ def test_vs_upstream_times_their_step_and_reports_ours_over_theirs(standin, tmp_
 
     out = tmp_path / "vs.json"
     assert main(["--preset", "micro", "--dtype", "fp32", "--warmup", "0", "--repeats", "2", "--threads", "1",
-                 "--ab-repeats", "3", "--vs-upstream", str(standin), "--out", str(out)]) == 0
+                 "--ab-repeats", "3", "--malloc", "default", "--vs-upstream", str(standin), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert (res["repeats"], res["ab_repeats"]) == (2, 3)
+    assert (res["repeats"], res["ab_repeats"], res["malloc"]) == (2, 3, {"mode": "default", "set": None})
     run = res["runs"]["fp32"]
     assert len(run["cpu_times_s"]["upstream_random_step"]) == 2 and run["flops"]["upstream_random_step"] > 0
     up = res["vs_upstream"]
