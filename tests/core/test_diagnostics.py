@@ -99,7 +99,8 @@ def test_step_diagnostics_combine_the_pieces():
 def test_pretraining_logs_masking_diagnostics_on_log_steps(tmp_path, data_root, strategy):
     import json
 
-    from test_pretrain import REPO, tiny_config
+    from helpers import REPO
+    from helpers.pretrain import tiny_config
 
     cfg = tiny_config(tmp_path / "c.yaml", data_root, data={"background_classes": [0, 1]},
                       masking={"strategy": strategy}, train={"max_steps": 4}, log={"every": 2})

@@ -184,12 +184,12 @@ def test_a_cached_published_file_with_other_content_is_refused(published, cache)
 
 def test_runners_and_the_export_script_accept_names_and_urls(published, cache, tmp_path, monkeypatch):
     """Pretraining init, finetuning init and export_attention_maps all resolve the same way."""
-    from test_data import load_prep
-
     from multimae_att.checkpoint import export_weights
     from multimae_att.finetune.loading import load_pretrained
     from multimae_att.model import create_pretrain_model
     from multimae_att.pretrain.setup import load_init_checkpoint
+
+    from helpers.prep import load_prep
 
     model = create_pretrain_model("tiny", image_size=32, semseg_num_classes=10)
     src = tmp_path / "release2" / "exported.pth"
@@ -256,11 +256,11 @@ def test_inspect_and_the_module_command_line(published, cache, capsys):
 def test_diagnose_takes_a_url_and_writes_next_to_the_caller(tmp_path, cache, monkeypatch):
     """python -m multimae_att.diagnose --checkpoint accepts names / URLs like the runners; its
     default output does not land in the torch hub cache."""
-    from test_pretrain import make_synthetic, tiny_config
-
     from multimae_att.checkpoint import export_weights
     from multimae_att.diagnose import main as diagnose_main
     from multimae_att.model import create_pretrain_model
+
+    from helpers.pretrain import make_synthetic, tiny_config
 
     data = make_synthetic(tmp_path / "data")
     cfg = tiny_config(tmp_path / "c.yaml", data)

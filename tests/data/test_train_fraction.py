@@ -58,7 +58,8 @@ def test_finetune_trains_on_the_subset(tmp_path):
     import json
     import sys
 
-    from test_pretrain import REPO, make_synthetic
+    from helpers import REPO
+    from helpers.pretrain import make_synthetic
 
     data = make_synthetic(tmp_path / "data")          # 16 training scenes
     sys.path.insert(0, str(REPO))
