@@ -9,7 +9,7 @@ On a CUDA machine (budget: under 8 minutes on one modern GPU; not yet timed on o
    (``data_prep/make_synthetic.py``): a fresh scoring pass every step (``high``, no cache),
    the attention cache (``high``), and AMT on the cache;
 4. with two or more GPUs: the 2-process run against the 1-process run on the same global batch
-   (losses and final weights must agree, as ``tests/test_pretrain_ddp.py`` checks on a CPU).
+   (losses and final weights must agree, as ``tests/pretrain/test_pretrain_ddp.py`` checks on a CPU).
 
 It prints s/step and samples/s of each run, the bench's efficiency, peak memory and ratios, and
 writes everything under ``--out`` (``summary.json``). ``--dry-run`` runs the same code on the CPU
@@ -94,7 +94,7 @@ def sync_counts(device, preset: str) -> dict[str, int] | None:
     from multimae_att.bench.presets import PRESETS
 
     if device.type != "cuda":
-        return None  # CPU: tests/test_step_syncs.py checks the same on the dispatcher
+        return None  # CPU: tests/pretrain/test_step_syncs.py checks the same on the dispatcher
     out = {}
     with tempfile.TemporaryDirectory() as d:
         bench = BenchCases(PRESETS[preset], device, "bf16", d)

@@ -164,7 +164,7 @@ def resize_window(x: torch.Tensor, size: tuple[int, int], top: int, left: int, h
     float32, rounded and clipped; the kernel fuses some of these multiply-adds (which ones depends on
     its code path), so a float result can differ in the last bit, and the rounding of a value within
     that bit of a half flips: at most 1 grey level, on ~1 value in 10^4 (measured over random
-    windows; tests/test_finetune_lsj_window.py)."""
+    windows; tests/finetune/test_finetune_lsj_window.py)."""
     h_in, w_in = x.shape[-2:]
     if not bilinear:
         rows = nearest_index(h_in, size[0])[top:top + height]

@@ -6,7 +6,7 @@ launcher therefore keeps a few long-lived worker processes (:mod:`multimae_att.s
 runs cell after cell in each. What one cell could leave behind for the next is reset here before
 every cell: Accelerate's per-process singletons, torch/numpy/Python RNG states, the number of torch
 threads, the default dtype, grad mode, environment variables, working directory and ``sys.argv``.
-The runners seed everything they draw themselves; ``tests/test_study.py`` checks that a cell run
+The runners seed everything they draw themselves; ``tests/study/test_study.py`` checks that a cell run
 after another one in the same worker gives bit-identical weights to a fresh ``python run_pretrain.py``.
 
 Measurement per cell: wall and CPU seconds (this process and its reaped children), peak resident
