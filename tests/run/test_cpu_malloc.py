@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_pretrain import REPO, data_root, run_cli, tiny_config
+
+from helpers import REPO
+from helpers.pretrain import _fresh_accelerate_state, _importable_entry_point, data_root, run_cli, tiny_config
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
