@@ -16,6 +16,7 @@ its SIGTERM) is measured up to that moment and its attempt marked ``interrupted:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -189,30 +190,47 @@ def run_cell_here(cell: Cell, log_path: str | os.PathLike, threads: int) -> dict
     return record
 
 
-def die_with_parent(sig: int, parent: int) -> None:
-    """Linux: have the kernel send ``sig`` to this process when its parent (pid ``parent``) dies
-    (prctl ``PR_SET_PDEATHSIG``); exit at once if the parent is already gone. Elsewhere nothing
-    is armed."""
+def _prctl() -> Callable[..., int] | None:
+    """The C library's ``prctl`` (Linux), None elsewhere."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, sig)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(sig: int, parent: int, prctl: Callable[..., int] | None = None) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent (pid ``parent``) dies
+    (prctl ``PR_SET_PDEATHSIG``); exit at once if the parent is already gone. Elsewhere nothing
+    is armed. ``prctl``: the C function looked up beforehand (:func:`_prctl`), as a child between
+    fork and exec must do no more than call it (no ``dlopen``, no import: another thread of the
+    parent may have held their locks at the fork)."""
+    prctl = prctl or _prctl()
+    if prctl is None or prctl(1, int(sig)) != 0:
         return
     if os.getppid() != parent:   # the parent died before the signal was armed
         os._exit(1)
+
+
+def _signal_group(child, sig: int) -> None:
+    """``sig`` to the child's process group: the child and every process it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, sig)
 
 
 def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
                 cwd: str | None = None) -> dict[str, Any]:
     """Run a cell as a child process (an Accelerate launch of its runner), output appended to
     ``log_path``; the attempt's record as :func:`run_cell_here`'s (CPU seconds and peak memory of
-    the reaped children: the launcher and every process it started). Stopped here
-    (:class:`CellStopped`, ``KeyboardInterrupt``), the child gets SIGTERM (an Accelerate launch
-    passes it on to its processes), SIGKILL after :data:`STOP_GRACE_S`, and is reaped before the
-    attempt is measured. Should this process die first (killed by the launcher), the child gets
-    SIGTERM from the kernel (:func:`die_with_parent`; SIGTERM, not SIGKILL, so an Accelerate
-    launch passes it on to the processes it started)."""
+    the reaped children: the launcher and every process it started).
+
+    The child leads a process group of its own. Stopped here (:class:`CellStopped`,
+    ``KeyboardInterrupt``), the whole group gets SIGTERM, SIGKILL after :data:`STOP_GRACE_S`, and
+    the child is reaped before the attempt is measured. Should this process die first (killed by
+    the launcher), the child gets SIGTERM from the kernel (:func:`die_with_parent`), which
+    ``python -m multimae_att.launch`` passes on to its group (Accelerate's single-process launcher
+    would not)."""
     import subprocess
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -221,20 +239,22 @@ def run_command(cell_id: str, command: list[str], log_path: str | os.PathLike,
     t0 = time.perf_counter()
     interrupt: BaseException | None = None
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    prctl = _prctl()
+    arm = functools.partial(die_with_parent, signal.SIGTERM, os.getpid(), prctl) if prctl is not None else None
     with open(log_path, "a") as log:
         log.write(f"=== {cell_id}: {' '.join(command)}\n")
         log.flush()
-        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                 preexec_fn=functools.partial(die_with_parent, signal.SIGTERM, os.getpid()))
+        child = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=arm)
         try:
             code = child.wait()
         except (CellStopped, KeyboardInterrupt) as e:
             interrupt = e
-            child.terminate()
+            _signal_group(child, signal.SIGTERM)
             try:
                 code = child.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                child.kill()
+                _signal_group(child, signal.SIGKILL)
                 code = child.wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     record.update(ok=code == 0 and interrupt is None, error=None if code == 0 else f"exit code {code}",

@@ -3,6 +3,7 @@ through the CLI (killed mid-way, resumed, re-run; a worker's cell equals a fresh
 command), and the submitit path with submitit's local executor."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -443,12 +444,15 @@ def test_cost_rows_count_interrupted_attempts_and_say_so(tmp_path):
     assert _attempts_note([{"cell": "x", "kind": "pretrain", "interrupted_attempts": 0}]) == []
 
 
-_CHILD = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp'); "
-          "t.write_text(str(os.getpid())); t.rename(p); time.sleep(300)")
+# The cell's runner: writes its pid, then "trains" (sleeps); started through the real launcher.
+_RUNNER = ("import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp'); "
+           "t.write_text(str(os.getpid())); t.rename(p); time.sleep(300)")
 _COMMAND_WORKER = '''
 import sys
 from multimae_att.study.cellrun import run_command
-run_command("cell", [sys.executable, "-c", sys.argv[1], sys.argv[2]], sys.argv[3])
+from multimae_att.study.plan import launch_args
+runner, pid_file, log = sys.argv[1:]
+run_command("cell", [sys.executable, "-m", "multimae_att.launch", *launch_args(0), runner, pid_file], log)
 '''
 
 
@@ -461,23 +465,85 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
-def test_a_killed_worker_takes_its_cells_launch_with_it(tmp_path):
-    """A worker that runs a cell as a child process (an Accelerate launch on a multi-GPU cell) and
-    is SIGKILLed (the launcher's last resort) must not leave the child training on."""
+def test_a_killed_worker_takes_its_cells_launch_and_runner_with_it(tmp_path):
+    """A worker that runs a cell as an Accelerate launch (a multi-GPU cell; any cell on Slurm) and
+    is SIGKILLed (the launcher's last resort) must leave neither the launch nor the runner it
+    started training on (Accelerate's single-process launcher does not pass a SIGTERM on)."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(_RUNNER)
     (tmp_path / "worker.py").write_text(_COMMAND_WORKER)
-    pid_file = tmp_path / "child.pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), _CHILD, str(pid_file),
+    pid_file = tmp_path / "runner.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(runner), str(pid_file),
                                str(tmp_path / "cell.log")], env=env)
-    _wait_for(pid_file, worker, timeout=120)
-    child = int(pid_file.read_text())
-    assert _alive(child)
-    worker.kill()
-    worker.wait(timeout=60)
-    for _ in range(300):
-        if not _alive(child):
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the cell's child process outlived its killed worker")
+    pid = launch = None
+    try:
+        _wait_for(pid_file, worker, timeout=300)
+        pid = int(pid_file.read_text())
+        launch = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])   # its parent
+        assert _alive(pid) and _alive(launch) and launch != worker.pid
+        worker.kill()
+        worker.wait(timeout=60)
+        for _ in range(300):
+            if not (_alive(pid) or _alive(launch)):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"still running after their worker was killed: runner {_alive(pid)}, launch "
+                        f"{_alive(launch)}; log: {(tmp_path / 'cell.log').read_text()}")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        for left in (pid, launch):
+            if left is not None and _alive(left):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(left, signal.SIGKILL)
+
+
+_STOPPING_WORKER = '''
+import json, signal, sys
+from multimae_att.study.cellrun import CellStopped, run_command
+from multimae_att.study.plan import launch_args
+
+def stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise CellStopped("stopped by the test")
+
+signal.signal(signal.SIGTERM, stop)
+runner, pid_file, log = sys.argv[1:]
+record = run_command("cell", [sys.executable, "-m", "multimae_att.launch", *launch_args(0), runner, pid_file], log)
+print(json.dumps(record))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups as on Linux")
+def test_a_stopped_cell_stops_its_launchs_runner_too(tmp_path):
+    """The launcher stops a cell run as an Accelerate launch (SIGTERM to its worker): the launch
+    and the runner it started both end, and the attempt is recorded as stopped."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(_RUNNER)
+    (tmp_path / "worker.py").write_text(_STOPPING_WORKER)
+    pid_file = tmp_path / "runner.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(runner), str(pid_file),
+                               str(tmp_path / "cell.log")], env=env, stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        _wait_for(pid_file, worker, timeout=300)
+        pid = int(pid_file.read_text())
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=120)
+        record = json.loads(out.strip().splitlines()[-1])
+        assert record["ok"] is False and record["interrupted"] == "stopped", record
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the stopped cell's runner is still running")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        if pid is not None and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
