@@ -51,6 +51,8 @@ from urllib.request import url2pathname
 
 import torch.hub
 
+from multimae_att.run.provenance import file_sha256  # torch-free; re-exported
+
 __all__ = ["PublishedCheckpoint", "PUBLISHED", "RELEASE_URL", "CheckpointUnavailableError",
            "CheckpointHashError", "resolve_checkpoint", "local_path", "cache_dir", "cached_path", "hash_prefix_of",
            "file_sha256", "is_offline", "main"]
@@ -203,28 +205,6 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read now (4 MiB chunks; ~1 s per GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """:func:`sha256_file`, read once per process while the file keeps its path, size and
-    modification time: the cache check of :func:`resolve_checkpoint` and the run's record of
-    ``init.checkpoint`` (:func:`multimae_att.run.provenance.checkpoint_identity`) share one read."""
-    p = Path(path).resolve()
-    stat = p.stat()
-    key = (str(p), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(p)
-    return _DIGESTS[key]
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 # ----------------------------------------------------------------------------- resolving

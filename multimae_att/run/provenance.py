@@ -8,15 +8,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from multimae_att.hub import file_sha256  # re-exported: the record's hash is the hub's
+__all__ = ["sha256_file", "file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version",
+           "provenance", "describe_identity"]
 
-__all__ = ["file_sha256", "local_checkpoint", "checkpoint_identity", "config_hash", "code_version", "provenance",
-           "describe_identity"]
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read now (4 MiB chunks; ~1 s per GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_file`, read once per process while the file keeps its path, inode, size and
+    change time: the hub's check of a cached checkpoint
+    (:func:`multimae_att.hub.resolve_checkpoint`) and the run's record of ``init.checkpoint``
+    (:func:`checkpoint_identity`) share one read."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(p)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 def local_checkpoint(spec: str) -> Path | None:

@@ -58,7 +58,8 @@ def test_config_schema_and_run_folder_tools_import_without_torch():
     code = (
         "import sys\n"
         "import multimae_att.pretrain.config, multimae_att.config, multimae_att.modalities\n"
-        "import multimae_att.run, multimae_att.run.resume, multimae_att.run.metrics_log\n"
+        "import multimae_att.run, multimae_att.run.resume, multimae_att.run.metrics_log, multimae_att.run.provenance\n"
+        "import multimae_att.run.cpu_malloc\n"
         "import multimae_att.atomic, multimae_att.seeds\n"
         "print('torch' in sys.modules)\n"
         "import torchvision.transforms.v2, timm\n"

@@ -246,11 +246,11 @@ def test_init_checkpoint_identity_of_a_url_is_its_cached_copy(tmp_path, monkeypa
 def test_checkpoint_hash_is_read_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
     import hashlib
 
-    import multimae_att.hub as hub
+    from multimae_att.run import provenance
     from multimae_att.run.provenance import checkpoint_identity
 
-    reads, real = [], hub.sha256_file
-    monkeypatch.setattr(hub, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
+    reads, real = [], provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
     f = tmp_path / "init.pth"
     f.write_bytes(b"one")
     first = checkpoint_identity(str(f))
@@ -264,19 +264,18 @@ _IDENTITY_SCRIPT = '''
 import json, sys
 from pathlib import Path
 from accelerate import Accelerator
-import multimae_att.hub as hub
 from multimae_att.run import provenance
 
 acc = Accelerator(cpu=True)
-reads, real = [], hub.sha256_file
-hub.sha256_file = lambda p, *a: reads.append(str(p)) or real(p, *a)
+reads, real = [], provenance.sha256_file
+provenance.sha256_file = lambda p, *a: reads.append(str(p)) or real(p, *a)
 out = {"identity": provenance.checkpoint_identity(sys.argv[1], acc), "reads": len(reads)}
-hub._DIGESTS.clear()
+provenance._DIGESTS.clear()
 
 def unreadable(p, *a):
     raise PermissionError(f"cannot read {p}")
 
-hub.sha256_file = unreadable if acc.is_main_process else real   # only the main process fails
+provenance.sha256_file = unreadable if acc.is_main_process else real   # only the main process fails
 try:
     provenance.checkpoint_identity(sys.argv[1], acc)
     out["error"] = None
@@ -313,16 +312,17 @@ def test_resolving_and_recording_a_hub_checkpoint_read_it_once(tmp_path, monkeyp
     """The hub's check of a cached file (its sha256 against the prefix its name promises) and the
     run's record of ``init.checkpoint`` share one read of the file per process."""
     import multimae_att.hub as hub
+    from multimae_att.run import provenance
     from multimae_att.run.provenance import checkpoint_identity
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     plain = tmp_path / "weights.pth"
     _export_tiny(plain, 1)
-    url = plain.rename(tmp_path / f"weights-{hub.sha256_file(plain)[:8]}.pth").as_uri()
+    url = plain.rename(tmp_path / f"weights-{provenance.sha256_file(plain)[:8]}.pth").as_uri()
     hub.resolve_checkpoint(url, progress=False)            # downloaded and checked by torch.hub
-    reads, real = [], hub.sha256_file
-    monkeypatch.setattr(hub, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
-    hub._DIGESTS.clear()
+    reads, real = [], provenance.sha256_file
+    monkeypatch.setattr(provenance, "sha256_file", lambda p, *a: reads.append(p) or real(p, *a))
+    provenance._DIGESTS.clear()
     cached = hub.resolve_checkpoint(url, progress=False)   # a later load: the cached copy is checked
     ident = checkpoint_identity(url)
     hub.resolve_checkpoint(url, progress=False)
