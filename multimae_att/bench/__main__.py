@@ -13,6 +13,17 @@ import multimae_att  # noqa: F401  (torchvision guard before timm)
 from multimae_att.atomic import write_text_atomic
 
 
+def _count(least: int):
+    """argparse type: an int >= ``least`` (a usage error otherwise, not a traceback)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     from multimae_att.bench import PRESETS, format_table, run_bench
 
@@ -30,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                              "time its training step next to ours and report ours/upstream")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks, as train.compile")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
-    parser.add_argument("--ab-repeats", type=int, default=None,
+    parser.add_argument("--warmup", type=_count(0), default=None, help="untimed rounds (default: the preset's)")
+    parser.add_argument("--repeats", type=_count(1), default=None, help="timed rounds (default: the preset's)")
+    parser.add_argument("--ab-repeats", type=_count(1), default=None,
                         help="back-to-back pairs per A/B ratio (default: --repeats)")
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="glibc malloc thresholds for the whole process, as train.cpu_malloc (keep: no page "

@@ -13,8 +13,11 @@ faults a step takes also depends on what the process allocated before (the same 
 :func:`keep_freed_memory` fixes both thresholds (``mallopt``; fixing them also ends glibc's
 dynamic adjustment): blocks up to 32 MiB come from the heap, and up to 1 GiB of free heap top is
 kept. The price: the process keeps its peak heap instead of shrinking between steps. Blocks above
-32 MiB (a ``base`` preset's large activations) are still mapped per call; glibc allows no higher
-threshold. Elsewhere than glibc (macOS, musl) nothing is changed. GPU memory has its own caching
+32 MiB (a ``base`` preset's large activations) are still mapped per call: glibc allows no higher
+threshold (``M_MMAP_MAX=0`` would serve them from the heap too, not done here). Elsewhere than
+glibc (macOS, musl), or with another allocator preloaded, nothing is changed. The setting holds
+for the rest of the process: a later run in the same process (a study's worker, a test session)
+with ``train.cpu_malloc: default`` keeps it, with a warning. GPU memory has its own caching
 allocator: this concerns CPU runs (and the host side of any run, which allocates little).
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-__all__ = ["keep_freed_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "CPU_MALLOC_CHOICES"]
+__all__ = ["keep_freed_memory", "fixed_thresholds", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "CPU_MALLOC_CHOICES"]
 
 CPU_MALLOC_CHOICES = ("keep", "default")
 MMAP_THRESHOLD = 32 << 20   # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
@@ -32,14 +35,29 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # malloc.h
 
 def keep_freed_memory() -> dict[str, int] | None:
     """Fix glibc's mmap and trim thresholds for this process (see the module doc); returns the
-    values set, or None where the C library is not glibc (nothing changed)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        return None
-    return {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
+    thresholds in force, or None where nothing could be fixed: the C library is not glibc, or
+    another allocator (jemalloc, tcmalloc through ``LD_PRELOAD``) serves ``malloc``. For the
+    rest of the process: glibc's dynamic thresholds cannot be switched back on."""
+    global _FIXED
+    if _FIXED is None and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            interposed = (ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+                          != ctypes.cast(libc.malloc, ctypes.c_void_p).value)
+        except (OSError, AttributeError):
+            return None
+        if interposed:
+            return None
+        mallopt = libc.mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+            _FIXED = {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
+    return fixed_thresholds()
+
+
+def fixed_thresholds() -> dict[str, int] | None:
+    """The thresholds :func:`keep_freed_memory` fixed in this process, None if it has not."""
+    return dict(_FIXED) if _FIXED is not None else None
+
+
+_FIXED: dict[str, int] | None = None

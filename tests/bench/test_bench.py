@@ -41,8 +41,8 @@ def test_json_has_every_key(result, capsys):
 
     assert KEYS <= set(result)
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert result["malloc"] == {"mode": "keep", "set": {"mmap_threshold": MMAP_THRESHOLD,
-                                                        "trim_threshold": TRIM_THRESHOLD} if glibc else None}
+    assert result["malloc"] == {"mode": "keep", "fixed": {"mmap_threshold": MMAP_THRESHOLD,
+                                                          "trim_threshold": TRIM_THRESHOLD} if glibc else None}
     for name in ("scoring_pass/inference_forward", "cached_step/random_step", "amt_step/random_step"):
         assert result["ratios"][name] > 0
     for case in CASES:
@@ -192,13 +192,21 @@ def standin(tmp_path_factory):
 
 
 def test_vs_upstream_times_their_step_and_reports_ours_over_theirs(standin, tmp_path):
+    import contextlib
     import sys
 
+    from multimae_att.run.cpu_malloc import fixed_thresholds
+
     out = tmp_path / "vs.json"
-    assert main(["--preset", "micro", "--dtype", "fp32", "--warmup", "0", "--repeats", "2", "--threads", "1",
-                 "--ab-repeats", "3", "--malloc", "default", "--vs-upstream", str(standin), "--out", str(out)]) == 0
+    # --malloc default after an earlier keep in this process: the thresholds stay, with a warning
+    said = pytest.warns(UserWarning, match="--malloc default") if fixed_thresholds() else contextlib.nullcontext()
+    with said:
+        assert main(["--preset", "micro", "--dtype", "fp32", "--warmup", "0", "--repeats", "2", "--threads", "1",
+                     "--ab-repeats", "3", "--malloc", "default", "--vs-upstream", str(standin), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert (res["repeats"], res["ab_repeats"], res["malloc"]) == (2, 3, {"mode": "default", "set": None})
+    # default leaves glibc's thresholds alone, and says so when an earlier run here fixed them
+    assert (res["repeats"], res["ab_repeats"]) == (2, 3)
+    assert res["malloc"] == {"mode": "default", "fixed": fixed_thresholds()}
     run = res["runs"]["fp32"]
     assert len(run["cpu_times_s"]["upstream_random_step"]) == 2 and run["flops"]["upstream_random_step"] > 0
     up = res["vs_upstream"]
@@ -298,3 +306,10 @@ def test_synthetic_batch_reads_the_modality_table_and_draws_as_before(preset, se
         side = p.image_size // mod.stride
         assert got[m].shape == ((p.batch_size, side, side) if mod.labels else (p.batch_size, mod.channels, side, side))
     assert 0 <= got["depth"].min() and got["depth"].max() < 1 and got["semseg"].max() < p.semseg_classes
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--ab-repeats", "0"), ("--warmup", "-1")])
+def test_counts_below_their_least_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "micro", flag, value])
+    assert exc.value.code == 2 and f"argument {flag}: must be >= " in capsys.readouterr().err

@@ -14,6 +14,14 @@ from helpers.pretrain import _fresh_accelerate_state, _importable_entry_point, d
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
+
+def _huge_pages_always() -> bool:
+    """Transparent huge pages for every mapping: a heap then faults in 2-MiB pages, far fewer."""
+    try:
+        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+
 # A "step" that allocates 40 blocks of 2 MiB and frees them: with glibc's defaults the freed heap
 # top (80 MiB, above the dynamic trim threshold) goes back to the OS and is faulted in again.
 _STEPS = '''
@@ -32,7 +40,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+@pytest.mark.skipif(not GLIBC or _huge_pages_always(), reason="glibc malloc, 4-KiB pages")
 def test_keep_freed_memory_ends_the_page_faults_of_repeated_steps():
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     faults = {mode: int(subprocess.run([sys.executable, "-c", _STEPS, mode], env=env, check=True,
@@ -48,8 +56,23 @@ def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, data_root, mo
 
     calls = []
     monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(trainer, "fixed_thresholds", lambda: None)   # a fresh process
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 1, "final_export": False})
     run_cli("--config", str(cfg), f"output_dir={tmp_path / 'keep'}")
     assert calls == [1]
     run_cli("--config", str(cfg), f"output_dir={tmp_path / 'default'}", "train.cpu_malloc=default")
     assert calls == [1]
+    # default in a process where an earlier run fixed them: they stay fixed, and the run says so
+    monkeypatch.setattr(trainer, "fixed_thresholds", lambda: {"mmap_threshold": 1, "trim_threshold": 1})
+    with pytest.warns(UserWarning, match="cpu_malloc=default: an earlier run in this process"):
+        run_cli("--config", str(cfg), f"output_dir={tmp_path / 'after'}", "train.cpu_malloc=default")
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+def test_thresholds_are_fixed_once_for_the_process():
+    from multimae_att.run.cpu_malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, fixed_thresholds, keep_freed_memory
+
+    first = keep_freed_memory()
+    assert first == {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD} == fixed_thresholds()
+    assert keep_freed_memory() == first
