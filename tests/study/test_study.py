@@ -464,18 +464,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _start_worker(tmp_path: Path, script: str) -> tuple[subprocess.Popen, Path]:
+    """A stand-in study worker (``script``) running one cell: the real launcher over ``_RUNNER``;
+    returns the worker and the file the runner writes its pid to."""
+    runner, pid_file = tmp_path / "runner.py", tmp_path / "runner.pid"
+    runner.write_text(_RUNNER)
+    (tmp_path / "worker.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(runner), str(pid_file),
+                               str(tmp_path / "cell.log")], env=env, stdout=subprocess.PIPE, text=True)
+    return worker, pid_file
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 def test_a_killed_worker_takes_its_cells_launch_and_runner_with_it(tmp_path):
     """A worker that runs a cell as an Accelerate launch (a multi-GPU cell; any cell on Slurm) and
     is SIGKILLed (the launcher's last resort) must leave neither the launch nor the runner it
     started training on (Accelerate's single-process launcher does not pass a SIGTERM on)."""
-    runner = tmp_path / "runner.py"
-    runner.write_text(_RUNNER)
-    (tmp_path / "worker.py").write_text(_COMMAND_WORKER)
-    pid_file = tmp_path / "runner.pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(runner), str(pid_file),
-                               str(tmp_path / "cell.log")], env=env)
+    worker, pid_file = _start_worker(tmp_path, _COMMAND_WORKER)
     pid = launch = None
     try:
         _wait_for(pid_file, worker, timeout=300)
@@ -520,13 +526,7 @@ print(json.dumps(record))
 def test_a_stopped_cell_stops_its_launchs_runner_too(tmp_path):
     """The launcher stops a cell run as an Accelerate launch (SIGTERM to its worker): the launch
     and the runner it started both end, and the attempt is recorded as stopped."""
-    runner = tmp_path / "runner.py"
-    runner.write_text(_RUNNER)
-    (tmp_path / "worker.py").write_text(_STOPPING_WORKER)
-    pid_file = tmp_path / "runner.pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(runner), str(pid_file),
-                               str(tmp_path / "cell.log")], env=env, stdout=subprocess.PIPE, text=True)
+    worker, pid_file = _start_worker(tmp_path, _STOPPING_WORKER)
     pid = None
     try:
         _wait_for(pid_file, worker, timeout=300)
