@@ -282,6 +282,9 @@ try:
 except PermissionError as e:
     out["error"] = str(e)
 Path(sys.argv[2], f"{acc.process_index}.json").write_text(json.dumps(out))
+# as the runners end: gloo's threads still alive at exit abort the process now and then
+from multimae_att.run.trainer import end_distributed
+end_distributed()
 '''
 
 
@@ -289,6 +292,7 @@ Path(sys.argv[2], f"{acc.process_index}.json").write_text(json.dumps(out))
 def test_several_processes_hash_the_init_checkpoint_once(tmp_path):
     """The main process reads and hashes ``init.checkpoint``, the others receive its identity; an
     error there is raised in every process with its message."""
+    import socket
     import subprocess
     import sys
 
@@ -298,10 +302,14 @@ def test_several_processes_hash_the_init_checkpoint_once(tmp_path):
     ckpt.write_bytes(os.urandom(1 << 16))
     script.write_text(_IDENTITY_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "multimae_att.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", "29531", str(script), str(ckpt), str(tmp_path)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    with socket.socket() as s:   # a free rendezvous port, not a fixed one another suite may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "multimae_att.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(port), str(script), str(ckpt), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     main, other = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert main["identity"] == other["identity"] == checkpoint_identity(str(ckpt))
     assert (main["reads"], other["reads"]) == (1, 0)
