@@ -205,8 +205,6 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
 
 
-
-
 # ----------------------------------------------------------------------------- resolving
 def local_path(spec: str | os.PathLike) -> Path:
     """The local file ``spec`` stands for, without downloading or checking anything (it may not

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 
 import torch
 
@@ -59,7 +58,7 @@ from multimae_att.bench.timing import (
     quartiles,
 )
 from multimae_att.pretrain.config import LossPredictorConfig
-from multimae_att.run.cpu_malloc import CPU_MALLOC_CHOICES, fixed_thresholds, keep_freed_memory
+from multimae_att.run.cpu_malloc import CPU_MALLOC_CHOICES, apply_cpu_malloc
 
 __all__ = ["AB_RATIOS", "AB_UPSTREAM_RATIOS", "PRESETS", "Preset", "RATIOS", "UPSTREAM_RATIOS", "run_bench",
            "run_dtype"]
@@ -202,7 +201,9 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
         upstream = load_upstream(vs_upstream)  # fails before any timing when the path is wrong
     out: dict = {"preset": p.as_dict(), "machine": machine_info(device), "warmup": warmup, "repeats": repeats,
                  "ab_repeats": ab_repeats,
-                 "malloc": {"mode": malloc, "fixed": _malloc(malloc)},
+                 "malloc": {"mode": malloc, "fixed": apply_cpu_malloc(
+                     malloc, "bench --malloc default: this process fixed glibc's malloc thresholds before; they "
+                     "stay fixed (the JSON's malloc.fixed says so)")},
                  "attn": attn, "compile": compile}
     runs = {d: run_dtype(p, device, d, warmup, repeats, attn, upstream, compile, ab_repeats) for d in dtypes}
     primary = runs[dtypes[0]]
@@ -222,16 +223,6 @@ def run_bench(preset: str | Preset, dtype: str = "auto", device: str | torch.dev
     out["runs"] = runs
     out["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out
-
-
-def _malloc(mode: str) -> dict[str, int] | None:
-    """Apply ``--malloc`` to this process; the glibc thresholds in force (None: glibc's own)."""
-    if mode == "keep":
-        return keep_freed_memory()
-    if fixed_thresholds() is not None:
-        warnings.warn("bench --malloc default: this process fixed glibc's malloc thresholds before; they stay "
-                      "fixed (the JSON's malloc.fixed says so)", stacklevel=3)
-    return fixed_thresholds()
 
 
 def format_table(result: dict) -> str:

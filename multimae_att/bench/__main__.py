@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import multimae_att  # noqa: F401  (torchvision guard before timm)
 from multimae_att.atomic import write_text_atomic
+from multimae_att.run.cpu_malloc import CPU_MALLOC_CHOICES
 
 
 def _count(least: int):
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=_count(1), default=None, help="timed rounds (default: the preset's)")
     parser.add_argument("--ab-repeats", type=_count(1), default=None,
                         help="back-to-back pairs per A/B ratio (default: --repeats)")
-    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+    parser.add_argument("--malloc", choices=CPU_MALLOC_CHOICES, default="keep",
                         help="glibc malloc thresholds for the whole process, as train.cpu_malloc (keep: no page "
                              "faults per step; default: glibc's own)")
     args = parser.parse_args(argv)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import warnings
 
-__all__ = ["keep_freed_memory", "fixed_thresholds", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "CPU_MALLOC_CHOICES"]
+__all__ = ["apply_cpu_malloc", "keep_freed_memory", "fixed_thresholds", "MMAP_THRESHOLD", "TRIM_THRESHOLD",
+           "CPU_MALLOC_CHOICES"]
 
 CPU_MALLOC_CHOICES = ("keep", "default")
 MMAP_THRESHOLD = 32 << 20   # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
@@ -61,3 +63,14 @@ def fixed_thresholds() -> dict[str, int] | None:
 
 
 _FIXED: dict[str, int] | None = None
+
+
+def apply_cpu_malloc(mode: str, stuck_warning: str) -> dict[str, int] | None:
+    """``mode`` ``keep``: :func:`keep_freed_memory`; ``default``: leave glibc's thresholds, and
+    warn with ``stuck_warning`` when an earlier ``keep`` in this process already fixed them (they
+    stay fixed). Returns the thresholds in force (None: glibc's own)."""
+    if mode == "keep":
+        return keep_freed_memory()
+    if fixed_thresholds() is not None:
+        warnings.warn(stuck_warning, stacklevel=3)
+    return fixed_thresholds()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,7 +46,7 @@ from torch import nn
 from multimae_att.atomic import write_text_atomic
 from multimae_att.config import ConfigError, config_to_dict
 from multimae_att.optim import load_optimizer_state
-from multimae_att.run.cpu_malloc import fixed_thresholds, keep_freed_memory
+from multimae_att.run.cpu_malloc import apply_cpu_malloc
 from multimae_att.run.folder import RESULTS_FILE, read_results
 from multimae_att.run.lifecycle import RunFolder
 from multimae_att.run.provenance import provenance
@@ -287,12 +286,10 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.trackers = log_trackers(cfg)
         self.acc = make_accelerator(cfg, find_unused_parameters, self.trackers)
-        if self.acc.device.type == "cpu" and cfg.train.cpu_malloc == "keep":
-            keep_freed_memory()   # before the first step's allocations
-        elif cfg.train.cpu_malloc == "default" and fixed_thresholds() is not None:
-            warnings.warn("train.cpu_malloc=default: an earlier run in this process fixed glibc's malloc "
-                          "thresholds (train.cpu_malloc=keep); they stay fixed for the rest of the process",
-                          stacklevel=2)
+        if self.acc.device.type == "cpu" or cfg.train.cpu_malloc == "default":   # before the first step
+            apply_cpu_malloc(cfg.train.cpu_malloc, "train.cpu_malloc=default: an earlier run in this process fixed "
+                             "glibc's malloc thresholds (train.cpu_malloc=keep); they stay fixed for the rest of "
+                             "the process")
         self.folder = RunFolder(cfg, changes, self.acc, trains=trains)
         self.folder.check()   # refusals and result-changing config changes stop here, before any work
         self.step = 0

@@ -52,18 +52,18 @@ def test_keep_freed_memory_ends_the_page_faults_of_repeated_steps():
 
 
 def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, data_root, monkeypatch):
-    import multimae_att.run.trainer as trainer
+    import multimae_att.run.cpu_malloc as cpu_malloc
 
     calls = []
-    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
-    monkeypatch.setattr(trainer, "fixed_thresholds", lambda: None)   # a fresh process
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(cpu_malloc, "fixed_thresholds", lambda: None)   # a fresh process
     cfg = tiny_config(tmp_path / "c.yaml", data_root, train={"max_steps": 1, "final_export": False})
     run_cli("--config", str(cfg), f"output_dir={tmp_path / 'keep'}")
     assert calls == [1]
     run_cli("--config", str(cfg), f"output_dir={tmp_path / 'default'}", "train.cpu_malloc=default")
     assert calls == [1]
     # default in a process where an earlier run fixed them: they stay fixed, and the run says so
-    monkeypatch.setattr(trainer, "fixed_thresholds", lambda: {"mmap_threshold": 1, "trim_threshold": 1})
+    monkeypatch.setattr(cpu_malloc, "fixed_thresholds", lambda: {"mmap_threshold": 1, "trim_threshold": 1})
     with pytest.warns(UserWarning, match="cpu_malloc=default: an earlier run in this process"):
         run_cli("--config", str(cfg), f"output_dir={tmp_path / 'after'}", "train.cpu_malloc=default")
     assert calls == [1]
